@@ -1,0 +1,263 @@
+"""The ``moe`` command (also ``python -m moe_core``).
+
+::
+
+    moe plugins [--all]              discovered plugins: JSON (name, version, hooks, kernels, status, error)
+    moe plan --model M [...]         the kernel chosen for a model's layer, and every refusal
+    moe run  [--model M --tokens N]  plan, prepare and run a layer; check against the reference; time it
+    moe doctor                       versions, devices, capabilities, plugins, environment
+    moe presets                      the model presets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from typing import Any
+
+import torch
+
+from .device import device_info
+from .errors import MoEError
+from .plugins import plugin_manager
+from .presets import all_presets, get_preset
+
+__all__ = ["main"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_CPU_DEFAULT_MODEL = "tiny-qwen3-moe"
+_GPU_DEFAULT_MODEL = "qwen3-30b-a3b"
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    manager = plugin_manager()
+    rows = []
+    for record in manager.records.values():
+        row = record.to_json()
+        if args.all:
+            row["kernels"] = [_kernel_json(manager.registry.get(name)) for name in record.kernels]
+        rows.append(row)
+    _print_json(rows)
+    return 0
+
+
+def _kernel_json(entry: Any) -> dict[str, Any]:
+    return {
+        "name": entry.name,
+        "family": entry.family,
+        "op": entry.op,
+        "capability": entry.capability,
+        "priority": entry.priority,
+        "quant": sorted(entry.quant),
+        "activations": sorted(entry.activations),
+        "features": sorted(entry.features),
+        "description": entry.description,
+    }
+
+
+def _spec_from_args(args: argparse.Namespace):
+    preset = get_preset(args.model)
+    return preset, preset.moe_spec(
+        _DTYPES[args.dtype], args.quant, ep_size=args.ep_size, ep_rank=args.ep_rank
+    )
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .planner import moe_plan
+
+    _, spec = _spec_from_args(args)
+    plan = moe_plan(spec, args.device, backend=args.backend)
+    print(plan.explain())
+    return 0
+
+
+def _default_model() -> str:
+    return _GPU_DEFAULT_MODEL if torch.cuda.is_available() else _CPU_DEFAULT_MODEL
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runner import run_layer
+
+    model = args.model or _default_model()
+    result, explanation = run_layer(
+        get_preset(model),
+        tokens=args.tokens,
+        dtype=_DTYPES[args.dtype],
+        quant=args.quant,
+        device=args.device,
+        backend=args.backend,
+        seed=args.seed,
+        iters=args.iters,
+        ep_size=args.ep_size,
+        ep_rank=args.ep_rank,
+    )
+    if args.json:
+        _print_json(result.to_json())
+    else:
+        if args.explain:
+            print(explanation)
+        verdict = "PASS" if result.passed else "FAIL"
+        print(f"model    {result.model}: {result.spec}")
+        print(f"device   {result.device}")
+        print(f"kernel   {result.kernel}")
+        print(f"tokens   {result.tokens}")
+        print(
+            f"check    {verdict}: relative error {result.relative_error:.3e} vs float64 reference "
+            f"(bound {result.tolerance:.1e}), max abs error {result.max_abs_error:.3e}"
+        )
+        print(
+            f"time     median {result.median_us:.1f} us, min {result.min_us:.1f} us over {result.iterations} runs"
+        )
+    return 0 if result.passed else 1
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _devices() -> list[dict[str, Any]]:
+    found = [{"device": "cpu", "info": str(device_info("cpu"))}]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            info = device_info(torch.device("cuda", i))
+            mem = torch.cuda.get_device_properties(i).total_memory
+            found.append(
+                {
+                    "device": f"cuda:{i}",
+                    "name": info.name,
+                    "vendor": info.vendor,
+                    "arch": info.arch,
+                    "capability": info.capability,
+                    "memory_gib": round(mem / 2**30, 1),
+                }
+            )
+    return found
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    manager = plugin_manager()
+    report = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": {
+            name: _version(name)
+            for name in (
+                "moe-core",
+                "moe-plugin-portable",
+                "moe-plugin-nvidia",
+                "moe-plugin-amd",
+                "torch",
+                "triton",
+                "pluggy",
+                "flashinfer-python",
+                "amd-aiter",
+                "flydsl",
+            )
+        },
+        "torch_cuda": torch.version.cuda,
+        "torch_hip": getattr(torch.version, "hip", None),
+        "devices": _devices(),
+        "plugins": {
+            r.name: r.status + (f": {r.error.strip().splitlines()[-1]}" if r.error else "")
+            for r in manager.records.values()
+        },
+        "kernels": len(manager.registry.entries()),
+        "plugin_reports": manager.environment_reports(),
+        "environment": {
+            k: v
+            for k, v in sorted(os.environ.items())
+            if k.startswith(("MOE_", "TRITON_", "FLASHINFER_", "CUDA_VISIBLE"))
+        },
+    }
+    _print_json(report)
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    rows = []
+    for p in all_presets().values():
+        rows.append(
+            {
+                "name": p.name,
+                "H": p.hidden_size,
+                "I": p.intermediate_size,
+                "E": p.num_experts,
+                "k": p.top_k,
+                "routing": p.routing.method,
+                "shared": p.routing.num_fused_shared_experts,
+                "activation": p.activation,
+                "bias": p.has_bias,
+                "release_quant": p.release_quant,
+            }
+        )
+    _print_json(rows)
+    return 0
+
+
+def _add_layer_args(p: argparse.ArgumentParser, model_required: bool) -> None:
+    p.add_argument(
+        "--model", required=model_required, default=None, help="preset name (moe presets lists them)"
+    )
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="activation dtype")
+    p.add_argument(
+        "--quant", default=None, help="quant scheme (bf16, fp16, fp32, fp8, fp8_block, mxfp4, nvfp4)"
+    )
+    p.add_argument("--backend", default=None, help="force a kernel by name or dotted prefix (as MOE_BACKEND)")
+    p.add_argument("--ep-size", type=int, default=1)
+    p.add_argument("--ep-rank", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moe", description="Mixture-of-Experts kernels: plugins, plans, runs."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plugins", help="discovered plugins and their kernels (JSON)")
+    p.add_argument("--all", action="store_true", help="include each kernel's declaration")
+    p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser("plan", help="the kernel chosen for a model's MoE layer, and why")
+    _add_layer_args(p, model_required=True)
+    p.add_argument(
+        "--device", default=None, help="torch device (cuda:0) or an arch to plan for (sm_90, gfx950)"
+    )
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("run", help="run a model's MoE layer on random data, check it, time it")
+    _add_layer_args(p, model_required=False)
+    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--explain", action="store_true", help="print the plan's explanation too")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("doctor", help="environment report (JSON)")
+    p.set_defaults(func=_cmd_doctor)
+
+    p = sub.add_parser("presets", help="model presets (JSON)")
+    p.set_defaults(func=_cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``moe``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MoEError as exc:
+        print(f"moe {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2

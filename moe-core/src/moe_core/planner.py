@@ -1,0 +1,334 @@
+"""Planning, preparing and applying a MoE layer's experts.
+
+::
+
+    plan = moe_plan(spec, device="cuda:0")      # choose the kernel, once per layer
+    prepared = plan.prepare(weights)            # re-lay out the weights, once
+    out = moe_apply(plan, x, prepared, topk_weights, topk_ids)   # every forward
+
+``moe_apply`` validates its inputs (raising :class:`MoEInputError` before any
+kernel launches), returns an empty ``[0, H]`` result for ``T == 0`` without
+launching anything, and does not synchronise with the host for GPU kernels.
+Under ``torch.compile`` it is the custom op ``moe_core::moe_apply``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .device import DeviceInfo, device_info
+from .errors import MoEInputError
+from .registry import Candidate, KernelEntry, forced_backend, get_registry
+from .spec import ExpertWeights, MoESpec
+from .validation import (
+    check_dtype,
+    check_float_tensor,
+    check_same_device,
+    check_shape,
+    check_topk,
+)
+
+__all__ = ["MoEPlan", "PreparedWeights", "check_expert_weights", "moe_apply", "moe_plan"]
+
+# Integer handles of plans and prepared-weight layouts for the custom ops (moe_core.ops):
+# a traced graph holds the handle as a constant. Entries live as long as the process.
+PLANS: dict[int, MoEPlan] = {}
+LAYOUTS: dict[int, tuple[str, tuple[str, ...], dict[str, Any]]] = {}
+_handles = itertools.count(1)
+_handles_lock = threading.Lock()
+
+
+def _new_handle(table: dict[int, Any], value: Any) -> int:
+    with _handles_lock:
+        handle = next(_handles)
+        table[handle] = value
+    return handle
+
+
+@dataclass
+class PreparedWeights:
+    """Weights re-laid out for one kernel by its ``prepare``.
+
+    Attributes:
+        kernel: name of the kernel they were prepared for.
+        tensors: the kernel's tensors, by name (the kernel's own layout).
+        meta: non-tensor facts the kernel recorded (tile sizes, layout tags).
+        layout_handle: integer id of (kernel, tensor names, meta) for the custom op.
+    """
+
+    kernel: str
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    layout_handle: int | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.layout_handle is None:  # the custom op rebuilds prepared weights under a known handle
+            self.layout_handle = _new_handle(LAYOUTS, (self.kernel, tuple(self.tensors), self.meta))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the prepared tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+class MoEPlan:
+    """The kernel chosen for one MoE layer on one device, and why.
+
+    Attributes:
+        spec: the layer's :class:`MoESpec`.
+        device: the :class:`DeviceInfo` planned for.
+        entry: the chosen :class:`KernelEntry`.
+        candidates: every kernel considered, chosen one first, each with its
+            refusal reason (``None`` when usable).
+    """
+
+    def __init__(
+        self,
+        spec: MoESpec,
+        device: DeviceInfo,
+        entry: KernelEntry,
+        candidates: list[Candidate],
+        backend: str | None,
+    ):
+        self.spec = spec
+        self.device = device
+        self.entry = entry
+        self.candidates = candidates
+        self.backend = backend
+        #: integer id under which the custom op finds this plan (see :mod:`moe_core.ops`)
+        self.handle = _new_handle(PLANS, self)
+
+    @property
+    def kernel(self) -> str:
+        """Name of the chosen kernel."""
+        return self.entry.name
+
+    def explain(self) -> str:
+        """Every candidate kernel, the chosen one, and why each other one was not chosen."""
+        lines = [f"MoE plan for {self.spec.describe()}", f"device: {self.device}"]
+        if self.backend:
+            lines.append(f"backend forced: {self.backend}")
+        lines.append(f"chosen: {self.kernel} (plugin {self.entry.plugin}, priority {self.entry.priority})")
+        lines.append("candidates (best first):")
+        width = max(len(c.name) for c in self.candidates)
+        for c in self.candidates:
+            if c.chosen:
+                status = "CHOSEN"
+            elif c.reason is None:
+                status = "usable, lower priority"
+            else:
+                status = f"refused: {c.reason}"
+            lines.append(f"  {c.name.ljust(width)}  p={c.entry.priority:<4d} {status}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"MoEPlan(kernel={self.kernel!r}, device={self.device}, spec={self.spec.describe()!r})"
+
+    def prepare(self, weights: ExpertWeights) -> PreparedWeights:
+        """Validate canonical ``weights`` and re-lay them out for the chosen kernel (once per layer)."""
+        check_expert_weights(self.spec, weights)
+        if not self.device.simulated:
+            check_same_device(weights.tensors(), _torch_device(self.device, weights.device))
+        if self.entry.prepare is None:
+            result: Any = weights.tensors()
+        else:
+            result = self.entry.prepare(self.spec, weights, self.device)
+        if isinstance(result, PreparedWeights):
+            if result.kernel != self.kernel:
+                raise MoEInputError(f"kernel {self.kernel} prepared weights labelled for {result.kernel}")
+            return result
+        return PreparedWeights(self.kernel, dict(result))
+
+
+def _torch_device(info: DeviceInfo, fallback: torch.device) -> torch.device:
+    if info.vendor == "cpu":
+        return torch.device("cpu")
+    dev = info.device
+    return dev if dev.index is not None or fallback.type != dev.type else fallback
+
+
+def moe_plan(
+    spec: MoESpec,
+    device: DeviceInfo | torch.device | str | None = None,
+    *,
+    backend: str | None = None,
+) -> MoEPlan:
+    """Choose the kernel for ``spec`` on ``device`` (default: current GPU, else CPU).
+
+    Loads plugins on first call. ``backend`` (or ``MOE_BACKEND``) restricts the
+    choice to kernels named by it or by a dotted prefix of their name; if none
+    of those is usable, :class:`UnsupportedError` lists every reason.
+    ``device`` may be a :class:`DeviceInfo` or an arch string (``"sm_90"``,
+    ``"gfx950"``) to plan for a device that is not present.
+    """
+    if not isinstance(spec, MoESpec):
+        raise MoEInputError(f"spec must be a MoESpec, got {type(spec).__name__}")
+    info = device_info(device)
+    chosen_backend = forced_backend(backend)
+    entry, candidates = get_registry().select("experts", "experts", spec, info, chosen_backend)
+    return MoEPlan(spec, info, entry, candidates, chosen_backend)
+
+
+def check_expert_weights(spec: MoESpec, weights: ExpertWeights) -> None:
+    """Raise :class:`MoEInputError` unless ``weights`` fit ``spec`` (canonical layout).
+
+    Quantized schemes accept either their storage format with scales, or
+    high-precision float weights (quantized by the kernel's ``prepare``).
+    """
+    if not isinstance(weights, ExpertWeights):
+        raise MoEInputError(f"weights must be an ExpertWeights, got {type(weights).__name__}")
+    scheme = spec.quant
+    L, H, inter, N1 = spec.num_local_experts, spec.hidden_size, spec.intermediate_size, spec.w13_rows
+    for name in ("w13", "w2"):
+        if not isinstance(getattr(weights, name), torch.Tensor):
+            raise MoEInputError(f"{name} must be a tensor")
+    high = weights.w13.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if high != (weights.w2.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+        raise MoEInputError(
+            f"w13 ({weights.w13.dtype}) and w2 ({weights.w2.dtype}) must both be quantized or both not"
+        )
+    pack = 2 if scheme.is_fp4 and not high else 1
+    check_shape(weights.w13, (L, N1, H // pack), "w13")
+    check_shape(weights.w2, (L, H, inter // pack), "w2")
+    if not scheme.is_quantized:
+        check_dtype(weights.w13, scheme.weight_dtype, "w13")
+        check_dtype(weights.w2, scheme.weight_dtype, "w2")
+    elif not high:
+        check_dtype(weights.w13, scheme.weight_dtype, "w13")
+        check_dtype(weights.w2, scheme.weight_dtype, "w2")
+        for name, (n, kdim) in (("w13", (N1, H)), ("w2", (H, inter))):
+            _check_scales(spec, weights, name, n, kdim)
+    if spec.has_bias:
+        for name, n in (("b13", N1), ("b2", H)):
+            bias = getattr(weights, name)
+            if bias is None:
+                raise MoEInputError(f"spec has_bias=True but {name} is missing")
+            check_float_tensor(bias, name)
+            check_shape(bias, (L, n), name)
+    elif weights.b13 is not None or weights.b2 is not None:
+        raise MoEInputError("biases given but spec has_bias=False")
+    if scheme.static_activation_scale:
+        for name in ("a13_scale", "a2_scale"):
+            scale = getattr(weights, name)
+            if scale is None:
+                raise MoEInputError(f"activation mode {scheme.activation} needs a static {name}")
+            check_float_tensor(scale, name)
+            if scale.numel() != 1:
+                raise MoEInputError(f"{name} must hold one value, got shape {list(scale.shape)}")
+    check_same_device(weights.tensors())
+
+
+def _check_scales(spec: MoESpec, weights: ExpertWeights, name: str, n: int, kdim: int) -> None:
+    scheme, L = spec.quant, spec.num_local_experts
+    scale = getattr(weights, f"{name}_scale")
+    if scale is None:
+        raise MoEInputError(f"quant {scheme.name} needs {name}_scale")
+    if scheme.name == "fp8":
+        check_dtype(scale, torch.float32, f"{name}_scale")
+        check_shape(scale, (L,) if scheme.weight_scale == "per_tensor" else (L, n), f"{name}_scale")
+    elif scheme.name == "fp8_block":
+        bn, bk = scheme.block_shape
+        check_dtype(scale, torch.float32, f"{name}_scale")
+        check_shape(scale, (L, -(-n // bn), -(-kdim // bk)), f"{name}_scale")
+    elif scheme.name == "mxfp4":
+        check_dtype(scale, torch.uint8, f"{name}_scale")
+        check_shape(scale, (L, n, kdim // 32), f"{name}_scale")
+    elif scheme.name == "nvfp4":
+        check_dtype(scale, torch.float8_e4m3fn, f"{name}_scale")
+        check_shape(scale, (L, n, kdim // 16), f"{name}_scale")
+        gscale = getattr(weights, f"{name}_global_scale")
+        if gscale is None:
+            raise MoEInputError(f"quant nvfp4 needs {name}_global_scale")
+        check_dtype(gscale, torch.float32, f"{name}_global_scale")
+        check_shape(gscale, (L,), f"{name}_global_scale")
+
+
+def check_apply_inputs(
+    plan: MoEPlan,
+    hidden_states: torch.Tensor,
+    prepared: PreparedWeights,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    out: torch.Tensor | None,
+) -> None:
+    """Every check of :func:`moe_apply`; raises :class:`MoEInputError`."""
+    if not isinstance(plan, MoEPlan):
+        raise MoEInputError(f"plan must be a MoEPlan from moe_plan(), got {type(plan).__name__}")
+    spec = plan.spec
+    if not isinstance(prepared, PreparedWeights):
+        raise MoEInputError("prepared must come from plan.prepare(weights)")
+    if prepared.kernel != plan.kernel:
+        raise MoEInputError(f"weights were prepared for {prepared.kernel}, but the plan runs {plan.kernel}")
+    x = check_float_tensor(hidden_states, "hidden_states")
+    if x.dim() != 2:
+        raise MoEInputError(f"hidden_states must be 2-D [tokens, hidden], got shape {list(x.shape)}")
+    check_shape(x, (None, spec.hidden_size), "hidden_states")
+    check_dtype(x, spec.dtype, "hidden_states")
+    if plan.entry.needs_contiguous and not x.is_contiguous():
+        raise MoEInputError(f"kernel {plan.kernel} needs contiguous hidden_states; call .contiguous()")
+    check_topk(topk_weights, topk_ids, x.shape[0], spec.top_k, spec.num_experts)
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise MoEInputError("out must be a tensor")
+        check_shape(out, tuple(x.shape), "out")
+        check_dtype(out, spec.dtype, "out")
+        if not out.is_contiguous():
+            raise MoEInputError("out must be contiguous")
+    if plan.device.simulated:
+        raise MoEInputError(
+            f"plan was made for a simulated device ({plan.device}); plan for a real device to run"
+        )
+    tensors = {"hidden_states": x, "topk_weights": topk_weights, "topk_ids": topk_ids, "out": out}
+    tensors.update({f"prepared.{k}": v for k, v in prepared.tensors.items()})
+    check_same_device(tensors, _torch_device(plan.device, x.device))
+
+
+def moe_apply(
+    plan: MoEPlan,
+    hidden_states: torch.Tensor,
+    prepared: PreparedWeights,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the planned experts: ``[T, H]`` in ``plan.spec.dtype``.
+
+    Args:
+        plan: from :func:`moe_plan`.
+        hidden_states: ``[T, H]`` of ``spec.dtype``.
+        prepared: from ``plan.prepare``.
+        topk_weights: float ``[T, top_k]`` router weights.
+        topk_ids: int32/int64 ``[T, top_k]`` global expert ids in ``[0, num_experts)``.
+        out: optional contiguous ``[T, H]`` buffer of ``spec.dtype`` to write into.
+    """
+    check_apply_inputs(plan, hidden_states, prepared, topk_weights, topk_ids, out)
+    if torch.compiler.is_compiling():
+        from .ops import moe_apply_op
+
+        return moe_apply_op(plan, hidden_states, prepared, topk_weights, topk_ids, out)
+    return run_experts(plan, hidden_states, prepared, topk_weights, topk_ids, out)
+
+
+def run_experts(
+    plan: MoEPlan,
+    hidden_states: torch.Tensor,
+    prepared: PreparedWeights,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Call the kernel on checked inputs (``T == 0`` launches nothing)."""
+    if out is None:
+        out = torch.empty(hidden_states.shape, dtype=plan.spec.dtype, device=hidden_states.device)
+    if hidden_states.shape[0]:
+        plan.entry.apply(plan.spec, hidden_states, prepared, topk_weights, topk_ids, out)
+    return out
