@@ -67,6 +67,7 @@ def _make_dist(root: Path, dist: str, plugins: dict[str, tuple[str, str]]) -> No
 
 @pytest.fixture
 def fake_plugins(tmp_path, monkeypatch):
+    monkeypatch.delenv("MOE_LOAD_PLUGINS")
     _make_dist(
         tmp_path,
         "moe_test_plugins",
@@ -164,9 +165,10 @@ def _installed(dist: str) -> bool:
 
 
 @pytest.mark.parametrize("vendor", ["portable", "nvidia", "amd"])
-def test_workspace_plugins_are_discovered(vendor):
+def test_workspace_plugins_are_discovered(vendor, monkeypatch):
     if not _installed(f"moe-plugin-{vendor}"):
         pytest.skip(f"moe-plugin-{vendor} not installed in this session")
+    monkeypatch.delenv("MOE_LOAD_PLUGINS")
     record = plugin_manager().records[vendor]
     assert record.status == "loaded", record.error
     assert record.distribution == f"moe-plugin-{vendor}" and record.version

@@ -73,6 +73,9 @@ nvfp4 (``K % 16 == 0``)
     the matrix amax) may round to a smaller scale when quantized again.
 
 Inputs must be finite: NaN and inf have no defined encoding here.
+Results are bit-identical on every device: divisions by constants go through
+device tensors (CUDA turns ``x / 448.0`` into ``x * (1 / 448.0)``) and powers of
+two are built from their bits.
 """
 
 from __future__ import annotations
@@ -171,6 +174,18 @@ def _abs_amax(x: torch.Tensor, dim: tuple[int, ...]) -> torch.Tensor:
     return x.abs().amax(dim=dim) if x.numel() else x.abs().sum(dim=dim)
 
 
+def _div(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``x / divisor`` correctly rounded on every device (CUDA multiplies by the reciprocal of a Python scalar)."""
+    return x / torch.full((), divisor, dtype=x.dtype, device=x.device)
+
+
+def _pow2(n: torch.Tensor) -> torch.Tensor:
+    """Exact float32 ``2**n`` for integers ``n`` in [-127, 127], built from the bits (no libm ``exp2``)."""
+    n = n.to(torch.int32)
+    bits = torch.where(n > -127, (n + 127) << 23, 1 << 22)  # 2**-127 is subnormal: mantissa bit 22
+    return bits.view(torch.float32)
+
+
 def _trim_mantissa(value: torch.Tensor, bits: int) -> torch.Tensor:
     """float32 ``value`` with its ``bits`` lowest mantissa bits cleared (rounded toward zero)."""
     return (value.contiguous().view(torch.int32) & ~((1 << bits) - 1)).view(torch.float32)
@@ -178,7 +193,7 @@ def _trim_mantissa(value: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _dynamic_scale(amax: torch.Tensor, qmax: float, bits: int) -> torch.Tensor:
     """``amax / qmax`` trimmed so ``qmax * scale`` is exact (``bits`` = bit length of qmax's odd part); 1 if 0."""
-    scale = _trim_mantissa(amax / qmax, bits)
+    scale = _trim_mantissa(_div(amax, qmax), bits)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
@@ -251,8 +266,7 @@ def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
 def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
     """Decode e8m0 bytes: uint8 ``[...]`` -> float32 ``2**(b - 127)`` (exact; 255 is NaN)."""
     _check_dtype(scale, torch.uint8, "e8m0 scale")
-    value = torch.exp2(scale.float() - _E8M0_BIAS)
-    return torch.where(scale == 255, torch.nan, value)
+    return torch.where(scale == 255, torch.nan, _pow2(scale.clamp(max=254).int() - _E8M0_BIAS))
 
 
 # -- fp8 weights -------------------------------------------------------------------------------
@@ -396,7 +410,7 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = _abs_amax(blocks, (-1,))
     _, exponent = torch.frexp(amax)  # amax = m * 2**exponent, m in [0.5, 1): floor(log2 amax) = exponent - 1
     shared = torch.where(amax > 0, exponent - 1 - _E2M1_EMAX, -_E8M0_BIAS).clamp(-_E8M0_BIAS, _E8M0_BIAS)
-    codes = float_to_e2m1(blocks * torch.exp2(-shared.float())[..., None])  # exact power-of-two scaling
+    codes = float_to_e2m1(blocks * _pow2(-shared)[..., None])  # exact power-of-two scaling
     return pack_e2m1(codes.flatten(-2)), (shared + _E8M0_BIAS).to(torch.uint8)
 
 
@@ -425,7 +439,7 @@ def _nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
 def _nvfp4_quantize(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 ``[..., K]``, global scale aligned to ``[..., K/16]`` -> (packed, e4m3 block scales)."""
     blocks = x.unflatten(-1, (-1, NVFP4_BLOCK))
-    scale = (_abs_amax(blocks, (-1,)) / FP4_MAX / global_scale).clamp(max=FP8_MAX).to(FP8_DTYPE)
+    scale = (_div(_abs_amax(blocks, (-1,)), FP4_MAX) / global_scale).clamp(max=FP8_MAX).to(FP8_DTYPE)
     divisor = (scale.float() * global_scale)[..., None]
     scaled = torch.where(divisor > 0, blocks / divisor, torch.zeros_like(blocks))
     return pack_e2m1(float_to_e2m1(scaled).flatten(-2)), scale

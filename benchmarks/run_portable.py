@@ -1,0 +1,255 @@
+"""Benchmark the portable fused MoE on the GPU against its floor and peers, in one run.
+
+    python benchmarks/run_portable.py --out results.json [--quick] [--dtypes bf16,fp16]
+
+For every ../shared/BENCHMARKS.md shape and token count: median time of
+``moe_apply`` (CUDA events, warm-up, inputs and weights rotated so that the
+L2 cache does not flatter; decode cases also replayed from a CUDA graph),
+``time / floor`` with the floor from the copy bandwidth and GEMM rate measured
+in the same run, and the ratio to ``torch._grouped_mm`` with a torch sort,
+gather and scatter around it (what a user has without this project).
+Correctness of every timed case is checked against the float64 reference.
+Writes one JSON file (device, versions, ceilings, every case) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+import moe_core
+from moe_core.presets import get_preset
+from moe_core.reference import fused_experts_reference
+from moe_core.testing import random_expert_weights, random_routing, relative_error, tolerance
+
+SHAPES = [
+    "mixtral-8x7b",
+    "qwen3-30b-a3b",
+    "qwen3-235b-a22b-tp8",
+    "deepseek-v3-tp8",
+    "gpt-oss-120b",
+    "gpt-oss-20b",
+]
+TOKENS = [1, 8, 32, 128, 512, 2048, 8192]
+L2_FLUSH_BYTES = 256 * 2**20
+
+
+def _events_median(fn, iters: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times), times
+
+
+def measure_ceilings() -> dict[str, float]:
+    """Device-to-device copy bandwidth (read + write) and dense bf16 GEMM rate."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    t, _ = _events_median(lambda: dst.copy_(src), 20)
+    bw = 2 * n / (t * 1e-6)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    t, _ = _events_median(lambda: a @ b, 20)
+    rate = 2 * 8192**3 / (t * 1e-6)
+    return {"copy_bytes_per_s": bw, "bf16_flops_per_s": rate}
+
+
+def floor_us(
+    spec: moe_core.MoESpec, num_routed: int, routed_k: int, n_shared: int, T: int, ceil: dict
+) -> float:
+    """max(bytes / bandwidth, FLOPs / rate) for this layer at T tokens (BENCHMARKS.md)."""
+    H, inter = spec.hidden_size, spec.intermediate_size
+    active = num_routed * (1 - (1 - routed_k / num_routed) ** T) + n_shared
+    elem = spec.dtype.itemsize
+    weight_bytes = active * 3 * H * inter * elem
+    act_bytes = 2 * T * H * elem
+    flops = 2 * T * spec.top_k * 3 * H * inter
+    return max((weight_bytes + act_bytes) / ceil["copy_bytes_per_s"], flops / ceil["bf16_flops_per_s"]) * 1e6
+
+
+def grouped_mm_peer(spec, x, w13_t, w2_t, topk_w, topk_ids):
+    """torch._grouped_mm with a torch sort/gather/scatter around it (bf16, SM90)."""
+    k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=spec.num_experts)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    tokens = order // k
+    a = x[tokens]
+    h = torch._grouped_mm(a, w13_t, offs=offs)
+    inter = spec.intermediate_size
+    act = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+    y = torch._grouped_mm(act, w2_t, offs=offs)
+    y = y * topk_w.reshape(-1)[order, None].to(y.dtype)
+    out = torch.zeros_like(x)
+    out.index_add_(0, tokens, y)
+    return out
+
+
+def run_case(model: str, dtype: torch.dtype, T: int, ceil: dict, iters: int, check: bool) -> dict:
+    preset = get_preset(model)
+    spec = preset.moe_spec(dtype)
+    plan = moe_core.moe_plan(spec, "cuda")
+    weights = random_expert_weights(spec, device="cuda", seed=1)
+    wbytes = sum(t.numel() * t.element_size() for t in weights.tensors().values())
+    copies = max(2, math.ceil(L2_FLUSH_BYTES / wbytes))
+    prepared = [plan.prepare(weights)]
+    for i in range(1, copies):
+        prepared.append(plan.prepare(random_expert_weights(spec, device="cuda", seed=1 + i)))
+    inputs = []
+    for i in range(copies):
+        x = torch.randn(T, spec.hidden_size, device="cuda").to(dtype)
+        w, ids = random_routing(preset.routing, T, preset.num_experts, device="cuda", seed=100 + i)
+        inputs.append((x, w, ids))
+    out = torch.empty(T, spec.hidden_size, dtype=dtype, device="cuda")
+    result = {"model": model, "dtype": str(dtype).removeprefix("torch."), "T": T, "kernel": plan.kernel}
+    if check:
+        x, w, ids = inputs[0]
+        out.fill_(float("nan"))
+        moe_core.moe_apply(plan, x, prepared[0], w, ids, out=out)
+        want = fused_experts_reference(spec, x, weights, w, ids, compute_dtype=torch.float64)
+        result["relative_error"] = relative_error(out, want)
+        result["passed"] = result["relative_error"] <= tolerance(spec)
+    state = {"i": 0}
+
+    def step():
+        i = state["i"] = (state["i"] + 1) % copies
+        x, w, ids = inputs[i]
+        moe_core.moe_apply(plan, x, prepared[i], w, ids, out=out)
+
+    for _ in range(5):
+        step()
+    result["us"], samples = _events_median(step, iters)
+    result["samples_us"] = samples
+    if T <= 128:
+        graphs = []
+        for i in range(copies):
+            g = torch.cuda.CUDAGraph()
+            x, w, ids = inputs[i]
+            with torch.cuda.graph(g):
+                moe_core.moe_apply(plan, x, prepared[i], w, ids, out=out)
+            graphs.append(g)
+        state["i"] = 0
+
+        def replay():
+            i = state["i"] = (state["i"] + 1) % copies
+            graphs[i].replay()
+
+        for _ in range(5):
+            replay()
+        result["graph_us"], _ = _events_median(replay, iters)
+    best = min(result["us"], result.get("graph_us", math.inf))
+    routed_k = preset.routing.top_k
+    result["floor_us"] = floor_us(
+        spec, preset.num_experts, routed_k, preset.routing.num_fused_shared_experts, T, ceil
+    )
+    result["time_over_floor"] = best / result["floor_us"]
+    if dtype == torch.bfloat16 and spec.activation == "silu" and not spec.has_bias:
+        peers_w = [(p["w13"].transpose(1, 2), p["w2"].transpose(1, 2)) for p in (q.tensors for q in prepared)]
+
+        def peer():
+            i = state["i"] = (state["i"] + 1) % copies
+            x, w, ids = inputs[i]
+            grouped_mm_peer(spec, x, *peers_w[i], w, ids)
+
+        try:
+            for _ in range(3):
+                peer()
+            result["grouped_mm_us"], _ = _events_median(peer, iters)
+            result["speedup_vs_grouped_mm"] = result["grouped_mm_us"] / best
+        except Exception as exc:  # report, do not hide
+            result["grouped_mm_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and token counts")
+    parser.add_argument("--dtypes", default="bf16,fp16")
+    parser.add_argument("--models", default=",".join(SHAPES))
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    parser.add_argument("--iters", type=int, default=30)
+    args = parser.parse_args()
+    dtypes = [{"bf16": torch.bfloat16, "fp16": torch.float16}[d] for d in args.dtypes.split(",")]
+    models = args.models.split(",")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    if args.quick:
+        models, tokens = models[:3], [1, 32, 512, 4096]
+    ceil = measure_ceilings()
+    try:
+        commit = (
+            subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+            or None
+        )
+    except OSError:
+        commit = None
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(),
+        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+        "driver": torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else None,
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "triton": metadata.version("triton"),
+            "moe-core": moe_core.__version__,
+            "python": platform.python_version(),
+        },
+        "git_commit": commit,
+        "ceilings": ceil,
+        "cases": [],
+    }
+    print(
+        f"{report['device']}: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 GEMM {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s"
+    )
+    for dtype in dtypes:
+        for model in models:
+            for T in tokens:
+                try:
+                    case = run_case(model, dtype, T, ceil, args.iters, check=True)
+                except Exception as exc:
+                    case = {
+                        "model": model,
+                        "dtype": str(dtype),
+                        "T": T,
+                        "error": f"{type(exc).__name__}: {exc}"[:500],
+                    }
+                torch.cuda.empty_cache()
+                report["cases"].append(case)
+                Path(args.out).write_text(json.dumps(report, indent=1))
+                if "error" in case:
+                    print(f"{model:22s} {case['dtype']:9s} T={T:5d} ERROR {case['error']}")
+                    continue
+                graph = f"{case['graph_us']:8.1f}" if "graph_us" in case else "       -"
+                peer = (
+                    f"{case['speedup_vs_grouped_mm']:5.2f}x" if "speedup_vs_grouped_mm" in case else "    -"
+                )
+                print(
+                    f"{model:22s} {case['dtype']:9s} T={T:5d} {case['us']:8.1f} us graph {graph} floor {case['floor_us']:7.1f} "
+                    f"x{case['time_over_floor']:5.2f} vs grouped_mm {peer} err {case['relative_error']:.1e}"
+                    + ("" if case["passed"] else " FAIL")
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Launch configurations of the fused MoE: tuned tables per GPU, and a heuristic.
+
+A :class:`MoEConfig` fixes ``block_m`` (the sorting block, shared by both
+GEMMs) and, per GEMM, ``block_n``, ``block_k``, ``num_warps``, ``num_stages``,
+``group_m``. Lookup for a layer and a token count ``T``:
+
+1. the tuned table of this GPU (``configs/<device name>.json`` in this
+   package, or in the folder ``MOE_PORTABLE_CONFIG_DIR`` which takes
+   precedence), keyed by the layer shape and the ``T`` bucket;
+2. else :func:`heuristic_config` (a one-time warning names the missing file
+   and the ``moe tune`` command that writes it).
+
+Table format (``moe tune`` writes it)::
+
+    {"device": "NVIDIA H100 80GB HBM3", "triton": "3.6.0",
+     "configs": {"E=128,H=2048,I=768,k=8,bfloat16": {"1": {...}, "8": {...}, ..., "inf": {...}}}}
+
+where each ``{...}`` is ``MoEConfig.to_json()``. Buckets are upper bounds on
+``T``: 1, 8, 32, 128, 512, 2048, inf.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_core import MoESpec
+
+__all__ = [
+    "T_BUCKETS",
+    "GemmConfig",
+    "MoEConfig",
+    "config_file_name",
+    "heuristic_config",
+    "layer_key",
+    "lookup_config",
+    "t_bucket",
+]
+
+T_BUCKETS: tuple[float, ...] = (1, 8, 32, 128, 512, 2048, float("inf"))
+_PACKAGE_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile and pipeline of one grouped GEMM."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """``block_m`` rows per expert block (the sorting block size) and both GEMMs' configs."""
+
+    block_m: int
+    gemm1: GemmConfig
+    gemm2: GemmConfig
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MoEConfig:
+        return cls(data["block_m"], GemmConfig(**data["gemm1"]), GemmConfig(**data["gemm2"]))
+
+
+def t_bucket(num_tokens: int) -> str:
+    """The bucket label of ``num_tokens`` (``"1"``, ``"8"``, ..., ``"inf"``)."""
+    for bound in T_BUCKETS:
+        if num_tokens <= bound:
+            return "inf" if bound == float("inf") else str(int(bound))
+    return "inf"
+
+
+def layer_key(spec: MoESpec) -> str:
+    """Table key of a layer: local experts, shape, top-k, dtype."""
+    dtype = str(spec.dtype).removeprefix("torch.")
+    return (
+        f"E={spec.num_local_experts},H={spec.hidden_size},I={spec.intermediate_size},k={spec.top_k},{dtype}"
+    )
+
+
+def config_file_name(device_name: str) -> str:
+    """File name of a GPU's table: its name with anything but letters and digits as ``_``."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json"
+
+
+@functools.cache
+def _load_table(device_name: str) -> dict[str, Any] | None:
+    name = config_file_name(device_name)
+    for folder in (os.environ.get("MOE_PORTABLE_CONFIG_DIR"), _PACKAGE_DIR):
+        if folder and (Path(folder) / name).is_file():
+            return json.loads((Path(folder) / name).read_text())["configs"]
+    return None
+
+
+_warned: set[str] = set()
+
+
+def lookup_config(spec: MoESpec, num_tokens: int, device: torch.device) -> MoEConfig:
+    """The tuned config for ``spec`` at ``num_tokens`` on ``device``, else the heuristic's."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = _load_table(name)
+        entry = (table or {}).get(layer_key(spec), {}).get(t_bucket(num_tokens))
+        if entry is not None:
+            return MoEConfig.from_json(entry)
+        if name not in _warned:
+            _warned.add(name)
+            warnings.warn(
+                f"moe-plugin-portable: no tuned config for {layer_key(spec)} in {config_file_name(name)}; "
+                "using the heuristic. `moe tune --model <preset>` writes one for this GPU.",
+                stacklevel=3,
+            )
+        props = torch.cuda.get_device_properties(device)
+        return heuristic_config(spec, num_tokens, props.multi_processor_count, bool(torch.version.hip))
+    return heuristic_config(spec, num_tokens, 8, False)
+
+
+def heuristic_config(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool) -> MoEConfig:
+    """A reasonable config from the shape alone.
+
+    ``block_m`` follows the expected rows per active expert (16 for decode, so
+    1-8 tokens per expert do not pay for a 64-row tile); ``block_n`` shrinks
+    until both GEMMs launch about two programs per SM, since small batches are
+    bound by weight bandwidth and need every SM streaming weights.
+    """
+    entries = num_tokens * spec.top_k
+    active = min(spec.num_local_experts, entries)
+    rows = entries / max(active, 1)
+    if rows <= 16:
+        block_m = 16
+    elif rows <= 32:
+        block_m = 32
+    elif rows <= 96 or is_amd:
+        block_m = 64
+    else:
+        block_m = 128
+    m_blocks = active + (entries - active) // block_m
+    stages = 2 if is_amd else (4 if block_m <= 32 else 3)
+
+    def gemm(n: int, k: int, gated: bool) -> GemmConfig:
+        block_n = 128 if block_m >= 64 else 64
+        while block_n > 16 and m_blocks * -(-n // block_n) < 2 * num_sms:
+            block_n //= 2
+        block_k = 64 if (block_m >= 128 or (gated and block_m >= 64)) else 128
+        block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))
+        warps = 8 if block_m >= 128 and block_n >= 128 else 4
+        return GemmConfig(block_n, block_k, warps, stages, 8)
+
+    return MoEConfig(
+        block_m,
+        gemm(spec.intermediate_size, spec.hidden_size, spec.is_gated),
+        gemm(spec.hidden_size, spec.intermediate_size, False),
+    )
