@@ -67,3 +67,9 @@ def test_presets(capsys):
     names = {r["name"] for r in json.loads(capsys.readouterr().out)}
     required = {"mixtral-8x7b", "qwen3-30b-a3b", "qwen3-235b-a22b", "qwen3-235b-a22b-tp8", "deepseek-v3"}
     assert required | {"deepseek-v3-tp8", "gpt-oss-20b", "gpt-oss-120b", "llama-4-scout"} <= names
+
+
+def test_tune_without_a_tuner_says_so(capsys):
+    # only the reference is loaded in core tests: nothing to tune, exit 1 with a reason
+    assert main(["tune", "--model", "tiny-mixtral"]) == 1
+    assert "no plugin had anything to tune" in capsys.readouterr().err

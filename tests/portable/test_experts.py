@@ -174,3 +174,31 @@ def test_gpu_real_shapes(model, dtype, ep, T):
 def test_gpu_planner_picks_portable():
     spec = get_preset("qwen3-30b-a3b").moe_spec(torch.bfloat16)
     assert moe_core.moe_plan(spec, "cuda").kernel == KERNEL
+
+
+@needs_triton
+def test_tuner_writes_a_table_the_runtime_reads(tmp_path):
+    from moe_plugin_portable import tuning
+
+    spec = MoESpec(**BASE)
+    found = tuning.tune_layer(spec, DEVICE, tokens=(3, 40), small_space=True)
+    assert set(found) == {"8", "128"}
+    for entry in found.values():
+        cfg = configs.MoEConfig.from_json(entry)
+        assert cfg.gemm1 in tuning.gemm_space(cfg.block_m, 2, small=True)[0]
+        assert entry["timing"]["total_us"] > 0
+    path = tuning.write_table("Fake GPU", {configs.layer_key(spec): found}, tmp_path, "3.x")
+    table = json.loads(path.read_text())
+    assert table["configs"][configs.layer_key(spec)]["8"]["block_m"] == found["8"]["block_m"]
+    # the chosen config computes the right result
+    cfg = configs.MoEConfig.from_json(found["128"])
+    plan = moe_plan(spec, DEVICE)
+    weights = random_expert_weights(spec, device=DEVICE)
+    x = torch.randn(40, spec.hidden_size, device=DEVICE).to(spec.dtype)
+    w, ids = random_routing(moe_core.RoutingSpec("softmax", 3), 40, 7, device=DEVICE)
+    from moe_plugin_portable.experts import fused_moe
+
+    out = torch.full_like(x, float("nan"))
+    fused_moe(spec, x, plan.prepare(weights).tensors, w, ids, out, config=cfg)
+    want = fused_experts_reference(spec, x, weights, w, ids, compute_dtype=torch.float64)
+    assert relative_error(out, want) <= tolerance(spec)

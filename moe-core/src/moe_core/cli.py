@@ -5,6 +5,7 @@
     moe plugins [--all]              discovered plugins: JSON (name, version, hooks, kernels, status, error)
     moe plan --model M [...]         the kernel chosen for a model's layer, and every refusal
     moe run  [--model M --tokens N]  plan, prepare and run a layer; check against the reference; time it
+    moe tune --model M               tune plugins' kernels for a model on this GPU, write their tables
     moe doctor                       versions, devices, capabilities, plugins, environment
     moe presets                      the model presets
 """
@@ -184,6 +185,43 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress():
+    """A ``progress(description, completed, total)`` callback: a rich bar when rich is installed."""
+    try:
+        from rich.progress import Progress
+    except ImportError:
+
+        def plain(description: str, completed: int, total: int) -> None:
+            print(f"[{completed}/{total}] {description}", file=sys.stderr, flush=True)
+
+        return plain, None
+    bar = Progress(transient=False)
+    task = bar.add_task("tuning", total=1)
+
+    def update(description: str, completed: int, total: int) -> None:
+        bar.update(task, description=description, completed=completed, total=total)
+
+    return update, bar
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    _, spec = _spec_from_args(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else None
+    progress, bar = _progress()
+    kwargs = {"spec": spec, "device": device, "tokens": tokens, "output_dir": args.out, "progress": progress}
+    if bar is not None:
+        with bar:
+            written = plugin_manager().tune(args.plugin, **kwargs)
+    else:
+        written = plugin_manager().tune(args.plugin, **kwargs)
+    _print_json({name: paths for name, paths in written.items()})
+    if not any(written.values()):
+        print(f"moe tune: no plugin had anything to tune for {spec.describe()} on {device}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     rows = []
     for p in all_presets().values():
@@ -244,6 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true", help="print the plan's explanation too")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "tune", help="tune the plugins' kernels for a model on this GPU and write their tables"
+    )
+    _add_layer_args(p, model_required=True)
+    p.add_argument("--device", default=None)
+    p.add_argument("--tokens", default=None, help="comma list of token counts (default: one per bucket)")
+    p.add_argument("--out", default=None, help="folder for the tables (default: where the plugins read them)")
+    p.add_argument("--plugin", action="append", default=None, help="only this plugin (repeatable)")
+    p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("doctor", help="environment report (JSON)")
     p.set_defaults(func=_cmd_doctor)

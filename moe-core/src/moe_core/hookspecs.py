@@ -64,3 +64,17 @@ def environment_report() -> dict[str, Any] | None:
     Keys are short labels, values JSON-serialisable. Must be cheap and must
     not compile or download anything. Return ``None`` for nothing to report.
     """
+
+
+@hookspec
+def tune(
+    spec: Any, device: Any, tokens: list[int], output_dir: str | None, progress: Callable
+) -> list[str] | None:
+    """Tune this plugin's kernels for ``spec`` on ``device`` and persist the result.
+
+    Called by ``moe tune``. ``tokens`` are the token counts to tune at (one per
+    bucket); ``output_dir`` the folder to write tables into (``None``: the
+    plugin's default, which its runtime reads); ``progress(description,
+    completed, total)`` reports progress. Return the paths written, or
+    ``None`` when the plugin has nothing to tune for this spec/device.
+    """

@@ -192,6 +192,15 @@ class PluginManager:
                 reports[name] = found[0]
         return reports
 
+    def tune(self, plugins: list[str] | None = None, **kwargs: Any) -> dict[str, list[str] | None]:
+        """Call the ``tune`` hook of each loaded plugin (or of ``plugins``); paths written per plugin."""
+        written: dict[str, list[str] | None] = {}
+        for name, record in self.records.items():
+            if record.status == "loaded" and (plugins is None or name in plugins) and "tune" in record.hooks:
+                for result in self._call(name, "tune", **kwargs):
+                    written[name] = result
+        return written
+
     def _fail(self, record: PluginRecord, exc: BaseException) -> PluginRecord:
         record.status = "failed"
         record.error = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

@@ -109,26 +109,34 @@ def _load_table(device_name: str) -> dict[str, Any] | None:
 _warned: set[str] = set()
 
 
+@functools.cache
+def _device_facts(index: int) -> tuple[str, int, bool]:
+    props = torch.cuda.get_device_properties(index)
+    return props.name, props.multi_processor_count, bool(torch.version.hip)
+
+
 def lookup_config(spec: MoESpec, num_tokens: int, device: torch.device) -> MoEConfig:
     """The tuned config for ``spec`` at ``num_tokens`` on ``device``, else the heuristic's."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        table = _load_table(name)
-        entry = (table or {}).get(layer_key(spec), {}).get(t_bucket(num_tokens))
-        if entry is not None:
-            return MoEConfig.from_json(entry)
-        if name not in _warned:
-            _warned.add(name)
-            warnings.warn(
-                f"moe-plugin-portable: no tuned config for {layer_key(spec)} in {config_file_name(name)}; "
-                "using the heuristic. `moe tune --model <preset>` writes one for this GPU.",
-                stacklevel=3,
-            )
-        props = torch.cuda.get_device_properties(device)
-        return heuristic_config(spec, num_tokens, props.multi_processor_count, bool(torch.version.hip))
-    return heuristic_config(spec, num_tokens, 8, False)
+    if device.type != "cuda":
+        return heuristic_config(spec, num_tokens, 8, False)
+    name, num_sms, is_amd = _device_facts(
+        device.index if device.index is not None else torch.cuda.current_device()
+    )
+    table = _load_table(name)
+    entry = (table or {}).get(layer_key(spec), {}).get(t_bucket(num_tokens))
+    if entry is not None:
+        return MoEConfig.from_json(entry)
+    if name not in _warned:
+        _warned.add(name)
+        warnings.warn(
+            f"moe-plugin-portable: no tuned config for {layer_key(spec)} in {config_file_name(name)}; "
+            "using the heuristic. `moe tune --model <preset>` writes one for this GPU.",
+            stacklevel=3,
+        )
+    return heuristic_config(spec, num_tokens, num_sms, is_amd)
 
 
+@functools.lru_cache(maxsize=4096)
 def heuristic_config(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool) -> MoEConfig:
     """A reasonable config from the shape alone.
 

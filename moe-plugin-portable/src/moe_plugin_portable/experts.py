@@ -19,7 +19,7 @@ tile load of the kernels (``_details/_fused_moe.py``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -27,9 +27,17 @@ from moe_core import DeviceInfo, ExpertWeights, KernelEntry, MoESpec, PreparedWe
 from moe_core.sorting import align_block_size
 
 from ._common import PRIORITY, interpreting, triton_refusal
-from .configs import MoEConfig, lookup_config
+from .configs import GemmConfig, MoEConfig, lookup_config
 
-__all__ = ["fused_moe", "kernel_entries"]
+__all__ = [
+    "SortedBlocks",
+    "fused_moe",
+    "kernel_entries",
+    "launch_combine",
+    "launch_gemm1",
+    "launch_gemm2",
+    "sort_tokens",
+]
 
 _ACTIVATIONS = ("silu", "gelu", "swiglu_oai", "relu2")
 _COMBINE_BLOCK = 1024
@@ -52,6 +60,148 @@ def _prepare(spec: MoESpec, weights: ExpertWeights, device: DeviceInfo) -> dict[
     return tensors
 
 
+class SortedBlocks(NamedTuple):
+    """``align_block_size`` output for one ``block_m``."""
+
+    sorted_ids: torch.Tensor
+    expert_ids: torch.Tensor
+    num_padded: torch.Tensor
+    block_m: int
+
+
+def sort_tokens(
+    spec: MoESpec, topk_ids: torch.Tensor, tensors: dict[str, torch.Tensor], block_m: int
+) -> SortedBlocks:
+    """Group the (token, slot) entries by local expert in blocks of ``block_m``."""
+    sorted_ids, expert_ids, num_padded = align_block_size(
+        topk_ids, num_experts=spec.num_experts, block_size=block_m, expert_map=tensors.get("expert_map")
+    )
+    return SortedBlocks(sorted_ids, expert_ids, num_padded, block_m)
+
+
+def launch_gemm1(
+    spec: MoESpec,
+    x: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
+    blocks: SortedBlocks,
+    topk_weights: torch.Tensor,
+    cfg: GemmConfig,
+    inter_buf: torch.Tensor,
+) -> None:
+    """``inter_buf[p] = act(x[token(p)] @ w13[e].T + b13[e])`` at every valid sorted position ``p``."""
+    from ._details import _fused_moe as kernels
+
+    H, inter = spec.hidden_size, spec.intermediate_size
+    w13, b13 = tensors["w13"], tensors.get("b13")
+    kernels.moe_gemm1[(blocks.expert_ids.numel() * triton_cdiv(inter, cfg.block_n),)](
+        x,
+        w13,
+        b13 if b13 is not None else w13,
+        inter_buf,
+        blocks.sorted_ids,
+        blocks.expert_ids,
+        blocks.num_padded,
+        topk_weights,
+        x.shape[0] * spec.top_k,
+        H,
+        inter,
+        x.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        b13.stride(0) if b13 is not None else 0,
+        inter_buf.stride(0),
+        float(spec.swiglu_alpha or 0.0),
+        float(spec.swiglu_limit or 0.0),
+        TOP_K=spec.top_k,
+        GATED=spec.is_gated,
+        ACTIVATION=kernels.ACTIVATIONS[spec.activation],
+        HAS_BIAS=b13 is not None,
+        WEIGHT_ON_INPUT=spec.apply_router_weight_on_input,
+        BLOCK_M=blocks.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        EVEN_K=H % cfg.block_k == 0,
+        UPCAST=interpreting(),  # the interpreter multiplies bf16 as integers
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def launch_gemm2(
+    spec: MoESpec,
+    inter_buf: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
+    blocks: SortedBlocks,
+    topk_weights: torch.Tensor,
+    cfg: GemmConfig,
+    y: torch.Tensor,
+    row_is_token: bool,
+) -> None:
+    """``y[entry(p)] = w(p) * (inter_buf[p] @ w2[e].T + b2[e])`` (row ``token`` when ``row_is_token``)."""
+    from ._details import _fused_moe as kernels
+
+    H, inter = spec.hidden_size, spec.intermediate_size
+    w2, b2 = tensors["w2"], tensors.get("b2")
+    kernels.moe_gemm2[(blocks.expert_ids.numel() * triton_cdiv(H, cfg.block_n),)](
+        inter_buf,
+        w2,
+        b2 if b2 is not None else w2,
+        y,
+        blocks.sorted_ids,
+        blocks.expert_ids,
+        blocks.num_padded,
+        topk_weights,
+        topk_weights.numel(),
+        inter,
+        H,
+        inter_buf.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        b2.stride(0) if b2 is not None else 0,
+        y.stride(0),
+        TOP_K=spec.top_k,
+        HAS_BIAS=b2 is not None,
+        APPLY_WEIGHT=not spec.apply_router_weight_on_input,
+        ROW_IS_TOKEN=row_is_token,
+        BLOCK_M=blocks.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        EVEN_K=inter % cfg.block_k == 0,
+        UPCAST=interpreting(),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def launch_combine(
+    spec: MoESpec,
+    y: torch.Tensor,
+    topk_ids: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
+    out: torch.Tensor,
+) -> None:
+    """``out[t] = sum of y[t * k + j]`` over the slots ``j`` whose expert is local."""
+    from ._details import _fused_moe as kernels
+
+    T, H = out.shape
+    emap = tensors.get("expert_map")
+    block = min(_COMBINE_BLOCK, max(128, 1 << (H - 1).bit_length()))
+    kernels.moe_combine[(T, triton_cdiv(H, block))](
+        y,
+        out,
+        topk_ids,
+        emap if emap is not None else topk_ids,
+        H,
+        spec.num_experts,
+        TOP_K=spec.top_k,
+        HAS_MAP=emap is not None,
+        BLOCK_N=block,
+        num_warps=4,
+    )
+
+
 def fused_moe(
     spec: MoESpec,
     hidden_states: torch.Tensor,
@@ -62,106 +212,21 @@ def fused_moe(
     config: MoEConfig | None = None,
 ) -> torch.Tensor:
     """Run the fused MoE into ``out [T, H]``; ``config`` overrides the table/heuristic (tuning)."""
-    from ._details import _fused_moe as kernels
-
     T, H = hidden_states.shape
-    k, inter = spec.top_k, spec.intermediate_size
     device = hidden_states.device
     cfg = config or lookup_config(spec, T, device)
     topk_weights = topk_weights.contiguous()
     topk_ids = topk_ids.contiguous()
-    emap = tensors.get("expert_map")
-    sorted_ids, expert_ids, num_padded = align_block_size(
-        topk_ids, num_experts=spec.num_experts, block_size=cfg.block_m, expert_map=emap
+    blocks = sort_tokens(spec, topk_ids, tensors, cfg.block_m)
+    inter_buf = torch.empty(
+        blocks.sorted_ids.numel(), spec.intermediate_size, dtype=hidden_states.dtype, device=device
     )
-    m_blocks = expert_ids.numel()
-    w13, w2 = tensors["w13"], tensors["w2"]
-    b13, b2 = tensors.get("b13"), tensors.get("b2")
-
-    upcast = interpreting()  # the interpreter multiplies bf16 as integers
-    inter_buf = torch.empty(sorted_ids.numel(), inter, dtype=hidden_states.dtype, device=device)
-    c1 = cfg.gemm1
-    kernels.moe_gemm1[(m_blocks * triton_cdiv(inter, c1.block_n),)](
-        hidden_states,
-        w13,
-        b13 if b13 is not None else w13,
-        inter_buf,
-        sorted_ids,
-        expert_ids,
-        num_padded,
-        topk_weights,
-        T * k,
-        H,
-        inter,
-        hidden_states.stride(0),
-        w13.stride(0),
-        w13.stride(1),
-        b13.stride(0) if b13 is not None else 0,
-        inter_buf.stride(0),
-        float(spec.swiglu_alpha or 0.0),
-        float(spec.swiglu_limit or 0.0),
-        TOP_K=k,
-        GATED=spec.is_gated,
-        ACTIVATION=kernels.ACTIVATIONS[spec.activation],
-        HAS_BIAS=b13 is not None,
-        WEIGHT_ON_INPUT=spec.apply_router_weight_on_input,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=c1.block_n,
-        BLOCK_K=c1.block_k,
-        GROUP_M=c1.group_m,
-        EVEN_K=H % c1.block_k == 0,
-        UPCAST=upcast,
-        num_warps=c1.num_warps,
-        num_stages=c1.num_stages,
-    )
-
-    direct = k == 1 and emap is None
-    y = out if direct else torch.empty(T * k, H, dtype=out.dtype, device=device)
-    c2 = cfg.gemm2
-    kernels.moe_gemm2[(m_blocks * triton_cdiv(H, c2.block_n),)](
-        inter_buf,
-        w2,
-        b2 if b2 is not None else w2,
-        y,
-        sorted_ids,
-        expert_ids,
-        num_padded,
-        topk_weights,
-        T * k,
-        inter,
-        H,
-        inter_buf.stride(0),
-        w2.stride(0),
-        w2.stride(1),
-        b2.stride(0) if b2 is not None else 0,
-        y.stride(0),
-        TOP_K=k,
-        HAS_BIAS=b2 is not None,
-        APPLY_WEIGHT=not spec.apply_router_weight_on_input,
-        ROW_IS_TOKEN=direct,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=c2.block_n,
-        BLOCK_K=c2.block_k,
-        GROUP_M=c2.group_m,
-        EVEN_K=inter % c2.block_k == 0,
-        UPCAST=upcast,
-        num_warps=c2.num_warps,
-        num_stages=c2.num_stages,
-    )
+    launch_gemm1(spec, hidden_states, tensors, blocks, topk_weights, cfg.gemm1, inter_buf)
+    direct = spec.top_k == 1 and "expert_map" not in tensors
+    y = out if direct else torch.empty(T * spec.top_k, H, dtype=out.dtype, device=device)
+    launch_gemm2(spec, inter_buf, tensors, blocks, topk_weights, cfg.gemm2, y, direct)
     if not direct:
-        block = min(_COMBINE_BLOCK, max(128, 1 << (H - 1).bit_length()))
-        kernels.moe_combine[(T, triton_cdiv(H, block))](
-            y,
-            out,
-            topk_ids,
-            emap if emap is not None else topk_ids,
-            H,
-            spec.num_experts,
-            TOP_K=k,
-            HAS_MAP=emap is not None,
-            BLOCK_N=block,
-            num_warps=4,
-        )
+        launch_combine(spec, y, topk_ids, tensors, out)
     return out
 
 

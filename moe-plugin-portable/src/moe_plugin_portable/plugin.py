@@ -37,3 +37,30 @@ def environment_report() -> dict[str, Any]:
 
         version = dist_version("triton")
     return {"version": __version__, "triton": version, "interpreter": interpreting()}
+
+
+@hookimpl
+def tune(
+    spec: Any, device: Any, tokens: list[int] | None, output_dir: str | None, progress: Callable
+) -> list[str] | None:
+    """Tune the fused MoE for ``spec`` on a GPU and merge the result into this GPU's table."""
+    import os
+
+    import torch
+
+    from moe_core import device_info
+
+    from .configs import _PACKAGE_DIR
+    from .experts import _supports
+
+    info = device_info(device)
+    if not info.is_gpu or _supports(spec, info) or spec.quant.name not in ("bf16", "fp16"):
+        return None
+    from importlib.metadata import version
+
+    from .configs import layer_key
+    from .tuning import DEFAULT_TOKENS, tune_layer, write_table
+
+    entries = {layer_key(spec): tune_layer(spec, device, tokens or DEFAULT_TOKENS, progress=progress)}
+    folder = output_dir or os.environ.get("MOE_PORTABLE_CONFIG_DIR") or _PACKAGE_DIR
+    return [str(write_table(torch.cuda.get_device_name(device), entries, folder, version("triton")))]
