@@ -101,7 +101,8 @@ def test_discovery_records_good_and_broken(fake_plugins):
     assert plugin_manager().environment_reports()["good"] == {"good": True}
 
 
-def test_discovered_kernel_is_planned(fake_plugins):
+def test_discovered_kernel_is_planned(fake_plugins, monkeypatch):
+    monkeypatch.setenv("MOE_LOAD_PLUGINS", "good")  # the workspace plugins may outrank it
     plan = moe_core.moe_plan(MoESpec(8, 2, 32, 16), "cpu")
     assert plan.kernel == "good.torch.experts"
     assert "reference.torch.experts" in plan.explain()

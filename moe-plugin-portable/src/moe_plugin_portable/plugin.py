@@ -16,7 +16,7 @@ from . import __version__
 from ._common import interpreting
 
 # Modules with a kernel_entries() function, added as their kernels land.
-_MODULES: tuple[str, ...] = ("experts",)
+_MODULES: tuple[str, ...] = ("experts", "routing", "sorting")
 
 
 @hookimpl
