@@ -1,13 +1,18 @@
 """Benchmark the portable fused MoE on the GPU against its floor and peers, in one run.
 
     python benchmarks/run_portable.py --out results.json [--quick] [--dtypes bf16,fp16]
+        [--vllm-peer PATH]
 
 For every ../shared/BENCHMARKS.md shape and token count: median time of
 ``moe_apply`` (CUDA events, warm-up, inputs and weights rotated so that the
 L2 cache does not flatter; decode cases also replayed from a CUDA graph),
 ``time / floor`` with the floor from the copy bandwidth and GEMM rate measured
 in the same run, and the ratio to ``torch._grouped_mm`` with a torch sort,
-gather and scatter around it (what a user has without this project).
+gather and scatter around it (what a user has without this project), and,
+when a folder is given with ``--vllm-peer PATH`` or ``MOE_BENCH_VLLM``, the ratio
+to vLLM's Triton ``fused_moe`` loaded from that folder (git-ignored, never
+committed: it must provide ``fused_moe(x, w1, w2, topk_weights, topk_ids)`` and
+``describe()``); without one that peer is recorded as skipped.
 Correctness of every timed case is checked against the float64 reference.
 Writes one JSON file (device, versions, ceilings, every case) and prints a table.
 """
@@ -16,11 +21,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -29,7 +37,7 @@ import torch
 import moe_core
 from moe_core.presets import get_preset
 from moe_core.reference import fused_experts_reference
-from moe_core.testing import random_expert_weights, random_routing, relative_error, tolerance
+from moe_core.testing import random_expert_weights, random_logits, relative_error, tolerance
 
 SHAPES = [
     "mixtral-8x7b",
@@ -41,18 +49,62 @@ SHAPES = [
 ]
 TOKENS = [1, 8, 32, 128, 512, 2048, 8192]
 L2_FLUSH_BYTES = 256 * 2**20
+#: decode cases (T up to this) are also timed from CUDA graphs, as engines run them
+GRAPH_MAX_T = 128
 
 
 def _events_median(fn, iters: int) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    """Median device time of ``fn`` in us: iterations queued back to back, one event pair each.
+
+    The host is not synchronised between iterations (as ``triton.testing.do_bench``),
+    so a call whose launch cost is below its device time is timed by the device.
+    """
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)
+    ]
+    for start, end in events:
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+    torch.cuda.synchronize()
+    times = [start.elapsed_time(end) * 1e3 for start, end in events]
     return statistics.median(times), times
+
+
+def _graph_median(fns, iters: int) -> float:
+    """Median time of replaying one CUDA graph per callable of ``fns`` in turn (rotated inputs)."""
+    graphs = []
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the capture (allocator, autotuning, JIT)
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    for fn in fns:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        graphs.append(g)
+    state = {"i": 0}
+
+    def replay():
+        i = state["i"] = (state["i"] + 1) % len(graphs)
+        graphs[i].replay()
+
+    for _ in range(5):
+        replay()
+    return _events_median(replay, iters)[0]
+
+
+def _rotating(fn, copies: int):
+    """``fn(i)`` for i = 1, 2, ... modulo ``copies``, as a no-argument callable."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % copies
+        fn(state["i"])
+
+    return call
 
 
 def measure_ceilings() -> dict[str, float]:
@@ -71,6 +123,17 @@ def measure_ceilings() -> dict[str, float]:
     t, _ = _events_median(lambda: a @ b, 20)
     rate = 2 * 8192**3 / (t * 1e-6)
     return {"copy_bytes_per_s": bw, "bf16_flops_per_s": rate}
+
+
+def uniform_routing(routing: moe_core.RoutingSpec, T: int, num_experts: int, seed: int):
+    """The preset's routing on random logits, without a correction bias: uniform expert load.
+
+    (A random correction bias, as ``moe_core.testing.random_routing`` draws for tests, makes
+    DeepSeek's grouped routing pick about 40% fewer distinct experts than the uniform load
+    that BENCHMARKS.md's floors assume.)
+    """
+    logits = random_logits(T, num_experts, device="cuda", seed=seed)
+    return moe_core.select_experts(logits, routing)
 
 
 def floor_us(
@@ -105,7 +168,39 @@ def grouped_mm_peer(spec, x, w13_t, w2_t, topk_w, topk_ids):
     return out
 
 
-def run_case(model: str, dtype: torch.dtype, T: int, ceil: dict, iters: int, check: bool) -> dict:
+def load_vllm_peer(path: str):
+    """Import the vLLM peer package from ``path`` (a folder with ``__init__.py``)."""
+    folder = Path(path).resolve()
+    spec = importlib.util.spec_from_file_location(
+        "moe_bench_vllm_peer", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no vLLM peer package at {folder}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _time_into(result: dict, prefix: str, fn, copies: int, iters: int, graphs: bool) -> None:
+    """Time ``fn(i)`` (input set ``i`` of ``copies``) eagerly and, if ``graphs``, from CUDA graphs.
+
+    Writes ``<prefix>us`` (eager median), ``<prefix>graph_us`` and ``<prefix>best_us`` (the
+    smaller) into ``result``; every callable in the comparison is timed the same way.
+    """
+    call = _rotating(fn, copies)
+    for _ in range(5):
+        call()
+    result[prefix + "us"], samples = _events_median(call, iters)
+    result[prefix + "samples_us"] = samples
+    best = result[prefix + "us"]
+    if graphs:
+        result[prefix + "graph_us"] = _graph_median([lambda i=i: fn(i) for i in range(copies)], iters)
+        best = min(best, result[prefix + "graph_us"])
+    result[prefix + "best_us"] = best
+
+
+def run_case(model: str, dtype: torch.dtype, T: int, ceil: dict, iters: int, check: bool, vllm=None) -> dict:
     preset = get_preset(model)
     spec = preset.moe_spec(dtype)
     plan = moe_core.moe_plan(spec, "cuda")
@@ -118,10 +213,11 @@ def run_case(model: str, dtype: torch.dtype, T: int, ceil: dict, iters: int, che
     inputs = []
     for i in range(copies):
         x = torch.randn(T, spec.hidden_size, device="cuda").to(dtype)
-        w, ids = random_routing(preset.routing, T, preset.num_experts, device="cuda", seed=100 + i)
+        w, ids = uniform_routing(preset.routing, T, preset.num_experts, seed=100 + i)
         inputs.append((x, w, ids))
     out = torch.empty(T, spec.hidden_size, dtype=dtype, device="cuda")
     result = {"model": model, "dtype": str(dtype).removeprefix("torch."), "T": T, "kernel": plan.kernel}
+    result["active_experts"] = statistics.mean(len(torch.unique(ids)) for _, _, ids in inputs)
     if check:
         x, w, ids = inputs[0]
         out.fill_(float("nan"))
@@ -129,35 +225,13 @@ def run_case(model: str, dtype: torch.dtype, T: int, ceil: dict, iters: int, che
         want = fused_experts_reference(spec, x, weights, w, ids, compute_dtype=torch.float64)
         result["relative_error"] = relative_error(out, want)
         result["passed"] = result["relative_error"] <= tolerance(spec)
-    state = {"i": 0}
 
-    def step():
-        i = state["i"] = (state["i"] + 1) % copies
+    def ours(i):
         x, w, ids = inputs[i]
         moe_core.moe_apply(plan, x, prepared[i], w, ids, out=out)
 
-    for _ in range(5):
-        step()
-    result["us"], samples = _events_median(step, iters)
-    result["samples_us"] = samples
-    if T <= 128:
-        graphs = []
-        for i in range(copies):
-            g = torch.cuda.CUDAGraph()
-            x, w, ids = inputs[i]
-            with torch.cuda.graph(g):
-                moe_core.moe_apply(plan, x, prepared[i], w, ids, out=out)
-            graphs.append(g)
-        state["i"] = 0
-
-        def replay():
-            i = state["i"] = (state["i"] + 1) % copies
-            graphs[i].replay()
-
-        for _ in range(5):
-            replay()
-        result["graph_us"], _ = _events_median(replay, iters)
-    best = min(result["us"], result.get("graph_us", math.inf))
+    _time_into(result, "", ours, copies, iters, graphs=T <= GRAPH_MAX_T)
+    best = result["best_us"]
     routed_k = preset.routing.top_k
     result["floor_us"] = floor_us(
         spec, preset.num_experts, routed_k, preset.routing.num_fused_shared_experts, T, ceil
@@ -166,19 +240,52 @@ def run_case(model: str, dtype: torch.dtype, T: int, ceil: dict, iters: int, che
     if dtype == torch.bfloat16 and spec.activation == "silu" and not spec.has_bias:
         peers_w = [(p["w13"].transpose(1, 2), p["w2"].transpose(1, 2)) for p in (q.tensors for q in prepared)]
 
-        def peer():
-            i = state["i"] = (state["i"] + 1) % copies
+        def peer(i):
             x, w, ids = inputs[i]
             grouped_mm_peer(spec, x, *peers_w[i], w, ids)
 
-        try:
-            for _ in range(3):
-                peer()
-            result["grouped_mm_us"], _ = _events_median(peer, iters)
-            result["speedup_vs_grouped_mm"] = result["grouped_mm_us"] / best
+        try:  # eager only: its bincount/cumsum sizes are read on the host, so it cannot be captured
+            _time_into(result, "grouped_mm_", peer, copies, iters, graphs=False)
+            result["speedup_vs_grouped_mm"] = result["grouped_mm_best_us"] / best
         except Exception as exc:  # report, do not hide
             result["grouped_mm_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    if (
+        vllm is not None
+        and dtype in (torch.bfloat16, torch.float16)
+        and not spec.quant.is_quantized
+        and spec.activation == "silu"
+        and not spec.has_bias
+        and spec.ep_size == 1
+        and spec.expert_map is None
+        and not spec.apply_router_weight_on_input
+    ):
+        vllm_w = [(p["w13"], p["w2"]) for p in (q.tensors for q in prepared)]
+
+        def vllm_peer(i):
+            x, w, ids = inputs[i]
+            vllm.fused_moe(x, *vllm_w[i], w, ids)
+
+        try:
+            if check:
+                x, w, ids = inputs[0]
+                got = vllm.fused_moe(x, *vllm_w[0], w, ids)
+                result["vllm_relative_error"] = relative_error(got, want)
+                result["vllm_passed"] = result["vllm_relative_error"] <= tolerance(spec)
+            _time_into(result, "vllm_", vllm_peer, copies, iters, graphs=T <= GRAPH_MAX_T)
+            result["speedup_vs_vllm"] = result["vllm_best_us"] / best
+        except Exception as exc:  # report, do not hide
+            result["vllm_error"] = f"{type(exc).__name__}: {exc}"[:300]
     return result
+
+
+def _command(argv: list[str]) -> str | None:
+    """First line a command prints, or ``None`` if it fails (no git checkout, no nvidia-smi)."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = done.stdout.strip().splitlines()
+    return lines[0] if done.returncode == 0 and lines else None
 
 
 def main() -> None:
@@ -189,25 +296,25 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(SHAPES))
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument(
+        "--vllm-peer",
+        default=os.environ.get("MOE_BENCH_VLLM"),
+        help="folder of the vLLM fused_moe peer package (default: $MOE_BENCH_VLLM; none: skipped)",
+    )
     args = parser.parse_args()
     dtypes = [{"bf16": torch.bfloat16, "fp16": torch.float16}[d] for d in args.dtypes.split(",")]
     models = args.models.split(",")
     tokens = [int(t) for t in args.tokens.split(",")]
     if args.quick:
         models, tokens = models[:3], [1, 32, 512, 4096]
+    vllm = load_vllm_peer(args.vllm_peer) if args.vllm_peer else None
     ceil = measure_ceilings()
-    try:
-        commit = (
-            subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-            or None
-        )
-    except OSError:
-        commit = None
+    commit = os.environ.get("MOE_BENCH_COMMIT") or _command(["git", "rev-parse", "--verify", "HEAD"])
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(),
         "capability": ".".join(map(str, torch.cuda.get_device_capability())),
-        "driver": torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else None,
+        "driver": _command(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
         "versions": {
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
@@ -216,6 +323,13 @@ def main() -> None:
             "python": platform.python_version(),
         },
         "git_commit": commit,
+        "peers": {
+            "vllm": (
+                {"status": "loaded", "path": str(Path(args.vllm_peer).resolve()), **vllm.describe()}
+                if vllm is not None
+                else {"status": "skipped", "reason": "no --vllm-peer PATH or MOE_BENCH_VLLM"}
+            )
+        },
         "ceilings": ceil,
         "cases": [],
     }
@@ -226,7 +340,7 @@ def main() -> None:
         for model in models:
             for T in tokens:
                 try:
-                    case = run_case(model, dtype, T, ceil, args.iters, check=True)
+                    case = run_case(model, dtype, T, ceil, args.iters, check=True, vllm=vllm)
                 except Exception as exc:
                     case = {
                         "model": model,
@@ -236,6 +350,8 @@ def main() -> None:
                     }
                 torch.cuda.empty_cache()
                 report["cases"].append(case)
+                if vllm is not None:  # config files actually loaded so far
+                    report["peers"]["vllm"]["lookups"] = vllm.describe()["lookups"]
                 Path(args.out).write_text(json.dumps(report, indent=1))
                 if "error" in case:
                     print(f"{model:22s} {case['dtype']:9s} T={T:5d} ERROR {case['error']}")
@@ -244,10 +360,11 @@ def main() -> None:
                 peer = (
                     f"{case['speedup_vs_grouped_mm']:5.2f}x" if "speedup_vs_grouped_mm" in case else "    -"
                 )
+                vpeer = f"{case['speedup_vs_vllm']:5.2f}x" if "speedup_vs_vllm" in case else "    -"
                 print(
                     f"{model:22s} {case['dtype']:9s} T={T:5d} {case['us']:8.1f} us graph {graph} floor {case['floor_us']:7.1f} "
-                    f"x{case['time_over_floor']:5.2f} vs grouped_mm {peer} err {case['relative_error']:.1e}"
-                    + ("" if case["passed"] else " FAIL")
+                    f"x{case['time_over_floor']:5.2f} vs grouped_mm {peer} vs vllm {vpeer} "
+                    f"err {case['relative_error']:.1e}" + ("" if case["passed"] else " FAIL")
                 )
 
 

@@ -181,11 +181,11 @@ def test_tuner_writes_a_table_the_runtime_reads(tmp_path):
     from moe_plugin_portable import tuning
 
     spec = MoESpec(**BASE)
-    found = tuning.tune_layer(spec, DEVICE, tokens=(3, 40), small_space=True)
+    found = tuning.tune_layer(spec, DEVICE, tokens=(3, 40), space="small")
     assert set(found) == {"8", "128"}
     for entry in found.values():
         cfg = configs.MoEConfig.from_json(entry)
-        assert cfg.gemm1 in tuning.gemm_space(cfg.block_m, 2, small=True)[0]
+        assert cfg.gemm1 in tuning.gemm_space(cfg.block_m, 2, "small")[0]
         assert entry["timing"]["total_us"] > 0
     path = tuning.write_table("Fake GPU", {configs.layer_key(spec): found}, tmp_path, "3.x")
     table = json.loads(path.read_text())

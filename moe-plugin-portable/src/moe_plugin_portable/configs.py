@@ -6,7 +6,8 @@ GEMMs) and, per GEMM, ``block_n``, ``block_k``, ``num_warps``, ``num_stages``,
 
 1. the tuned table of this GPU (``configs/<device name>.json`` in this
    package, or in the folder ``MOE_PORTABLE_CONFIG_DIR`` which takes
-   precedence), keyed by the layer shape and the ``T`` bucket;
+   precedence), keyed by the layer shape and the ``T`` bucket (an fp16
+   layer without an entry takes its bf16 twin's, and the other way round);
 2. else :func:`heuristic_config` (a one-time warning names the missing file
    and the ``moe tune`` command that writes it).
 
@@ -107,6 +108,7 @@ def _load_table(device_name: str) -> dict[str, Any] | None:
 
 
 _warned: set[str] = set()
+_SAME_WIDTH = {torch.float16: torch.bfloat16, torch.bfloat16: torch.float16}
 
 
 @functools.cache
@@ -122,8 +124,11 @@ def lookup_config(spec: MoESpec, num_tokens: int, device: torch.device) -> MoECo
     name, num_sms, is_amd = _device_facts(
         device.index if device.index is not None else torch.cuda.current_device()
     )
-    table = _load_table(name)
-    entry = (table or {}).get(layer_key(spec), {}).get(t_bucket(num_tokens))
+    table = _load_table(name) or {}
+    bucket = t_bucket(num_tokens)
+    entry = table.get(layer_key(spec), {}).get(bucket)
+    if entry is None and spec.dtype in _SAME_WIDTH:  # an fp16 layer tiles like its bf16 twin
+        entry = table.get(layer_key(spec.replace(dtype=_SAME_WIDTH[spec.dtype])), {}).get(bucket)
     if entry is not None:
         return MoEConfig.from_json(entry)
     if name not in _warned:

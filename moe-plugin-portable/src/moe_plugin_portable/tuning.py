@@ -26,7 +26,7 @@ from . import configs
 from .configs import GemmConfig, MoEConfig
 from .experts import _prepare, launch_combine, launch_gemm1, launch_gemm2, sort_tokens
 
-__all__ = ["DEFAULT_TOKENS", "gemm_space", "tune_layer", "write_table"]
+__all__ = ["DEFAULT_TOKENS", "SPACES", "gemm_space", "tune_layer", "write_table"]
 
 DEFAULT_TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
 _SMEM_BUDGET = 200 * 1024
@@ -38,22 +38,37 @@ def _fits(cfg: GemmConfig, block_m: int, operands_b: int, elem_bytes: int = 2) -
     return smem <= _SMEM_BUDGET and not (cfg.num_warps == 8 and block_m * cfg.block_n < 64 * 128)
 
 
-def gemm_space(block_m: int, operands_b: int, small: bool = False) -> list[list[GemmConfig]]:
+#: Search spaces of :func:`gemm_space`: ``full`` (``moe tune``), ``quick`` (about a third of the
+#: candidates: the tiles and pipelines that win on Hopper), ``small`` (two configs, for CPU tests).
+SPACES = ("full", "quick", "small")
+
+
+def gemm_space(block_m: int, operands_b: int, space: str = "full") -> list[list[GemmConfig]]:
     """Config rounds for one GEMM at ``block_m``: tiles first, then pipelines around the best tile.
 
     Each round is a list of candidates; a round's entries with ``block_n == 0``
     are templates whose tile is replaced by the best tile of the round before.
     """
-    if small:
+    if space not in SPACES:
+        raise ValueError(f"unknown tuning space {space!r}; expected one of {SPACES}")
+    if space == "small":
         return [[GemmConfig(32, 64, 4, 2, 8), GemmConfig(64, 64, 4, 2, 8)]]
     stages = 4 if block_m <= 32 else 3
     warps = 4 if block_m <= 64 else 8
+    quick = space == "quick"
+    tile_n = (32, 64, 128, 256) if not quick else ((32, 64, 128) if block_m <= 32 else (64, 128, 256))
+    tile_k = (64, 128, 256) if not quick else (64, 128)
     tiles = [
         GemmConfig(bn, bk, warps, stages, 8)
-        for bn, bk in itertools.product((32, 64, 128, 256), (64, 128, 256))
+        for bn, bk in itertools.product(tile_n, tile_k)
         if _fits(GemmConfig(bn, bk, warps, stages, 8), block_m, operands_b)
     ]
-    pipelines = [GemmConfig(0, 0, w, st, g) for w, st, g in itertools.product((4, 8), (2, 3, 4, 5), (1, 8))]
+    if quick:
+        pipelines = [GemmConfig(0, 0, w, st, 8) for w, st in itertools.product((4, 8), (3, 4, 5))]
+    else:
+        pipelines = [
+            GemmConfig(0, 0, w, st, g) for w, st, g in itertools.product((4, 8), (2, 3, 4, 5), (1, 8))
+        ]
     return [tiles, pipelines]
 
 
@@ -123,7 +138,7 @@ def _time_block_m(
     block_m: int,
     device: torch.device,
     timer: Callable[[Callable[[], None]], float],
-    small_space: bool,
+    space: str,
 ) -> tuple[float, MoEConfig, dict[str, float]]:
     """Best GEMM configs for ``block_m`` at ``T`` tokens, and the stage times of that choice."""
     gen = torch.Generator(device=device).manual_seed(T)
@@ -137,12 +152,12 @@ def _time_block_m(
     t_sort = timer(lambda: sort_tokens(spec, topk_ids, tensors, block_m))
     inter = torch.empty(blocks.sorted_ids.numel(), spec.intermediate_size, dtype=spec.dtype, device=device)
     nb1 = 2 if spec.is_gated else 1
-    space1 = gemm_space(block_m, nb1, small=small_space)
+    space1 = gemm_space(block_m, nb1, space)
     g1, t1 = _best(
         space1, lambda c: launch_gemm1(spec, x, tensors, blocks, topk_w, c, inter), timer, block_m, nb1
     )
     launch_gemm1(spec, x, tensors, blocks, topk_w, g1, inter)
-    space2 = gemm_space(block_m, 1, small=small_space)
+    space2 = gemm_space(block_m, 1, space)
     g2, t2 = _best(
         space2, lambda c: launch_gemm2(spec, inter, tensors, blocks, topk_w, c, y, direct), timer, block_m, 1
     )
@@ -159,9 +174,12 @@ def tune_layer(
     *,
     weights: ExpertWeights | None = None,
     progress: Progress | None = None,
-    small_space: bool = False,
+    space: str = "full",
 ) -> dict[str, dict]:
-    """Best :class:`MoEConfig` per token bucket for ``spec``: ``{bucket: config json}`` (plus timings)."""
+    """Best :class:`MoEConfig` per token bucket for ``spec``: ``{bucket: config json}`` (plus timings).
+
+    ``space`` is one of :data:`SPACES`.
+    """
     device = torch.device(device)
     timer = _timer(device)
     weights = weights or random_expert_weights(spec, device=device, seed=0)
@@ -172,8 +190,7 @@ def tune_layer(
         if progress:
             progress(f"{configs.layer_key(spec)} T={T}", step, len(tokens))
         timings = [
-            _time_block_m(spec, tensors, T, block_m, device, timer, small_space)
-            for block_m in _block_ms(spec, T)
+            _time_block_m(spec, tensors, T, block_m, device, timer, space) for block_m in _block_ms(spec, T)
         ]
         _, config, parts = min(timings, key=lambda r: r[0])
         result[configs.t_bucket(T)] = {**config.to_json(), "tuned_at_tokens": T, "timing": parts}
