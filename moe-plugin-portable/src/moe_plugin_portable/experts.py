@@ -30,8 +30,13 @@ from ._common import PRIORITY, interpreting, triton_refusal
 from .configs import GemmConfig, MoEConfig, lookup_config
 
 __all__ = [
+    "Launch",
     "SortedBlocks",
+    "combine_launch",
     "fused_moe",
+    "fused_moe_launches",
+    "gemm1_launch",
+    "gemm2_launch",
     "kernel_entries",
     "launch_combine",
     "launch_gemm1",
@@ -41,6 +46,10 @@ __all__ = [
 
 _ACTIVATIONS = ("silu", "gelu", "swiglu_oai", "relu2")
 _COMBINE_BLOCK = 1024
+
+#: One kernel launch, described without running it: ``(kernel, grid, args, kwargs)``;
+#: ``kernel[grid](*args, **kwargs)`` runs it (``moe_plugin_portable.profile`` compiles it offline).
+Launch = tuple[Any, tuple[int, ...], tuple[Any, ...], dict[str, Any]]
 
 
 def _supports(spec: MoESpec, device: DeviceInfo) -> str | None:
@@ -89,11 +98,27 @@ def launch_gemm1(
     inter_buf: torch.Tensor,
 ) -> None:
     """``inter_buf[p] = act(x[token(p)] @ w13[e].T + b13[e])`` at every valid sorted position ``p``."""
+    _run(gemm1_launch(spec, x, tensors, blocks, topk_weights, cfg, inter_buf))
+
+
+def gemm1_launch(
+    spec: MoESpec,
+    x: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
+    blocks: SortedBlocks,
+    topk_weights: torch.Tensor,
+    cfg: GemmConfig,
+    inter_buf: torch.Tensor,
+    *,
+    interpret: bool | None = None,
+) -> Launch:
+    """The launch of :func:`launch_gemm1` (``interpret``: for the interpreter; default: as now)."""
     from ._details import _fused_moe as kernels
 
     H, inter = spec.hidden_size, spec.intermediate_size
     w13, b13 = tensors["w13"], tensors.get("b13")
-    kernels.moe_gemm1[(blocks.expert_ids.numel() * triton_cdiv(inter, cfg.block_n),)](
+    grid = (blocks.expert_ids.numel() * triton_cdiv(inter, cfg.block_n),)
+    args = (
         x,
         w13,
         b13 if b13 is not None else w13,
@@ -112,6 +137,8 @@ def launch_gemm1(
         inter_buf.stride(0),
         float(spec.swiglu_alpha or 0.0),
         float(spec.swiglu_limit or 0.0),
+    )
+    kwargs = dict(
         TOP_K=spec.top_k,
         GATED=spec.is_gated,
         ACTIVATION=kernels.ACTIVATIONS[spec.activation],
@@ -122,10 +149,12 @@ def launch_gemm1(
         BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m,
         EVEN_K=H % cfg.block_k == 0,
-        UPCAST=interpreting(),  # the interpreter multiplies bf16 as integers
+        # the interpreter multiplies bf16 as integers
+        UPCAST=interpreting() if interpret is None else interpret,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    return kernels.moe_gemm1, grid, args, kwargs
 
 
 def launch_gemm2(
@@ -139,11 +168,28 @@ def launch_gemm2(
     row_is_token: bool,
 ) -> None:
     """``y[entry(p)] = w(p) * (inter_buf[p] @ w2[e].T + b2[e])`` (row ``token`` when ``row_is_token``)."""
+    _run(gemm2_launch(spec, inter_buf, tensors, blocks, topk_weights, cfg, y, row_is_token))
+
+
+def gemm2_launch(
+    spec: MoESpec,
+    inter_buf: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
+    blocks: SortedBlocks,
+    topk_weights: torch.Tensor,
+    cfg: GemmConfig,
+    y: torch.Tensor,
+    row_is_token: bool,
+    *,
+    interpret: bool | None = None,
+) -> Launch:
+    """The launch of :func:`launch_gemm2` (``interpret``: for the interpreter; default: as now)."""
     from ._details import _fused_moe as kernels
 
     H, inter = spec.hidden_size, spec.intermediate_size
     w2, b2 = tensors["w2"], tensors.get("b2")
-    kernels.moe_gemm2[(blocks.expert_ids.numel() * triton_cdiv(H, cfg.block_n),)](
+    grid = (blocks.expert_ids.numel() * triton_cdiv(H, cfg.block_n),)
+    args = (
         inter_buf,
         w2,
         b2 if b2 is not None else w2,
@@ -160,6 +206,8 @@ def launch_gemm2(
         w2.stride(1),
         b2.stride(0) if b2 is not None else 0,
         y.stride(0),
+    )
+    kwargs = dict(
         TOP_K=spec.top_k,
         HAS_BIAS=b2 is not None,
         APPLY_WEIGHT=not spec.apply_router_weight_on_input,
@@ -169,10 +217,11 @@ def launch_gemm2(
         BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m,
         EVEN_K=inter % cfg.block_k == 0,
-        UPCAST=interpreting(),
+        UPCAST=interpreting() if interpret is None else interpret,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    return kernels.moe_gemm2, grid, args, kwargs
 
 
 def launch_combine(
@@ -183,23 +232,30 @@ def launch_combine(
     out: torch.Tensor,
 ) -> None:
     """``out[t] = sum of y[t * k + j]`` over the slots ``j`` whose expert is local."""
+    _run(combine_launch(spec, y, topk_ids, tensors, out))
+
+
+def combine_launch(
+    spec: MoESpec,
+    y: torch.Tensor,
+    topk_ids: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
+    out: torch.Tensor,
+) -> Launch:
+    """The launch of :func:`launch_combine`."""
     from ._details import _fused_moe as kernels
 
     T, H = out.shape
     emap = tensors.get("expert_map")
     block = min(_COMBINE_BLOCK, max(128, 1 << (H - 1).bit_length()))
-    kernels.moe_combine[(T, triton_cdiv(H, block))](
-        y,
-        out,
-        topk_ids,
-        emap if emap is not None else topk_ids,
-        H,
-        spec.num_experts,
-        TOP_K=spec.top_k,
-        HAS_MAP=emap is not None,
-        BLOCK_N=block,
-        num_warps=4,
-    )
+    args = (y, out, topk_ids, emap if emap is not None else topk_ids, H, spec.num_experts)
+    kwargs = dict(TOP_K=spec.top_k, HAS_MAP=emap is not None, BLOCK_N=block, num_warps=4)
+    return kernels.moe_combine, (T, triton_cdiv(H, block)), args, kwargs
+
+
+def _run(launch: Launch) -> None:
+    kernel, grid, args, kwargs = launch
+    kernel[grid](*args, **kwargs)
 
 
 def fused_moe(
@@ -212,22 +268,48 @@ def fused_moe(
     config: MoEConfig | None = None,
 ) -> torch.Tensor:
     """Run the fused MoE into ``out [T, H]``; ``config`` overrides the table/heuristic (tuning)."""
-    T, H = hidden_states.shape
-    device = hidden_states.device
-    cfg = config or lookup_config(spec, T, device)
+    cfg = config or lookup_config(spec, hidden_states.shape[0], hidden_states.device)
     topk_weights = topk_weights.contiguous()
     topk_ids = topk_ids.contiguous()
     blocks = sort_tokens(spec, topk_ids, tensors, cfg.block_m)
+    for launch in fused_moe_launches(spec, hidden_states, tensors, topk_weights, topk_ids, out, cfg, blocks):
+        _run(launch)
+    return out
+
+
+def fused_moe_launches(
+    spec: MoESpec,
+    hidden_states: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    out: torch.Tensor,
+    cfg: MoEConfig,
+    blocks: SortedBlocks,
+    *,
+    interpret: bool | None = None,
+) -> list[Launch]:
+    """The launches of :func:`fused_moe` after sorting, in order (allocates their buffers, runs nothing)."""
+    T, H = hidden_states.shape
+    device = hidden_states.device
     inter_buf = torch.empty(
         blocks.sorted_ids.numel(), spec.intermediate_size, dtype=hidden_states.dtype, device=device
     )
-    launch_gemm1(spec, hidden_states, tensors, blocks, topk_weights, cfg.gemm1, inter_buf)
+    launches = [
+        gemm1_launch(
+            spec, hidden_states, tensors, blocks, topk_weights, cfg.gemm1, inter_buf, interpret=interpret
+        )
+    ]
     direct = spec.top_k == 1 and "expert_map" not in tensors
     y = out if direct else torch.empty(T * spec.top_k, H, dtype=out.dtype, device=device)
-    launch_gemm2(spec, inter_buf, tensors, blocks, topk_weights, cfg.gemm2, y, direct)
+    launches.append(
+        gemm2_launch(
+            spec, inter_buf, tensors, blocks, topk_weights, cfg.gemm2, y, direct, interpret=interpret
+        )
+    )
     if not direct:
-        launch_combine(spec, y, topk_ids, tensors, out)
-    return out
+        launches.append(combine_launch(spec, y, topk_ids, tensors, out))
+    return launches
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -40,6 +40,7 @@ __all__ = [
     "MAX_TOP_K",
     "kernel_entries",
     "launch_config",
+    "routing_launch",
     "select_experts_triton",
 ]
 
@@ -80,7 +81,9 @@ def _supports(request: RoutingRequest, device: DeviceInfo) -> str | None:
     return None
 
 
-def launch_config(num_tokens: int, num_experts: int, groups: int = 1) -> tuple[int, int]:
+def launch_config(
+    num_tokens: int, num_experts: int, groups: int = 1, *, interpret: bool | None = None
+) -> tuple[int, int]:
     """``(BLOCK_T, num_warps)`` for ``num_tokens`` tokens: one warp per program while it holds the tile.
 
     Small batches (the decode latency case) get one token per program, so
@@ -88,9 +91,10 @@ def launch_config(num_tokens: int, num_experts: int, groups: int = 1) -> tuple[i
     batches put a few tokens in a program to amortise its fixed cost. Under
     the interpreter (CPU tests) up to 16 tokens share a program: it runs
     programs one after the other, so fewer and wider ones are faster.
+    ``interpret`` defaults to whether the interpreter is on now.
     """
     lanes = _next_pow2(groups) * _next_pow2(num_experts // groups)
-    if interpreting():
+    if interpreting() if interpret is None else interpret:
         block_t = min(16, _next_pow2(num_tokens))
     else:
         block_t = 1 if num_tokens <= 512 else 2 if num_tokens <= 2048 else 4
@@ -106,6 +110,23 @@ def select_experts_triton(
     Inputs are assumed checked (as :func:`moe_core.select_experts` does);
     ``logits`` may be strided. Equal to the reference (see the module docstring).
     """
+    weights, ids, launch = routing_launch(logits, routing, correction_bias)
+    if launch is not None:
+        kernel, grid, args, kwargs = launch
+        with _on_device(logits.device):
+            kernel[grid](*args, **kwargs)
+    return weights, ids
+
+
+def routing_launch(
+    logits: torch.Tensor,
+    routing: RoutingSpec,
+    correction_bias: torch.Tensor | None = None,
+    *,
+    interpret: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[Any, tuple[int, ...], tuple[Any, ...], dict[str, Any]] | None]:
+    """The outputs of :func:`select_experts_triton` (allocated) and its launch ``(kernel, grid, args,
+    kwargs)``, not run (``None`` when ``T == 0``); ``interpret`` as in :func:`launch_config`."""
     from ._details import _routing as kernels
 
     T, E = logits.shape
@@ -114,11 +135,14 @@ def select_experts_triton(
     weights = torch.empty((T, slots), dtype=torch.float32, device=logits.device)
     ids = torch.empty((T, slots), dtype=torch.int32, device=logits.device)
     if T == 0:
-        return weights, ids
+        return weights, ids, None
     grouped = routing.method == "biased_grouped"
     groups = (routing.num_expert_group or 1) if grouped else 1
     keep = routing.topk_group if grouped and routing.topk_group is not None else groups
-    block_t, num_warps = launch_config(T, E, groups)
+    if interpret is None:
+        block_t, num_warps = launch_config(T, E, groups)
+    else:
+        block_t, num_warps = launch_config(T, E, groups, interpret=interpret)
     bias = correction_bias if correction_bias is not None else logits
     grid = (-(-T // block_t),)
     args: dict[str, Any] = dict(
@@ -136,21 +160,19 @@ def select_experts_triton(
         BLOCK_S=_next_pow2(slots),
         num_warps=num_warps,
     )
-    with _on_device(logits.device):
-        kernels.select_experts_kernel[grid](
-            logits,
-            bias,
-            weights,
-            ids,
-            T,
-            logits.stride(0),
-            logits.stride(1),
-            bias.stride(0) if correction_bias is not None else 0,
-            weights.stride(0),
-            float(routing.routed_scaling_factor),
-            **args,
-        )
-    return weights, ids
+    positional = (
+        logits,
+        bias,
+        weights,
+        ids,
+        T,
+        logits.stride(0),
+        logits.stride(1),
+        bias.stride(0) if correction_bias is not None else 0,
+        weights.stride(0),
+        float(routing.routed_scaling_factor),
+    )
+    return weights, ids, (kernels.select_experts_kernel, grid, positional, args)
 
 
 def _on_device(device: torch.device) -> Any:

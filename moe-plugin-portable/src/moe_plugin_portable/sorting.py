@@ -50,6 +50,7 @@ __all__ = [
     "launch_plan",
     "moe_sorting_triton",
     "ragged_metadata_triton",
+    "sorting_launches",
 ]
 
 #: Largest expert count: per-expert scans and lookups live in one program's registers.
@@ -142,7 +143,10 @@ def _device_guard(device: torch.device) -> Any:
     return contextlib.nullcontext()
 
 
-def _launch(
+Launch = tuple[Any, tuple[int, ...], tuple[Any, ...], dict[str, Any]]
+
+
+def _launches(
     op: str,
     topk_ids: torch.Tensor,
     num_experts: int,
@@ -151,7 +155,8 @@ def _launch(
     map_mode: int,
     weights: torch.Tensor | None,
     outs: dict[str, torch.Tensor],
-) -> None:
+) -> list[Launch]:
+    """The launches of one sorting op, in order, as ``(kernel, grid, args, kwargs)`` (none run)."""
     from ._details import _sorting as kernels
 
     T, k = topk_ids.shape
@@ -162,51 +167,110 @@ def _launch(
     w = dummy if weights is None else weights
     hist = dummy
     common = {"K": k, "MAP": map_mode, "BT": plan.tile, "E_PAD": plan.e_pad}
-    with _device_guard(topk_ids.device):
-        if not plan.fused:
+    launches: list[Launch] = []
+    if not plan.fused:
+        with _device_guard(topk_ids.device):
             hist = torch.empty(plan.num_tiles, num_experts, dtype=torch.int32, device=topk_ids.device)
-            kernels.sort_count[(plan.num_tiles,)](
+        launches.append(
+            (
+                kernels.sort_count,
+                (plan.num_tiles,),
+                (topk_ids, emap, hist, n, num_experts, topk_ids.stride(0), topk_ids.stride(1)),
+                {**common, "num_warps": plan.num_warps},
+            )
+        )
+    launches.append(
+        (
+            kernels.sort_place,
+            (plan.grid,),
+            (
                 topk_ids,
                 emap,
                 hist,
+                w,
+                outs.get("ids", dummy),
+                outs.get("vals", dummy),
+                outs.get("blk", dummy),
+                outs.get("num", dummy),
+                outs.get("offsets", dummy),
                 n,
                 num_experts,
+                T,
+                plan.num_tiles,
+                plan.max_blocks,
+                plan.blocks_per_program,
                 topk_ids.stride(0),
                 topk_ids.stride(1),
+                w.stride(0),
+                w.stride(1),
+            ),
+            dict(
+                OP=kernels.OPS[op],
+                FROM_IDS=plan.fused,
+                BLOCK=block,
+                LOG_BT=plan.tile.bit_length() - 1,
+                LOG_E=plan.e_pad.bit_length() - 1,
+                TC=plan.hist_rows,
+                BC=plan.fill_blocks,
+                SC=plan.fill_slots,
                 **common,
                 num_warps=plan.num_warps,
-            )
-        kernels.sort_place[(plan.grid,)](
-            topk_ids,
-            emap,
-            hist,
-            w,
-            outs.get("ids", dummy),
-            outs.get("vals", dummy),
-            outs.get("blk", dummy),
-            outs.get("num", dummy),
-            outs.get("offsets", dummy),
-            n,
-            num_experts,
-            T,
-            plan.num_tiles,
-            plan.max_blocks,
-            plan.blocks_per_program,
-            topk_ids.stride(0),
-            topk_ids.stride(1),
-            w.stride(0),
-            w.stride(1),
-            OP=kernels.OPS[op],
-            FROM_IDS=plan.fused,
-            BLOCK=block,
-            LOG_BT=plan.tile.bit_length() - 1,
-            LOG_E=plan.e_pad.bit_length() - 1,
-            TC=plan.hist_rows,
-            BC=plan.fill_blocks,
-            SC=plan.fill_slots,
-            **common,
-            num_warps=plan.num_warps,
+            ),
         )
+    )
+    return launches
+
+
+def sorting_launches(
+    op: str,
+    topk_ids: torch.Tensor,
+    *,
+    num_experts: int,
+    block: int = 1,
+    expert_map: torch.Tensor | None = None,
+    topk_weights: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], list[Launch]]:
+    """The outputs (allocated) and launches (in order, none run) of ``op`` for non-empty ``topk_ids``.
+
+    What :func:`align_block_size_triton` (``block``: the block size), :func:`moe_sorting_triton`
+    (``block``: the unit size, ``expert_map``: the expert mask, ``topk_weights``) and
+    :func:`ragged_metadata_triton` (``block`` 1) run; ``outs`` keys as in :func:`_launches`.
+    """
+    n, dev = topk_ids.numel(), topk_ids.device
+    if op == "ragged_metadata":
+        block = 1
+        outs = {
+            "num": torch.empty(num_experts, dtype=torch.int32, device=dev),
+            "offsets": torch.empty(num_experts + 1, dtype=torch.int32, device=dev),
+            "ids": torch.empty(n, dtype=torch.int32, device=dev),
+            "vals": torch.empty(n, dtype=torch.int32, device=dev),
+        }
+    else:
+        length = max_padded_len(n, num_experts, block)
+        outs = {"ids": torch.empty(length, dtype=torch.int32, device=dev)}
+        if op == "moe_sorting":
+            outs["vals"] = torch.empty(length, dtype=torch.float32, device=dev)
+        outs["blk"] = torch.empty(length // block, dtype=torch.int32, device=dev)
+        outs["num"] = torch.empty(2 if op == "moe_sorting" else 1, dtype=torch.int32, device=dev)
+    if op == "moe_sorting":
+        mask = None
+        if expert_map is not None:
+            mask = expert_map.contiguous()
+            if mask.dtype == torch.bool:
+                mask = mask.view(torch.uint8)
+        launches = _launches(
+            op, topk_ids, num_experts, block, mask, 2 * (mask is not None), topk_weights, outs
+        )
+    else:
+        emap = None if expert_map is None else expert_map.contiguous()
+        launches = _launches(op, topk_ids, num_experts, block, emap, int(emap is not None), None, outs)
+    return outs, launches
+
+
+def _run(device: torch.device, launches: list[Launch]) -> None:
+    with _device_guard(device):
+        for kernel, grid, args, kwargs in launches:
+            kernel[grid](*args, **kwargs)
 
 
 def align_block_size_triton(
@@ -220,15 +284,10 @@ def align_block_size_triton(
     kwargs = {"num_experts": num_experts, "block_size": block_size, "expert_map": expert_map}
     if topk_ids.numel() == 0:
         return align_block_size_reference(topk_ids, **kwargs)
-    n, dev = topk_ids.numel(), topk_ids.device
-    length = max_padded_len(n, num_experts, block_size)
-    outs = {
-        "ids": torch.empty(length, dtype=torch.int32, device=dev),
-        "blk": torch.empty(length // block_size, dtype=torch.int32, device=dev),
-        "num": torch.empty(1, dtype=torch.int32, device=dev),
-    }
-    emap = None if expert_map is None else expert_map.contiguous()
-    _launch("align_block_size", topk_ids, num_experts, block_size, emap, int(emap is not None), None, outs)
+    outs, launches = sorting_launches(
+        "align_block_size", topk_ids, num_experts=num_experts, block=block_size, expert_map=expert_map
+    )
+    _run(topk_ids.device, launches)
     return AlignedBlocks(outs["ids"], outs["blk"], outs["num"])
 
 
@@ -244,20 +303,15 @@ def moe_sorting_triton(
     kwargs = {"num_experts": num_experts, "unit_size": unit_size, "expert_mask": expert_mask}
     if topk_ids.numel() == 0:
         return moe_sorting_reference(topk_ids, topk_weights, **kwargs)
-    n, dev = topk_ids.numel(), topk_ids.device
-    length = max_padded_len(n, num_experts, unit_size)
-    outs = {
-        "ids": torch.empty(length, dtype=torch.int32, device=dev),
-        "vals": torch.empty(length, dtype=torch.float32, device=dev),
-        "blk": torch.empty(length // unit_size, dtype=torch.int32, device=dev),
-        "num": torch.empty(2, dtype=torch.int32, device=dev),
-    }
-    mask = None
-    if expert_mask is not None:
-        mask = expert_mask.contiguous()
-        if mask.dtype == torch.bool:
-            mask = mask.view(torch.uint8)
-    _launch("moe_sorting", topk_ids, num_experts, unit_size, mask, 2 * (mask is not None), topk_weights, outs)
+    outs, launches = sorting_launches(
+        "moe_sorting",
+        topk_ids,
+        num_experts=num_experts,
+        block=unit_size,
+        expert_map=expert_mask,
+        topk_weights=topk_weights,
+    )
+    _run(topk_ids.device, launches)
     return SortedTokens(outs["ids"], outs["vals"], outs["blk"], outs["num"])
 
 
@@ -270,15 +324,10 @@ def ragged_metadata_triton(
     """:func:`moe_core.sorting.ragged_metadata` in Triton (stable, as the contract requires)."""
     if topk_ids.numel() == 0:
         return ragged_metadata_reference(topk_ids, num_experts=num_experts, expert_map=expert_map)
-    n, dev = topk_ids.numel(), topk_ids.device
-    outs = {
-        "num": torch.empty(num_experts, dtype=torch.int32, device=dev),
-        "offsets": torch.empty(num_experts + 1, dtype=torch.int32, device=dev),
-        "ids": torch.empty(n, dtype=torch.int32, device=dev),
-        "vals": torch.empty(n, dtype=torch.int32, device=dev),
-    }
-    emap = None if expert_map is None else expert_map.contiguous()
-    _launch("ragged_metadata", topk_ids, num_experts, 1, emap, int(emap is not None), None, outs)
+    outs, launches = sorting_launches(
+        "ragged_metadata", topk_ids, num_experts=num_experts, expert_map=expert_map
+    )
+    _run(topk_ids.device, launches)
     return RaggedMetadata(outs["num"], outs["offsets"], outs["ids"], outs["vals"])
 
 

@@ -1,0 +1,175 @@
+"""Offline compilation of every Triton kernel config of the portable plugin for AMD gfx950.
+
+``moe_plugin_portable.profile`` compiles, with ``triton.compile`` and a
+``GPUTarget`` (no GPU needed), each kernel the plugin launches for the model
+presets, bf16/fp16 and T in 1..8192; these tests hold every one of them to no
+register spills and no scratch memory, the GEMMs to using MFMA, and check that
+the gate can fail (a deliberately oversized tile spills). Compiles run in worker
+processes without ``TRITON_INTERPRET`` (this session may set it); results are
+cached on disk (``$MOE_PROFILE_CACHE``, default ``~/.cache/moe-kernels/profile``),
+so only a cold cache pays the compile time (about two minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+from moe_core.presets import get_preset
+from moe_plugin_portable import profile
+from moe_plugin_portable.configs import heuristic_config
+
+
+def _amd_backend() -> bool:
+    try:
+        from triton.backends import backends
+    except ImportError:
+        return False
+    return "amd" in backends
+
+
+needs_amd_backend = pytest.mark.skipif(not _amd_backend(), reason="needs triton with its AMD backend")
+
+#: the cache as this session was started with (conftest clears MOE_* for each test)
+CACHE = str(profile.cache_dir())
+
+GEMMS = ("moe_gemm1", "moe_gemm2")
+KERNELS = {*GEMMS, "moe_combine", "select_experts_kernel", "sort_count", "sort_place"}
+
+
+@pytest.fixture(autouse=True)
+def _profile_cache(_clean_moe_state, monkeypatch):
+    monkeypatch.setenv("MOE_PROFILE_CACHE", CACHE)
+
+
+@pytest.fixture(scope="module")
+def configs() -> list[profile.LaunchConfig]:
+    return profile.launch_configs("gfx950")
+
+
+@pytest.fixture(scope="module")
+def gfx950(configs) -> list[profile.Profile]:
+    """The whole default set compiled for gfx950 (module scope: MOE_PROFILE_CACHE is still set here)."""
+    return profile.compile_profile("gfx950", configs)
+
+
+# ----------------------------------------------------------------------------- the launch set (fast)
+
+
+def test_launch_set_covers_every_kernel_once(configs):
+    assert {c.kernel for c in configs} == KERNELS
+    keys = [c.key for c in configs]
+    assert len(keys) == len(set(keys)), "launches that compile to the same kernel must be merged"
+    users = {u for c in configs for u in c.users}
+    for model in profile.DEFAULT_MODELS:
+        for T in profile.DEFAULT_TOKENS:
+            assert f"{model}/bf16/T={T}" in users and f"{model}/fp16/T={T}" in users
+
+
+def test_launch_set_uses_the_launch_code(configs):
+    """The GEMM constexprs are what the heuristic gives on gfx950 (256 CUs), compiled, never interpreted."""
+    spec = get_preset("deepseek-v3-tp8").moe_spec()
+    for T in (1, 512):
+        cfg = heuristic_config(spec, T, 256, True)
+        gemm1 = [c for c in configs if c.kernel == "moe_gemm1" and f"deepseek-v3-tp8/bf16/T={T}" in c.users]
+        assert len(gemm1) == 1
+        cx = dict(gemm1[0].constexprs)
+        assert (cx["BLOCK_M"], cx["BLOCK_N"], cx["BLOCK_K"]) == (
+            cfg.block_m,
+            cfg.gemm1.block_n,
+            cfg.gemm1.block_k,
+        )
+        assert dict(gemm1[0].options) == {
+            "num_warps": cfg.gemm1.num_warps,
+            "num_stages": cfg.gemm1.num_stages,
+        }
+        assert cx["UPCAST"] is False and cx["TOP_K"] == spec.top_k and cx["GATED"] is True
+
+
+def test_specialization_follows_triton():
+    """T == 1 specialises to a constant, sizes past 2 GB lose the AMD buffer range, do_not_specialize holds."""
+    configs = profile.launch_configs("gfx950", ["llama-4-scout"], ["bf16"], [1, 8, 32], sorting_ops=())
+    gemm1 = {c.users[0]: c for c in configs if c.kernel == "moe_gemm1"}
+    assert "num_entries=1" in gemm1["llama-4-scout/bf16/T=1"].label
+    assert "num_entries%16" in gemm1["llama-4-scout/bf16/T=8"].label
+    assert "w_ptr>2G" in gemm1["llama-4-scout/bf16/T=1"].label  # w13: 16 x 16384 x 5120 bf16
+    place = [
+        c
+        for c in profile.launch_configs("gfx950", ["mixtral-8x7b"], ["bf16"], [1])
+        if c.kernel == "sort_place"
+    ]
+    assert place and all(" N%16" not in c.label and "T=1" not in c.label for c in place)
+
+
+# ----------------------------------------------------------------------------- compiled for gfx950
+
+
+@needs_amd_backend
+@pytest.mark.slow
+def test_gfx950_no_spills_no_scratch(gfx950, configs):
+    assert len(gfx950) == len(configs)
+    bad = [p for p in gfx950 if not p.ok]
+    assert not bad, "kernels that spill, use scratch or overflow LDS on gfx950:\n" + profile.format_table(bad)
+    for p in gfx950:
+        assert p.spills == 0 and p.scratch_bytes == 0 and p.vgpr > 0 and 1 <= p.occupancy <= 8
+
+
+@needs_amd_backend
+@pytest.mark.slow
+def test_gfx950_gemms_use_mfma(gfx950):
+    gemms = [p for p in gfx950 if p.kernel in GEMMS]
+    assert gemms
+    assert all(p.mfma > 0 for p in gemms), profile.format_table([p for p in gemms if not p.mfma])
+    assert all(p.mfma == 0 for p in gfx950 if p.kernel not in GEMMS)
+
+
+@needs_amd_backend
+@pytest.mark.slow
+def test_gfx950_cached_and_environment_untouched(gfx950, configs):
+    before = os.environ.get("TRITON_INTERPRET")
+    again = profile.compile_profile("gfx950", configs[:20])
+    assert all(p.cached for p in again)
+
+    def facts(p: profile.Profile) -> tuple:
+        return p.kernel, p.config, p.vgpr, p.agpr, p.sgpr, p.spills, p.scratch_bytes, p.lds_bytes, p.mfma
+
+    assert [facts(p) for p in again] == [facts(p) for p in gfx950[:20]]
+    assert os.environ.get("TRITON_INTERPRET") == before
+
+
+def _oversized() -> profile.LaunchConfig:
+    """A real gemm1 launch with a 64 x 128 x 64 gated tile on one warp: far too many registers."""
+    base = next(
+        c
+        for c in profile.launch_configs("gfx950", ["qwen3-30b-a3b"], ["bf16"], [2048])
+        if c.kernel == "moe_gemm1"
+    )
+    cx = {**dict(base.constexprs), "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}
+    return dataclasses.replace(
+        base,
+        label=base.label + " (oversized)",
+        constexprs=tuple(cx.items()),
+        options=(("num_stages", 2), ("num_warps", 1)),
+    )
+
+
+@needs_amd_backend
+def test_oversized_config_is_caught():
+    (p,) = profile.compile_profile("gfx950", [_oversized()])
+    assert p.error is None, p.error
+    assert p.vgpr_spills > 0 and p.scratch_bytes > 0
+    assert not p.ok and any("spill" in problem for problem in p.problems())
+    assert "VGPR spills" in profile.format_table([p])
+
+
+@needs_amd_backend
+def test_cli_exit_status(monkeypatch, capsys):
+    assert profile.main(["--models", "mixtral-8x7b", "--dtypes", "bf16", "--tokens", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "moe_gemm1" in out and "0 failing" in out
+    oversized = _oversized()
+    monkeypatch.setattr(profile, "launch_configs", lambda *a, **k: [oversized])
+    assert profile.main(["--models", "qwen3-30b-a3b"]) == 1
+    assert "FAIL moe_gemm1" in capsys.readouterr().out
