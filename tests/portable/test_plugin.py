@@ -25,3 +25,14 @@ def test_loads_and_reports():
     assert "register_kernels" in record.hooks
     assert manager.environment_reports()["portable"]["version"] == record.version
     assert all(manager.registry.get(k).plugin == "portable" for k in record.kernels)
+
+
+def test_doctor_lists_shipped_tuned_tables(tmp_path, monkeypatch):
+    report = plugin_manager().environment_reports()["portable"]["tuned_config_tables"]
+    folder, layers = report["tables"]["NVIDIA_H100_80GB_HBM3.json"]
+    assert layers >= 6 and folder.endswith("configs")
+    (tmp_path / "Fake_GPU.json").write_text('{"device": "Fake GPU", "configs": {}}')
+    monkeypatch.setenv("MOE_PORTABLE_CONFIG_DIR", str(tmp_path))
+    from moe_plugin_portable.configs import tuned_tables
+
+    assert tuned_tables()["tables"]["Fake_GPU.json"] == [str(tmp_path), 0]

@@ -309,3 +309,6 @@ def main(argv: list[str] | None = None) -> int:
     except MoEError as exc:
         print(f"moe {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into a reader that closed early (`moe doctor | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

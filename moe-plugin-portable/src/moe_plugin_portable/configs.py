@@ -44,6 +44,7 @@ __all__ = [
     "layer_key",
     "lookup_config",
     "t_bucket",
+    "tuned_tables",
 ]
 
 T_BUCKETS: tuple[float, ...] = (1, 8, 32, 128, 512, 2048, float("inf"))
@@ -96,6 +97,26 @@ def layer_key(spec: MoESpec) -> str:
 def config_file_name(device_name: str) -> str:
     """File name of a GPU's table: its name with anything but letters and digits as ``_``."""
     return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json"
+
+
+def tuned_tables() -> dict[str, Any]:
+    """The tuned tables found (override folder first) and whether this machine's GPUs have one.
+
+    For ``moe doctor``: ``{"tables": {file: [folder, layers]}, "gpus": {name: file or None}}``.
+    """
+    found: dict[str, Any] = {}
+    for folder in (os.environ.get("MOE_PORTABLE_CONFIG_DIR"), _PACKAGE_DIR):
+        if folder and Path(folder).is_dir():
+            for path in sorted(Path(folder).glob("*.json")):
+                if path.name not in found:
+                    layers = len(json.loads(path.read_text()).get("configs", {}))
+                    found[path.name] = [str(folder), layers]
+    gpus = {}
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            name = torch.cuda.get_device_name(index)
+            gpus[name] = config_file_name(name) if config_file_name(name) in found else None
+    return {"tables": found, "gpus": gpus}
 
 
 @functools.cache

@@ -36,7 +36,14 @@ def environment_report() -> dict[str, Any]:
         from importlib.metadata import version as dist_version
 
         version = dist_version("triton")
-    return {"version": __version__, "triton": version, "interpreter": interpreting()}
+    from .configs import tuned_tables
+
+    return {
+        "version": __version__,
+        "triton": version,
+        "interpreter": interpreting(),
+        "tuned_config_tables": tuned_tables(),
+    }
 
 
 @hookimpl
