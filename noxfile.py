@@ -30,8 +30,7 @@ PACKAGES = {
 def _install(session: nox.Session, *vendors: str) -> None:
     find_links = ["--find-links", WHEELS] if os.path.isdir(WHEELS) else []
     session.install(*find_links, TORCH)
-    # numpy: Triton's CPU interpreter (TRITON_INTERPRET=1) needs it but triton does not declare it
-    paths = ["-e", f"{ROOT / 'moe-core'}[test,cli]", "numpy"]
+    paths = ["-e", f"{ROOT / 'moe-core'}[test,cli]"]
     for vendor in vendors:
         if vendor != "core":
             paths += ["-e", str(ROOT / PACKAGES[vendor])]
