@@ -71,8 +71,13 @@ def tests_amd(session: nox.Session) -> None:
 
 @nox.session(name="tests")
 def tests(session: nox.Session) -> None:
-    """Everything, with all four distributions installed together."""
+    """Everything, with all four distributions installed together (and transformers, for tests/integrations)."""
     _install(session, *PACKAGES)
+    # moe-core's `hf` extra; torch named again so pip keeps the pinned build (transformers does not require torch)
+    find_links = ["--find-links", WHEELS] if os.path.isdir(WHEELS) else []
+    session.install(*find_links, TORCH, "-e", f"{ROOT / 'moe-core'}[hf]")
+    # the tutorial plugin: tests/core/test_conformance_kit.py runs the conformance kit on it
+    session.install("--no-deps", "-e", str(ROOT / "examples" / "minimal-plugin"))
     _pytest(session, "tests")
 
 
