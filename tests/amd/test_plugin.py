@@ -25,3 +25,17 @@ def test_loads_and_reports():
     assert "register_kernels" in record.hooks
     assert manager.environment_reports()["amd"]["version"] == record.version
     assert all(manager.registry.get(k).plugin == "amd" for k in record.kernels)
+
+
+def test_kernels_and_hooks():
+    manager = plugin_manager()
+    record = manager.records["amd"]
+    assert set(record.kernels) == {
+        "amd.triton.moe_sorting",
+        "amd.triton.moe_sorting.hip",
+        "amd.aiter.fused_moe",
+        "amd.aiter.moe_sorting",
+    }
+    assert {"register_kernels", "register_commands", "environment_report"} <= set(record.hooks)
+    report = manager.environment_reports()["amd"]
+    assert report["kernels"] == len(record.kernels) and "aiter" in report

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 
+from moe_core import hookimpl
 from moe_core.cli import main
+from moe_core.plugins import plugin_manager
 from moe_core.presets import PRESETS
 
 TINY = sorted(name for name in PRESETS if name.startswith("tiny-"))
@@ -73,3 +76,43 @@ def test_tune_without_a_tuner_says_so(capsys):
     # only the reference is loaded in core tests: nothing to tune, exit 1 with a reason
     assert main(["tune", "--model", "tiny-mixtral"]) == 1
     assert "no plugin had anything to tune" in capsys.readouterr().err
+
+
+def _commands_plugin(name: str, register) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.register_commands = hookimpl(register)
+    return module
+
+
+def test_plugin_commands(capsys, monkeypatch):
+    """register_commands adds `moe <command>`; a plugin whose hook raises (or clashes) is reported and skipped."""
+
+    def good(subparsers):
+        p = subparsers.add_parser("hello", help="say hello")
+        p.add_argument("--name", default="world")
+        p.set_defaults(func=lambda args: print(f"hello {args.name}") or 3)
+
+    def broken(subparsers):
+        subparsers.add_parser("half-added")
+        raise RuntimeError("boom")
+
+    def clashing(subparsers):
+        subparsers.add_parser("plan")
+
+    manager = plugin_manager()
+    for name, hook in (("good", good), ("broken", broken), ("clashing", clashing)):
+        assert manager.load_module(name, _commands_plugin(name, hook)).status == "loaded"
+    assert main(["hello", "--name", "moe"]) == 3
+    captured = capsys.readouterr()
+    assert captured.out == "hello moe\n"
+    assert "plugin 'broken' could not add its commands (register_commands raised RuntimeError: boom)" in (
+        captured.err
+    )
+    assert "plugin 'clashing' could not add its commands" in captured.err
+    with pytest.raises(SystemExit):  # taken back: argparse rejects the command
+        main(["half-added"])
+    assert main(["plan", "--model", "tiny-mixtral", "--device", "cpu"]) == 0  # the core's plan
+    assert "chosen:" in capsys.readouterr().out
+    monkeypatch.setenv("MOE_STRICT_PLUGINS", "1")
+    assert main(["presets"]) == 2
+    assert "register_commands failed: boom" in capsys.readouterr().err

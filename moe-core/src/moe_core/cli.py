@@ -8,6 +8,7 @@
     moe tune --model M               tune plugins' kernels for a model on this GPU, write their tables
     moe doctor                       versions, devices, capabilities, plugins, environment
     moe presets                      the model presets
+    moe <plugin> ...                 commands added by plugins (hook ``register_commands``)
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any
 import torch
 
 from .device import device_info
-from .errors import MoEError
+from .errors import MoEError, PluginError
+from .plugins import _strict as strict_plugins
 from .plugins import plugin_manager
 from .presets import all_presets, get_preset
 
@@ -298,12 +300,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="model presets (JSON)")
     p.set_defaults(func=_cmd_presets)
+    _add_plugin_commands(sub)
     return parser
+
+
+def _add_plugin_commands(sub: Any) -> None:
+    """Let each loaded plugin add its subcommands (hook ``register_commands``), one plugin at a time.
+
+    A plugin whose hook raises is reported on stderr and whatever it added is
+    taken back, so the other commands still work (strict mode: :class:`PluginError`).
+    """
+    manager = plugin_manager()
+    for record in list(manager.records.values()):
+        if record.status != "loaded" or "register_commands" not in record.hooks:
+            continue
+        parsers, actions = dict(sub._name_parser_map), list(sub._choices_actions)
+        try:
+            manager._call(record.name, "register_commands", subparsers=sub)
+            replaced = sorted(n for n, p in parsers.items() if sub._name_parser_map.get(n) is not p)
+            if replaced:  # argparse < 3.11 lets a duplicate name replace a command silently
+                raise ValueError(f"command(s) {', '.join(replaced)} already exist")
+        except Exception as exc:
+            sub._name_parser_map.clear()
+            sub._name_parser_map.update(parsers)
+            sub._choices_actions[:] = actions
+            if strict_plugins():
+                raise PluginError(f"plugin {record.name!r}: register_commands failed: {exc}") from exc
+            print(
+                f"moe: plugin {record.name!r} could not add its commands "
+                f"(register_commands raised {type(exc).__name__}: {exc}); skipped",
+                file=sys.stderr,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``moe``; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except MoEError as exc:
+        print(f"moe: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except MoEError as exc:

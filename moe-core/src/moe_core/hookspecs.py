@@ -58,6 +58,24 @@ def register_presets(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
+def register_commands(subparsers: Any) -> None:
+    """Add the plugin's own ``moe`` subcommands.
+
+    Called once each time the ``moe`` CLI builds its parser, after the core's
+    commands and after plugins are loaded. ``subparsers`` is the
+    :mod:`argparse` subparsers action of ``moe``: call
+    ``subparsers.add_parser(name, help=...)`` and give each parser a ``func``
+    default (``parser.set_defaults(func=run)``); ``run(args)`` returns the exit
+    status, and :class:`moe_core.MoEError` raised from it prints as an error
+    with status 2. Name commands after the plugin (``moe amd profile``) so they
+    cannot clash with the core's or another plugin's. Keep it cheap: import
+    what a command needs inside ``run``. A plugin whose hook raises (a name
+    clash included) is reported on stderr and its commands are left out
+    (``MOE_STRICT_PLUGINS=1``: the CLI fails instead). Returns nothing.
+    """
+
+
+@hookspec
 def environment_report() -> dict[str, Any] | None:
     """Return facts for ``moe doctor``: library versions, caches, build state.
 

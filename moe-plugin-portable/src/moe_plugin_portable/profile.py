@@ -20,7 +20,9 @@ How it works:
    GPU) gives for the target's CU/SM count. Launches that Triton would compile
    to the same kernel (same constexprs, options, argument types and
    specialization: 16-divisibility, value 1, the 2 GB buffer-range of AMD) are
-   merged; each keeps the list of (model, dtype, T) that launch it.
+   merged; each keeps the list of (model, dtype, T) that launch it. Another
+   plugin profiles its own launches the same way with :func:`merge_launches`
+   (``moe amd profile`` does).
 2. :func:`compile_profile` compiles them in worker subprocesses (one per core),
    each specialising the arguments exactly as a launch does (Triton's own
    binder) and compiling. Workers run without ``TRITON_INTERPRET``: Triton
@@ -92,6 +94,7 @@ __all__ = [
     "format_table",
     "launch_configs",
     "main",
+    "merge_launches",
 ]
 
 DEFAULT_TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
@@ -515,9 +518,32 @@ def launch_configs(
     if not ldts:
         ldts = list(dict.fromkeys([*dts, torch.float32]))
     tables = _tuned_tables(tgt)
-    merged: dict[str, LaunchConfig] = {}
 
-    def add(launches: list[Any], user: str) -> None:
+    def groups() -> Iterable[tuple[str, list[Any]]]:
+        for preset in presets:
+            name = preset.name
+            for T in tokens:
+                for ldt in ldts:
+                    yield f"{name}/{_TYPE_NAMES[ldt]}/T={T}", _routing_launches(preset, T, ldt)
+                for dtype in dts:
+                    for ep in ep_sizes:
+                        spec = preset.moe_spec(dtype, ep_size=ep, ep_rank=0)
+                        cfg = _moe_config(spec, T, tgt, tables, sms)
+                        user = f"{name}/{_TYPE_NAMES[dtype]}/T={T}" + (f"/ep{ep}" if ep > 1 else "")
+                        yield user, _expert_launches(spec, T, cfg, sorting_ops)
+
+    return merge_launches(groups())
+
+
+def merge_launches(groups: Iterable[tuple[str, Sequence[Any]]]) -> list[LaunchConfig]:
+    """The distinct kernel compiles of ``(user, launches)`` groups, in order of first appearance.
+
+    A launch is ``(kernel, grid, args, kwargs)`` with a ``@triton.jit`` kernel of any
+    importable module (another plugin's kernels profile through this too); arguments may be
+    ``meta`` tensors. Launches that compile to the same kernel are merged, keeping every user.
+    """
+    merged: dict[str, LaunchConfig] = {}
+    for user, launches in groups:
         for launch in launches:
             cfg = _launch_config(launch, user)
             old = merged.get(cfg.key)
@@ -525,18 +551,6 @@ def launch_configs(
                 merged[cfg.key] = cfg
             elif user not in old.users:
                 merged[cfg.key] = dataclasses.replace(old, users=(*old.users, user))
-
-    for preset in presets:
-        name = preset.name
-        for T in tokens:
-            for ldt in ldts:
-                add(_routing_launches(preset, T, ldt), f"{name}/{_TYPE_NAMES[ldt]}/T={T}")
-            for dtype in dts:
-                for ep in ep_sizes:
-                    spec = preset.moe_spec(dtype, ep_size=ep, ep_rank=0)
-                    cfg = _moe_config(spec, T, tgt, tables, sms)
-                    user = f"{name}/{_TYPE_NAMES[dtype]}/T={T}" + (f"/ep{ep}" if ep > 1 else "")
-                    add(_expert_launches(spec, T, cfg, sorting_ops), user)
     return list(merged.values())
 
 
