@@ -18,56 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
+from timing import launch_costs
 
 from moe_core.sorting import moe_sorting_reference
 from moe_plugin_amd import sorting as amd
 
 TOKENS = (1, 16, 256, 2048, 16384)
 E, K, UNIT = 257, 9, 32
-
-
-def _time(fn, iters: int = 200) -> dict[str, float]:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    host = (time.perf_counter() - t0) / iters * 1e6
-    torch.cuda.synchronize()
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)
-    ]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    eager = statistics.median(s.elapsed_time(e) * 1e3 for s, e in events)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(10):
-        graph.replay()
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)
-    ]
-    for start, end in events:
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    replay = statistics.median(s.elapsed_time(e) * 1e3 for s, e in events)
-    return {"host_us": host, "eager_us": eager, "graph_us": replay}
 
 
 def _sorters() -> dict[str, object]:
@@ -113,7 +72,7 @@ def main() -> None:
         for label, fn in sorters.items():
             got = fn(ids, weights, **kw)
             exact = all(torch.equal(g, w) for g, w in zip(got, want))
-            timing = _time(lambda fn=fn, ids=ids, w=weights, kw=kw: fn(ids, w, **kw), args.iters)
+            timing = launch_costs(lambda fn=fn, ids=ids, w=weights, kw=kw: fn(ids, w, **kw), args.iters)
             plan = amd.sort_plan(T, K, E, UNIT) if label.startswith("amd") else None
             path = plan.path if plan else "-"
             launches = str(plan.launches) if plan else "-"

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
+from timing import launch_costs
 
 import moe_core
 from moe_core.sorting import align_block_size, moe_sorting
@@ -43,41 +42,6 @@ SORTING = {"moe_sorting E=257 k=9 unit 32": (257, 9, 32)}
 SORTING_TOKENS = (1, 16, 256, 2048, 16384)
 
 
-def _time(fn, iters: int = 200) -> dict[str, float]:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    host = (time.perf_counter() - t0) / iters * 1e6
-    torch.cuda.synchronize()
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)
-    ]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    eager = statistics.median(s.elapsed_time(e) * 1e3 for s, e in events)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(10):
-        graph.replay()
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)
-    ]
-    for start, end in events:
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    replay = statistics.median(s.elapsed_time(e) * 1e3 for s, e in events)
-    return {"host_us": host, "eager_us": eager, "graph_us": replay}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
@@ -90,7 +54,7 @@ def main() -> None:
         )
         for T in ROUTING_TOKENS:
             logits = torch.randn(T, E, device="cuda", generator=gen).to(torch.bfloat16)
-            r = _time(
+            r = launch_costs(
                 lambda logits=logits, routing=routing, bias=bias: moe_core.select_experts(
                     logits, routing, correction_bias=bias
                 )
@@ -99,7 +63,7 @@ def main() -> None:
     for name, (E, k, block) in ALIGN.items():
         for T in ALIGN_TOKENS:
             ids = torch.rand(T, E, device="cuda", generator=gen).argsort(1)[:, :k].int()
-            r = _time(
+            r = launch_costs(
                 lambda ids=ids, E=E, block=block: align_block_size(ids, num_experts=E, block_size=block)
             )
             rows.append({"op": "align_block_size", "case": name, "T": T, **r})
@@ -107,7 +71,9 @@ def main() -> None:
         for T in SORTING_TOKENS:
             ids = torch.rand(T, E, device="cuda", generator=gen).argsort(1)[:, :k].int()
             w = torch.rand(T, k, device="cuda", generator=gen)
-            r = _time(lambda ids=ids, w=w, E=E, unit=unit: moe_sorting(ids, w, num_experts=E, unit_size=unit))
+            r = launch_costs(
+                lambda ids=ids, w=w, E=E, unit=unit: moe_sorting(ids, w, num_experts=E, unit_size=unit)
+            )
             rows.append({"op": "moe_sorting", "case": name, "T": T, **r})
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"{'op':17s} {'case':40s} {'T':>6s} {'host':>7s} {'eager':>7s} {'graph':>7s}  (us)")

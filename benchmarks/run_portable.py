@@ -33,6 +33,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from timing import events_median, graph_median, rotating
 
 import moe_core
 from moe_core.presets import get_preset
@@ -53,60 +54,6 @@ L2_FLUSH_BYTES = 256 * 2**20
 GRAPH_MAX_T = 128
 
 
-def _events_median(fn, iters: int) -> tuple[float, list[float]]:
-    """Median device time of ``fn`` in us: iterations queued back to back, one event pair each.
-
-    The host is not synchronised between iterations (as ``triton.testing.do_bench``),
-    so a call whose launch cost is below its device time is timed by the device.
-    """
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)
-    ]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    times = [start.elapsed_time(end) * 1e3 for start, end in events]
-    return statistics.median(times), times
-
-
-def _graph_median(fns, iters: int) -> float:
-    """Median time of replaying one CUDA graph per callable of ``fns`` in turn (rotated inputs)."""
-    graphs = []
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up outside the capture (allocator, autotuning, JIT)
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    for fn in fns:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        graphs.append(g)
-    state = {"i": 0}
-
-    def replay():
-        i = state["i"] = (state["i"] + 1) % len(graphs)
-        graphs[i].replay()
-
-    for _ in range(5):
-        replay()
-    return _events_median(replay, iters)[0]
-
-
-def _rotating(fn, copies: int):
-    """``fn(i)`` for i = 1, 2, ... modulo ``copies``, as a no-argument callable."""
-    state = {"i": 0}
-
-    def call():
-        state["i"] = (state["i"] + 1) % copies
-        fn(state["i"])
-
-    return call
-
-
 def measure_ceilings() -> dict[str, float]:
     """Device-to-device copy bandwidth (read + write) and dense bf16 GEMM rate."""
     n = 1 << 30
@@ -114,13 +61,13 @@ def measure_ceilings() -> dict[str, float]:
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    t, _ = _events_median(lambda: dst.copy_(src), 20)
+    t, _ = events_median(lambda: dst.copy_(src), 20)
     bw = 2 * n / (t * 1e-6)
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    t, _ = _events_median(lambda: a @ b, 20)
+    t, _ = events_median(lambda: a @ b, 20)
     rate = 2 * 8192**3 / (t * 1e-6)
     return {"copy_bytes_per_s": bw, "bf16_flops_per_s": rate}
 
@@ -188,14 +135,14 @@ def _time_into(result: dict, prefix: str, fn, copies: int, iters: int, graphs: b
     Writes ``<prefix>us`` (eager median), ``<prefix>graph_us`` and ``<prefix>best_us`` (the
     smaller) into ``result``; every callable in the comparison is timed the same way.
     """
-    call = _rotating(fn, copies)
+    call = rotating(fn, copies)
     for _ in range(5):
         call()
-    result[prefix + "us"], samples = _events_median(call, iters)
+    result[prefix + "us"], samples = events_median(call, iters)
     result[prefix + "samples_us"] = samples
     best = result[prefix + "us"]
     if graphs:
-        result[prefix + "graph_us"] = _graph_median([lambda i=i: fn(i) for i in range(copies)], iters)
+        result[prefix + "graph_us"] = graph_median([lambda i=i: fn(i) for i in range(copies)], iters)
         best = min(best, result[prefix + "graph_us"])
     result[prefix + "best_us"] = best
 
