@@ -20,8 +20,8 @@ import argparse
 import json
 
 import torch
-from timing import launch_costs
 
+from moe_core.bench.timing import launch_costs
 from moe_core.sorting import moe_sorting_reference
 from moe_plugin_amd import sorting as amd
 

@@ -16,9 +16,9 @@ import argparse
 import json
 
 import torch
-from timing import launch_costs
 
 import moe_core
+from moe_core.bench.timing import launch_costs
 from moe_core.sorting import align_block_size, moe_sorting
 
 ROUTING = {

@@ -1,6 +1,9 @@
 """Summarise a ``run_portable.py`` result file as markdown: every case, then the issue's targets.
 
 python benchmarks/summarize.py benchmarks/results/<file>.json > benchmarks/results/<file>.md
+
+A ``moe bench`` file (``bench.json``: cases holding every kernel) is summarised by
+``moe_core.bench.report.markdown`` instead.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
 
 
 def summarize(report: dict) -> str:
+    if any("kernels" in c for c in report["cases"]):  # a moe bench report
+        from moe_core.bench.report import markdown
+
+        return markdown(report)
     cases = [c for c in report["cases"] if "error" not in c]
     v = report["versions"]
     ceil = report["ceilings"]

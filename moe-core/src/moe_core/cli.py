@@ -6,6 +6,7 @@
     moe plan --model M [...]         the kernel chosen for a model's layer, and every refusal
     moe run  [--model M --tokens N]  plan, prepare and run a layer; check against the reference; time it
     moe tune --model M               tune plugins' kernels for a model on this GPU, write their tables
+    moe bench [--quick] [--out DIR]  every kernel and peer per case: floor, reference check, time; report
     moe doctor                       versions, devices, capabilities, plugins, environment
     moe presets                      the model presets
     moe <plugin> ...                 commands added by plugins (hook ``register_commands``)
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from .device import device_info
-from .errors import MoEError, PluginError
+from .errors import MoEError, MoEInputError, PluginError
 from .plugins import _strict as strict_plugins
 from .plugins import plugin_manager
 from .presets import all_presets, get_preset
@@ -187,7 +188,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress():
+def _progress(label: str = "tuning"):
     """A ``progress(description, completed, total)`` callback: a rich bar when rich is installed."""
     try:
         from rich.progress import Progress
@@ -198,7 +199,7 @@ def _progress():
 
         return plain, None
     bar = Progress(transient=False)
-    task = bar.add_task("tuning", total=1)
+    task = bar.add_task(label, total=1)
 
     def update(description: str, completed: int, total: int) -> None:
         bar.update(task, description=description, completed=completed, total=total)
@@ -222,6 +223,73 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         print(f"moe tune: no plugin had anything to tune for {spec.describe()} on {device}", file=sys.stderr)
         return 1
     return 0
+
+
+def _names(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import report as bench_report
+    from .bench.suite import QUICK_TOKENS, TOKENS, BenchConfig, default_models, quick_models, run_bench
+    from .spec import QUANT_SCHEMES
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models = _names(args.models) or default_models(device)
+    if args.quick:
+        models = quick_models(models)
+    tokens = (
+        [int(t) for t in _names(args.tokens)] if args.tokens else (QUICK_TOKENS if args.quick else TOKENS)
+    )
+    dtypes = []
+    for name in _names(args.dtypes) or ["bf16"]:
+        if name not in _DTYPES:
+            raise MoEInputError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+        dtypes.append(_DTYPES[name])
+    quants: list[str | None] = []
+    for name in _names(args.quant) or ["none"]:
+        if name != "none" and name not in QUANT_SCHEMES:
+            raise MoEInputError(f"unknown quant scheme {name!r}; expected none or one of {QUANT_SCHEMES}")
+        value = None if name in ("none", *_DTYPES) else name  # unquantized: weights in the activation dtype
+        if value not in quants:
+            quants.append(value)
+    config = BenchConfig(
+        models=models,
+        tokens=tokens,
+        dtypes=dtypes,
+        quants=quants,
+        kernels=_names(args.kernels),
+        iters=args.iters or (30 if device.type == "cuda" else 10),
+        device=device,
+        vllm_peer=args.vllm_peer,
+        quick=args.quick,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "bench.json"
+    progress, bar = _progress("bench")
+
+    def save(report: dict, case: dict) -> None:  # after every case: a crash keeps what ran
+        bench_report.write_json(report, json_path)
+
+    if bar is not None:
+        with bar:
+            report = run_bench(config, progress=progress, on_case=save)
+    else:
+        report = run_bench(config, progress=progress, on_case=save)
+    bench_report.write_json(report, json_path)
+    (out / "bench.md").write_text(bench_report.markdown(report))
+    bench_report.print_table(report)
+    plots, why = bench_report.plot(report, out)
+    if why:
+        print(f"moe bench: {why}", file=sys.stderr)
+    print(f"wrote {json_path}, {out / 'bench.md'}" + "".join(f", {p}" for p in plots))
+    bad = bench_report.failures(report)
+    for line in bad:
+        print(f"moe bench: FAIL {line}", file=sys.stderr)
+    return 1 if bad else 0
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -294,6 +362,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for the tables (default: where the plugins read them)")
     p.add_argument("--plugin", action="append", default=None, help="only this plugin (repeatable)")
     p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser(
+        "bench", help="time every kernel and peer per case against the floor; check; JSON, markdown, plots"
+    )
+    p.add_argument(
+        "--models", default=None, help="comma list of presets (default: BENCHMARKS.md's; CPU: tiny-*)"
+    )
+    p.add_argument("--tokens", default=None, help="comma list of token counts (default 1,8,32,...,8192)")
+    p.add_argument("--dtypes", default="bf16", help="comma list of activation dtypes (bf16, fp16, fp32)")
+    p.add_argument(
+        "--quant",
+        default="none",
+        help="comma list of quant schemes (none = bf16/fp16/fp32: unquantized; fp8, ...)",
+    )
+    p.add_argument("--kernels", default=None, help="comma list of experts kernels by name or dotted prefix")
+    p.add_argument("--quick", action="store_true", help="the 3 smallest shapes at T = 1, 32, 512, 4096")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per case (default 30; CPU 10)")
+    p.add_argument(
+        "--vllm-peer",
+        default=os.environ.get("MOE_BENCH_VLLM"),
+        help="folder of the vLLM fused_moe peer package (default: $MOE_BENCH_VLLM; none: skipped)",
+    )
+    p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    p.add_argument("--out", default="moe-bench", help="folder for bench.json, bench.md and <shape>.png")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("doctor", help="environment report (JSON)")
     p.set_defaults(func=_cmd_doctor)

@@ -1,0 +1,141 @@
+"""Peers timed beside the registered kernels: what a user has without this project.
+
+- ``grouped_mm``: ``torch._grouped_mm`` with a torch sort, gather and scatter around it
+  (PyTorch's native grouped GEMM; bf16, silu, no bias). Eager only: its group sizes
+  are read on the host, so it cannot be captured in a CUDA graph.
+- ``vllm``: vLLM's Triton ``fused_moe``, loaded from a folder given with
+  ``--vllm-peer PATH`` or ``MOE_BENCH_VLLM`` (git-ignored, never committed). The folder
+  is a package providing ``fused_moe(x, w1, w2, topk_weights, topk_ids)`` (canonical
+  ``w13 [E, 2I, H]`` and ``w2 [E, H, I]``) and ``describe() -> dict``.
+
+Each :class:`Peer` says whether it runs a spec (a reason when not) and binds
+a set of canonical weights to a callable ``fn(x, topk_weights, topk_ids) -> out``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..spec import ExpertWeights, MoESpec
+
+__all__ = ["Peer", "grouped_mm_peer", "load_vllm_peer", "make_peers", "vllm_peer"]
+
+PeerFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Peer:
+    """One peer: ``name`` (the JSON key prefix), ``label``, and how to run it."""
+
+    name: str
+    label: str
+    supports: Callable[[MoESpec, torch.device], str | None]
+    bind: Callable[[MoESpec, ExpertWeights], PeerFn]
+    graphs: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+    describe: Callable[[], dict[str, Any]] | None = None
+
+
+def _plain_silu(spec: MoESpec) -> str | None:
+    if spec.quant.is_quantized:
+        return f"quant {spec.quant.name} not supported"
+    if spec.activation != "silu":
+        return f"activation {spec.activation} not supported"
+    if spec.has_bias:
+        return "biases not supported"
+    if spec.is_expert_parallel:
+        return "expert parallelism not supported"
+    if spec.apply_router_weight_on_input:
+        return "router weight on input not supported"
+    return None
+
+
+def grouped_mm(spec: MoESpec, x, w13_t, w2_t, topk_w, topk_ids) -> torch.Tensor:
+    """``torch._grouped_mm`` with a torch sort/gather/scatter around it (``w*_t``: ``[E, K, N]`` views)."""
+    k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=spec.num_experts)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    tokens = order // k
+    a = x[tokens]
+    h = torch._grouped_mm(a, w13_t, offs=offs)
+    inter = spec.intermediate_size
+    act = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+    y = torch._grouped_mm(act, w2_t, offs=offs)
+    y = y * topk_w.reshape(-1)[order, None].to(y.dtype)
+    out = torch.zeros_like(x)
+    out.index_add_(0, tokens, y)
+    return out
+
+
+def grouped_mm_peer() -> Peer:
+    """The ``torch._grouped_mm`` peer (bf16 only)."""
+
+    def supports(spec: MoESpec, device: torch.device) -> str | None:
+        if not hasattr(torch, "_grouped_mm"):
+            return f"torch {torch.__version__} has no _grouped_mm"
+        if spec.dtype != torch.bfloat16:
+            return f"dtype {spec.dtype} not supported (bf16 only)"
+        return _plain_silu(spec)
+
+    def bind(spec: MoESpec, weights: ExpertWeights) -> PeerFn:
+        w13_t, w2_t = weights.w13.transpose(1, 2), weights.w2.transpose(1, 2)
+        return lambda x, w, ids: grouped_mm(spec, x, w13_t, w2_t, w, ids)
+
+    return Peer("grouped_mm", "torch._grouped_mm", supports, bind, graphs=False)
+
+
+def load_vllm_peer(path: str | os.PathLike) -> Any:
+    """Import the vLLM peer package from ``path`` (a folder with ``__init__.py``)."""
+    folder = Path(path).resolve()
+    spec = importlib.util.spec_from_file_location(
+        "moe_bench_vllm_peer", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    if spec is None or spec.loader is None or not (folder / "__init__.py").is_file():
+        raise ImportError(f"no vLLM peer package at {folder} (expected {folder / '__init__.py'})")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def vllm_peer(path: str | os.PathLike) -> Peer:
+    """The vLLM ``fused_moe`` peer loaded from ``path`` (bf16/fp16, silu, no bias)."""
+    module = load_vllm_peer(path)
+
+    def supports(spec: MoESpec, device: torch.device) -> str | None:
+        if spec.dtype not in (torch.bfloat16, torch.float16):
+            return f"dtype {spec.dtype} not supported"
+        if device.type != "cuda":
+            return "needs a GPU"
+        return _plain_silu(spec)
+
+    def bind(spec: MoESpec, weights: ExpertWeights) -> PeerFn:
+        return lambda x, w, ids: module.fused_moe(x, weights.w13, weights.w2, w, ids)
+
+    info = {"status": "loaded", "path": str(Path(path).resolve()), **module.describe()}
+    return Peer("vllm", "vllm.fused_moe", supports, bind, graphs=True, info=info, describe=module.describe)
+
+
+def make_peers(vllm_path: str | os.PathLike | None) -> tuple[list[Peer], dict[str, dict[str, Any]]]:
+    """The peers to time and the report's ``peers`` section (status of each, vLLM's description)."""
+    peers = [grouped_mm_peer()]
+    status: dict[str, dict[str, Any]] = {
+        "grouped_mm": {"status": "available" if hasattr(torch, "_grouped_mm") else "skipped"}
+    }
+    if vllm_path:
+        peer = vllm_peer(vllm_path)
+        peers.append(peer)
+        status["vllm"] = peer.info
+    else:
+        status["vllm"] = {"status": "skipped", "reason": "no --vllm-peer PATH or MOE_BENCH_VLLM"}
+    return peers, status
