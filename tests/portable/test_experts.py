@@ -82,8 +82,9 @@ def test_empty_batch_and_skewed_load():
 
 
 def test_supports_refuses_precisely():
-    plan = moe_plan(MoESpec(**BASE, quant="fp8"), DeviceInfo.parse("sm_90"))
-    assert "quant fp8 not supported" in plan.explain() and plan.kernel != KERNEL
+    nvfp4 = MoESpec(**{**BASE, "hidden_size": 64, "intermediate_size": 48}, quant="nvfp4")
+    plan = moe_plan(nvfp4, DeviceInfo.parse("sm_90"))
+    assert "quant nvfp4 not supported" in plan.explain() and plan.kernel != KERNEL
     mixed = MoESpec(**BASE, quant=QuantScheme("bf16"), dtype=torch.float16)
     text = moe_plan(mixed, DeviceInfo.parse("sm_90")).explain()
     assert "must share a dtype" in text

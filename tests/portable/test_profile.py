@@ -139,6 +139,43 @@ def test_gfx950_cached_and_environment_untouched(gfx950, configs):
     assert os.environ.get("TRITON_INTERPRET") == before
 
 
+QUANT_MODELS = ["deepseek-v3-tp8", "gpt-oss-20b", "qwen3-30b-a3b"]
+
+
+def test_quantized_launch_set():
+    """``quants`` adds each variant's pre-passes and GEMM variants, planned as the runtime plans them."""
+    configs = profile.launch_configs(
+        "gfx950", QUANT_MODELS, ["bf16"], [1, 512], quants=profile.DEFAULT_QUANTS
+    )
+    users = {u for c in configs for u in c.users}
+    for model in QUANT_MODELS:
+        for quant in profile.DEFAULT_QUANTS:
+            assert f"{model}/bf16/{quant}/T=1" in users
+    labels = {c.label for c in configs if c.kernel in GEMMS}
+    for tag in ("w:fp8_channel", "w:fp8_tensor", "w:fp8_block", "w:mxfp4", "a:per_token", "out:fp8_tensor"):
+        assert any(tag in label for label in labels), tag
+    quant = [c for c in configs if c.kernel == "moe_quant_fp8"]
+    assert {dict(c.constexprs)["MODE"] for c in quant} == {1, 2, 3}
+    assert any(dict(c.constexprs)["SORTED"] for c in quant)  # the intermediate's pre-pass
+    gemm1 = [
+        c for c in configs if c.kernel == "moe_gemm1" and "deepseek-v3-tp8/bf16/fp8_block/T=512" in c.users
+    ]
+    assert dict(gemm1[0].constexprs)["BLOCK_K"] == 128 and dict(gemm1[0].constexprs)["GROUP_K"] == 128
+
+
+@needs_amd_backend
+@pytest.mark.slow
+def test_gfx950_quantized_no_spills_and_mfma():
+    """fp8 / fp8_block / mxfp4 kernels of the benchmark shapes compile for gfx950 without spills."""
+    configs = profile.launch_configs(
+        "gfx950", QUANT_MODELS, ["bf16"], [1, 512], sorting_ops=(), quants=profile.DEFAULT_QUANTS
+    )
+    profiles = profile.compile_profile("gfx950", configs)
+    bad = [p for p in profiles if not p.ok]
+    assert not bad, profile.format_table(bad)
+    assert all(p.mfma > 0 for p in profiles if p.kernel in GEMMS)
+
+
 def _oversized() -> profile.LaunchConfig:
     """A real gemm1 launch with a 64 x 128 x 64 gated tile on one warp: far too many registers."""
     base = next(

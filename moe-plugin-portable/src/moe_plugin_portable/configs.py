@@ -17,7 +17,8 @@ Table format (``moe tune`` writes it)::
      "configs": {"E=128,H=2048,I=768,k=8,bfloat16": {"1": {...}, "8": {...}, ..., "inf": {...}}}}
 
 where each ``{...}`` is ``MoEConfig.to_json()``. Buckets are upper bounds on
-``T``: 1, 8, 32, 128, 512, 2048, inf.
+``T``: 1, 8, 32, 128, 512, 2048, inf. Quantized layers have keys of their own
+(:func:`layer_key` appends the scheme), so they never take a bf16 layer's tiles.
 """
 
 from __future__ import annotations
@@ -87,11 +88,19 @@ def t_bucket(num_tokens: int) -> str:
 
 
 def layer_key(spec: MoESpec) -> str:
-    """Table key of a layer: local experts, shape, top-k, dtype."""
+    """Table key of a layer: local experts, shape, top-k, dtype, and the scheme when quantized.
+
+    ``E=128,H=2048,I=768,k=8,bfloat16`` (bf16/fp16 weights: the keys of the shipped tables);
+    quantized layers append the scheme as ``str(QuantScheme)`` (plus fp8_block's block shape):
+    ``E=256,H=7168,I=256,k=8,bfloat16,fp8_block/a:fp8_group/b:128x128``.
+    """
     dtype = str(spec.dtype).removeprefix("torch.")
-    return (
-        f"E={spec.num_local_experts},H={spec.hidden_size},I={spec.intermediate_size},k={spec.top_k},{dtype}"
-    )
+    key = f"E={spec.num_local_experts},H={spec.hidden_size},I={spec.intermediate_size},k={spec.top_k},{dtype}"
+    if spec.quant.is_quantized:
+        key += f",{spec.quant}"
+        if spec.quant.name == "fp8_block":
+            key += "/b:{}x{}".format(*spec.quant.block_shape)
+    return key
 
 
 def config_file_name(device_name: str) -> str:
@@ -169,7 +178,11 @@ def heuristic_config(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool)
     ``block_m`` follows the expected rows per active expert (16 for decode, so
     1-8 tokens per expert do not pay for a 64-row tile); ``block_n`` shrinks
     until both GEMMs launch about two programs per SM, since small batches are
-    bound by weight bandwidth and need every SM streaming weights.
+    bound by weight bandwidth and need every SM streaming weights. Quantized
+    weights take larger K steps (fp8: 128, within fp8_block's scale block;
+    mxfp4: 128 for decode, 64 otherwise). fp8_block's GEMM 1 quantizes its
+    output in its epilogue only when ``block_n`` is a multiple of the group
+    (decode shapes shrink it below: the intermediate then takes a pre-pass).
     """
     entries = num_tokens * spec.top_k
     active = min(spec.num_local_experts, entries)
@@ -185,13 +198,28 @@ def heuristic_config(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool)
     m_blocks = active + (entries - active) // block_m
     stages = 2 if is_amd else (4 if block_m <= 32 else 3)
 
+    scheme = spec.quant
+    fp8 = scheme.name in ("fp8", "fp8_block")
+
     def gemm(n: int, k: int, gated: bool) -> GemmConfig:
         block_n = 128 if block_m >= 64 else 64
+        if scheme.is_quantized and gated and block_m >= 128:
+            # fp8 blocks keep a K step's product beside each accumulator: two 128 x 128 of them
+            # spill on sm90 even with 8 warps (so do fp8 per-token gate/up tiles, just)
+            block_n = 64
         while block_n > 16 and m_blocks * -(-n // block_n) < 2 * num_sms:
             block_n //= 2
         block_k = 64 if (block_m >= 128 or (gated and block_m >= 64)) else 128
-        block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))
+        if fp8:  # one byte per element: twice the K of a bf16 tile in the same shared memory
+            block_k = 128
+        elif scheme.name == "mxfp4":  # half a byte, dequantized in registers: K 128 while weight-bound
+            block_k = 128 if block_m <= 32 else 64
+        block_k = min(block_k, max(32 if scheme.is_quantized else 16, 1 << (k - 1).bit_length()))
+        if scheme.name == "fp8_block":
+            block_k = min(block_k, scheme.block_shape[1])  # a K step never straddles a scale block
         warps = 8 if block_m >= 128 and block_n >= 128 else 4
+        if scheme.is_quantized and gated and block_m * block_n >= 64 * 128:
+            warps = 8  # scale and dequantization temporaries: 4 warps spill (sm90 ptxas)
         return GemmConfig(block_n, block_k, warps, stages, 8)
 
     return MoEConfig(

@@ -11,10 +11,46 @@
    without expert parallelism: GEMM 2 then writes the output directly).
 
 No float atomics, no host synchronisation; every launch size is a function
-of ``T`` alone, so the layer captures in a CUDA graph. Weights stay in the
-canonical layout (``prepare`` makes them contiguous and moves the expert map
-to the device). bf16 and fp16 here; quantized weights slot into the weight
-tile load of the kernels (``_details/_fused_moe.py``).
+of ``T`` alone, so the layer captures in a CUDA graph.
+
+Quantized schemes (one kernel entry for all: the same launches with
+constexpr variants of the same kernels, so one ``prepare``/``apply`` and one
+config table serve every scheme):
+
+=================  ===================  ===========================================
+scheme             GEMM inputs          activation quantization
+=================  ===================  ===========================================
+fp8 per_token      fp8 x fp8 ``dot``    pre-pass over the T tokens; GEMM 1 writes
+                                        the intermediate in the activation dtype,
+                                        a pre-pass over its sorted rows quantizes it
+fp8 per_tensor     fp8 x fp8 ``dot``    pre-pass over the tokens (static a13_scale);
+                                        fused in GEMM 1's epilogue (static a2_scale)
+fp8_block          fp8 x fp8 ``dot``,   pre-pass over the tokens (1 x bk groups);
+                   scaled per K step    fused in GEMM 1's epilogue when its
+                                        ``block_n`` is a multiple of bk, else a
+                                        pre-pass over the sorted rows
+mxfp4 W4A16        bf16 x e2m1,         none (bf16 activations only)
+                   dequantized to bf16
+mxfp4 W4A8         fp8 x e2m1, both     as fp8 per_tensor
+                   to bf16 (exact)
+=================  ===================  ===========================================
+
+The fp8 quantization (pre-passes and GEMM 1's epilogue) rounds exactly as
+``moe_core.quant`` does: same scales, same codes.
+
+Prepared layout (``prepare``, once per layer; high-precision canonical
+weights are first quantized with ``moe_core.quant``'s reference quantizers):
+the canonical tensors, contiguous. The GEMMs read ``[BLOCK_K, BLOCK_N]``
+tiles of ``w [E, N, K]`` rows with K contiguous, which is the K-major B
+operand that fp8 wgmma and MFMA want, so no re-layout is needed: fp8
+``w13 [E, 2I, H]``/``w2 [E, H, I]`` e4m3 with float32 scales ``[E, N]``
+(per_channel), ``[E]`` (per_tensor) or ``[E, ceil(N/bn), ceil(K/bk)]``
+(blocks); mxfp4 ``[E, N, K/2]`` bytes re-packed by :func:`pack_mxfp4_halves`
+(byte ``j`` of each 32-element block holds elements ``j`` and ``j + 16``, so the
+low and high nibbles of a ``[BLOCK_K/2, BLOCK_N]`` tile are two K halves that
+need no interleaving), e8m0 scales ``[E, N, K/32]`` as given; static
+activation scales ``a13_scale``/``a2_scale`` as float32 ``[1]``; biases as given
+(added in float32); the expert map as an int32 device tensor.
 """
 
 from __future__ import annotations
@@ -23,13 +59,16 @@ from typing import Any, NamedTuple
 
 import torch
 
-from moe_core import DeviceInfo, ExpertWeights, KernelEntry, MoESpec, PreparedWeights
+from moe_core import DeviceInfo, ExpertWeights, KernelEntry, MoESpec, PreparedWeights, QuantScheme
+from moe_core import quant as mq
 from moe_core.sorting import align_block_size
 
 from ._common import PRIORITY, interpreting, triton_refusal
 from .configs import GemmConfig, MoEConfig, lookup_config
 
 __all__ = [
+    "QUANT_SCHEMES",
+    "QUANT_VARIANTS",
     "Launch",
     "SortedBlocks",
     "combine_launch",
@@ -41,11 +80,27 @@ __all__ = [
     "launch_combine",
     "launch_gemm1",
     "launch_gemm2",
+    "pack_mxfp4_halves",
+    "quantize_launch",
     "sort_tokens",
 ]
 
 _ACTIVATIONS = ("silu", "gelu", "swiglu_oai", "relu2")
+#: quant schemes of ``portable.triton.fused_moe``
+QUANT_SCHEMES = ("bf16", "fp16", "fp8", "fp8_block", "mxfp4")
+#: named quantized variants, for tools (``profile --quant``, ``benchmarks/run_portable.py --quant``)
+QUANT_VARIANTS: dict[str, QuantScheme] = {
+    "fp8": QuantScheme("fp8"),  # per-channel weights, dynamic per-token activations
+    "fp8_tensor": QuantScheme("fp8", weight_scale="per_tensor", activation="fp8_per_tensor"),
+    "fp8_block": QuantScheme("fp8_block"),  # 128x128 weight blocks, 1x128 activation groups
+    "mxfp4": QuantScheme("mxfp4"),  # W4A16
+    "mxfp4_w4a8": QuantScheme("mxfp4", activation="fp8_per_tensor"),
+}
 _COMBINE_BLOCK = 1024
+_QUANT_BLOCK = 1024  # columns per program (or per loop step) of the quantization pre-pass
+_FP8 = torch.float8_e4m3fn
+#: AMD architectures whose Triton backend has the OCP e4m3 (``float8e4nv``) dot
+_FP8_AMD = ("gfx942", "gfx950", "gfx1200", "gfx1201")
 
 #: One kernel launch, described without running it: ``(kernel, grid, args, kwargs)``;
 #: ``kernel[grid](*args, **kwargs)`` runs it (``moe_plugin_portable.profile`` compiles it offline).
@@ -56,13 +111,50 @@ def _supports(spec: MoESpec, device: DeviceInfo) -> str | None:
     reason = triton_refusal(device)
     if reason:
         return reason
-    if spec.quant.weight_dtype != spec.dtype:
-        return f"weights ({spec.quant.name}) and activations ({spec.dtype}) must share a dtype"
+    scheme = spec.quant
+    if not scheme.is_quantized:
+        if scheme.weight_dtype != spec.dtype:
+            return f"weights ({scheme.name}) and activations ({spec.dtype}) must share a dtype"
+        return None
+    if spec.dtype not in (torch.bfloat16, torch.float16):
+        return f"{scheme.name} weights need bf16 or fp16 activations, got {spec.dtype}"
+    if scheme.name in ("fp8", "fp8_block"):
+        if device.vendor == "nvidia" and device.capability is not None and device.capability < (8, 9):
+            return f"fp8 e4m3 dot needs sm_89 or newer (Triton), got {device.arch}"
+        if device.vendor == "amd" and device.arch not in _FP8_AMD:
+            return f"fp8 e4m3 dot needs one of {', '.join(_FP8_AMD)} (Triton), got {device.arch}"
+    if scheme.name == "fp8_block":
+        bk = scheme.block_shape[1]
+        if bk < 32 or bk & (bk - 1):
+            return (
+                f"fp8_block needs a power-of-two block K >= 32 (K steps divide it), got {scheme.block_shape}"
+            )
+    if scheme.name == "mxfp4" and scheme.activation == "none" and spec.dtype != torch.bfloat16:
+        return "mxfp4 W4A16 needs bf16 activations (its weights dequantize to bf16, exactly)"
     return None
 
 
+def pack_mxfp4_halves(packed: torch.Tensor) -> torch.Tensor:
+    """Canonical mxfp4 bytes ``[..., K/2]`` (elements ``2j``, ``2j+1``) -> the kernel's: byte ``j`` of
+    each 32-element block holds its elements ``j`` (low nibble) and ``j + 16`` (high nibble)."""
+    codes = mq.unpack_e2m1(packed).unflatten(-1, (-1, 2, 16))
+    return (codes[..., 0, :] | (codes[..., 1, :] << 4)).flatten(-2)
+
+
 def _prepare(spec: MoESpec, weights: ExpertWeights, device: DeviceInfo) -> dict[str, torch.Tensor]:
+    """The kernels' layout (module docstring); high-precision weights of a quantized spec are quantized."""
+    if spec.quant.is_quantized and mq.is_high_precision(weights.w13):
+        weights = mq.quantize_weights(weights, spec.quant)
     tensors = {name: t.contiguous() for name, t in weights.tensors().items()}
+    for name in ("a13_scale", "a2_scale"):
+        if name in tensors:
+            tensors[name] = tensors[name].reshape(1).float()
+    for name in ("w13_scale", "w2_scale"):
+        if name in tensors and spec.quant.name in ("fp8", "fp8_block"):
+            tensors[name] = tensors[name].float().contiguous()
+    if spec.quant.name == "mxfp4":
+        for name in ("w13", "w2"):
+            tensors[name] = pack_mxfp4_halves(tensors[name])
     emap = spec.expert_map_tensor(weights.device)
     if emap is not None:
         tensors["expert_map"] = emap
@@ -88,6 +180,44 @@ def sort_tokens(
     return SortedBlocks(sorted_ids, expert_ids, num_padded, block_m)
 
 
+def _a_quant(spec: MoESpec, a: torch.Tensor) -> int:
+    """``A_QUANT`` of a GEMM whose input is ``a`` (fp8: quantized per the scheme's activation mode)."""
+    from ._details._fused_moe import A_QUANTS
+
+    return A_QUANTS[spec.quant.activation] if a.dtype == _FP8 else 0
+
+
+def _b_quant(spec: MoESpec) -> int:
+    from ._details._fused_moe import B_QUANTS
+
+    scheme = spec.quant
+    if scheme.name == "fp8":
+        return B_QUANTS["fp8_channel" if scheme.weight_scale == "per_channel" else "fp8_tensor"]
+    return B_QUANTS.get(scheme.name, 0)
+
+
+def _groups(spec: MoESpec) -> tuple[int, int]:
+    """``(GROUP_N, GROUP_K)``: fp8_block's weight block (its K is also the activation group), else 1s."""
+    return tuple(spec.quant.block_shape) if spec.quant.name == "fp8_block" else (1, 1)
+
+
+def _scale_strides(scale: torch.Tensor | None) -> tuple[int, int]:
+    """Strides of a weight scale along (expert, row): ``[E]``, ``[E, N]``, ``[E, nb, kb]``."""
+    if scale is None:
+        return 0, 0
+    return scale.stride(0), scale.stride(1) if scale.dim() > 1 else 0
+
+
+def _block_k(spec: MoESpec, cfg: GemmConfig) -> int:
+    """The K step: the config's, but a divisor of fp8_block's K block and a multiple of 32 for mxfp4."""
+    bk = cfg.block_k
+    if spec.quant.name == "fp8_block":
+        bk = min(bk, spec.quant.block_shape[1])
+    elif spec.quant.name == "mxfp4":
+        bk = max(bk, 32)
+    return bk
+
+
 def launch_gemm1(
     spec: MoESpec,
     x: torch.Tensor,
@@ -96,9 +226,16 @@ def launch_gemm1(
     topk_weights: torch.Tensor,
     cfg: GemmConfig,
     inter_buf: torch.Tensor,
+    *,
+    x_scale: torch.Tensor | None = None,
+    inter_scale: torch.Tensor | None = None,
 ) -> None:
     """``inter_buf[p] = act(x[token(p)] @ w13[e].T + b13[e])`` at every valid sorted position ``p``."""
-    _run(gemm1_launch(spec, x, tensors, blocks, topk_weights, cfg, inter_buf))
+    _run(
+        gemm1_launch(
+            spec, x, tensors, blocks, topk_weights, cfg, inter_buf, x_scale=x_scale, inter_scale=inter_scale
+        )
+    )
 
 
 def gemm1_launch(
@@ -110,13 +247,30 @@ def gemm1_launch(
     cfg: GemmConfig,
     inter_buf: torch.Tensor,
     *,
+    x_scale: torch.Tensor | None = None,
+    inter_scale: torch.Tensor | None = None,
     interpret: bool | None = None,
 ) -> Launch:
-    """The launch of :func:`launch_gemm1` (``interpret``: for the interpreter; default: as now)."""
+    """The launch of :func:`launch_gemm1` (``interpret``: for the interpreter; default: as now).
+
+    Quantized: ``x`` fp8 with its scales ``x_scale`` (``[T]`` per token, ``[T, groups]``, or
+    the static ``a13_scale``); an fp8 ``inter_buf`` is quantized in the epilogue, with the
+    static ``a2_scale`` or into the group scales ``inter_scale [rows, cdiv(I, bk)]``.
+    """
     from ._details import _fused_moe as kernels
 
     H, inter = spec.hidden_size, spec.intermediate_size
     w13, b13 = tensors["w13"], tensors.get("b13")
+    w_scale = tensors.get("w13_scale")
+    a_quant = _a_quant(spec, x)
+    out_quant = 0
+    out_scale = inter_scale
+    if inter_buf.dtype == _FP8:
+        out_quant = kernels.OUT_QUANTS["fp8_group" if spec.quant.activation == "fp8_group" else "fp8_tensor"]
+        if out_quant == kernels.OUT_QUANTS["fp8_tensor"]:
+            out_scale = tensors["a2_scale"]
+    group_n, group_k = _groups(spec)
+    block_k = _block_k(spec, cfg)
     grid = (blocks.expert_ids.numel() * triton_cdiv(inter, cfg.block_n),)
     args = (
         x,
@@ -127,6 +281,9 @@ def gemm1_launch(
         blocks.expert_ids,
         blocks.num_padded,
         topk_weights,
+        x_scale if x_scale is not None else topk_weights,
+        w_scale if w_scale is not None else topk_weights,
+        out_scale if out_scale is not None else topk_weights,
         x.shape[0] * spec.top_k,
         H,
         inter,
@@ -135,6 +292,9 @@ def gemm1_launch(
         w13.stride(1),
         b13.stride(0) if b13 is not None else 0,
         inter_buf.stride(0),
+        x_scale.stride(0) if x_scale is not None and x_scale.dim() > 1 else 1,
+        *_scale_strides(w_scale),
+        inter_scale.stride(0) if inter_scale is not None else 0,
         float(spec.swiglu_alpha or 0.0),
         float(spec.swiglu_limit or 0.0),
     )
@@ -143,12 +303,18 @@ def gemm1_launch(
         GATED=spec.is_gated,
         ACTIVATION=kernels.ACTIVATIONS[spec.activation],
         HAS_BIAS=b13 is not None,
-        WEIGHT_ON_INPUT=spec.apply_router_weight_on_input,
+        # a quantized input had the weight applied before its quantization (the reference's order)
+        WEIGHT_ON_INPUT=spec.apply_router_weight_on_input and not a_quant,
+        A_QUANT=a_quant,
+        B_QUANT=_b_quant(spec),
+        OUT_QUANT=out_quant,
+        GROUP_N=group_n,
+        GROUP_K=group_k,
         BLOCK_M=blocks.block_m,
         BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
+        BLOCK_K=block_k,
         GROUP_M=cfg.group_m,
-        EVEN_K=H % cfg.block_k == 0,
+        EVEN_K=H % block_k == 0,
         # the interpreter multiplies bf16 as integers
         UPCAST=interpreting() if interpret is None else interpret,
         num_warps=cfg.num_warps,
@@ -166,9 +332,15 @@ def launch_gemm2(
     cfg: GemmConfig,
     y: torch.Tensor,
     row_is_token: bool,
+    *,
+    inter_scale: torch.Tensor | None = None,
 ) -> None:
     """``y[entry(p)] = w(p) * (inter_buf[p] @ w2[e].T + b2[e])`` (row ``token`` when ``row_is_token``)."""
-    _run(gemm2_launch(spec, inter_buf, tensors, blocks, topk_weights, cfg, y, row_is_token))
+    _run(
+        gemm2_launch(
+            spec, inter_buf, tensors, blocks, topk_weights, cfg, y, row_is_token, inter_scale=inter_scale
+        )
+    )
 
 
 def gemm2_launch(
@@ -181,13 +353,24 @@ def gemm2_launch(
     y: torch.Tensor,
     row_is_token: bool,
     *,
+    inter_scale: torch.Tensor | None = None,
     interpret: bool | None = None,
 ) -> Launch:
-    """The launch of :func:`launch_gemm2` (``interpret``: for the interpreter; default: as now)."""
+    """The launch of :func:`launch_gemm2` (``interpret``: for the interpreter; default: as now).
+
+    Quantized: ``inter_buf`` fp8 with ``inter_scale`` per sorted row ``[rows]``, per group
+    ``[rows, groups]`` or the static ``a2_scale`` (the default for a static scheme).
+    """
     from ._details import _fused_moe as kernels
 
     H, inter = spec.hidden_size, spec.intermediate_size
     w2, b2 = tensors["w2"], tensors.get("b2")
+    w_scale = tensors.get("w2_scale")
+    a_quant = _a_quant(spec, inter_buf)
+    if inter_scale is None and a_quant == kernels.A_QUANTS["fp8_per_tensor"]:
+        inter_scale = tensors["a2_scale"]
+    group_n, group_k = _groups(spec)
+    block_k = _block_k(spec, cfg)
     grid = (blocks.expert_ids.numel() * triton_cdiv(H, cfg.block_n),)
     args = (
         inter_buf,
@@ -198,6 +381,8 @@ def gemm2_launch(
         blocks.expert_ids,
         blocks.num_padded,
         topk_weights,
+        inter_scale if inter_scale is not None else topk_weights,
+        w_scale if w_scale is not None else topk_weights,
         topk_weights.numel(),
         inter,
         H,
@@ -206,22 +391,95 @@ def gemm2_launch(
         w2.stride(1),
         b2.stride(0) if b2 is not None else 0,
         y.stride(0),
+        inter_scale.stride(0) if inter_scale is not None and inter_scale.dim() > 1 else 1,
+        *_scale_strides(w_scale),
     )
     kwargs = dict(
         TOP_K=spec.top_k,
         HAS_BIAS=b2 is not None,
         APPLY_WEIGHT=not spec.apply_router_weight_on_input,
         ROW_IS_TOKEN=row_is_token,
+        A_QUANT=a_quant,
+        B_QUANT=_b_quant(spec),
+        GROUP_N=group_n,
+        GROUP_K=group_k,
         BLOCK_M=blocks.block_m,
         BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
+        BLOCK_K=block_k,
         GROUP_M=cfg.group_m,
-        EVEN_K=inter % cfg.block_k == 0,
+        EVEN_K=inter % block_k == 0,
         UPCAST=interpreting() if interpret is None else interpret,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return kernels.moe_gemm2, grid, args, kwargs
+
+
+def quantize_launch(
+    spec: MoESpec,
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor | None,
+    *,
+    blocks: SortedBlocks | None = None,
+    num_entries: int = 0,
+    topk_weights: torch.Tensor | None = None,
+    static_scale: torch.Tensor | None = None,
+) -> Launch:
+    """The fp8 quantization pre-pass ``q, scale = quantize(x)`` per the scheme's activation mode.
+
+    Rows of ``x``: the tokens, or (``blocks`` given) the sorted positions of the intermediate,
+    where padding and rows past ``num_padded`` are skipped. ``scale``: ``[rows]`` per row,
+    ``[rows, groups]`` per group; the static mode reads ``static_scale`` instead.
+    ``topk_weights`` (top-1 weights on the input): rows are scaled by them first.
+    """
+    from ._details import _fused_moe as kernels
+
+    mode = kernels.A_QUANTS[spec.quant.activation]
+    rows, K = x.shape
+    if mode == kernels.A_QUANTS["fp8_per_token"]:
+        block, grid = min(_QUANT_BLOCK, _next_pow2(K)), (rows, 1)
+    elif mode == kernels.A_QUANTS["fp8_group"]:
+        block = spec.quant.block_shape[1]
+        grid = (rows, triton_cdiv(K, block))
+    else:
+        block = min(_QUANT_BLOCK, _next_pow2(K))
+        grid = (rows, triton_cdiv(K, block))
+    sorted_ids = blocks.sorted_ids if blocks is not None else x
+    args = (
+        x,
+        q,
+        scale if scale is not None else x,
+        static_scale if static_scale is not None else x,
+        sorted_ids,
+        blocks.num_padded if blocks is not None else x,
+        topk_weights if topk_weights is not None else x,
+        num_entries,
+        K,
+        x.stride(0),
+        q.stride(0),
+        scale.stride(0) if scale is not None else 0,
+    )
+    kwargs = dict(
+        MODE=mode, SORTED=blocks is not None, WEIGHT=topk_weights is not None, BLOCK=block, num_warps=4
+    )
+    return kernels.moe_quant_fp8, grid, args, kwargs
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _scale_buffer(spec: MoESpec, rows: int, K: int, device: torch.device) -> torch.Tensor | None:
+    """Dynamic activation scales of ``rows x K``: ``[rows]`` per token, ``[rows, groups]``; static: none."""
+    mode = spec.quant.activation
+    if mode == "fp8_per_token":
+        return torch.empty(rows, dtype=torch.float32, device=device)
+    if mode == "fp8_group":
+        return torch.empty(
+            rows, triton_cdiv(K, spec.quant.block_shape[1]), dtype=torch.float32, device=device
+        )
+    return None
 
 
 def launch_combine(
@@ -289,22 +547,71 @@ def fused_moe_launches(
     *,
     interpret: bool | None = None,
 ) -> list[Launch]:
-    """The launches of :func:`fused_moe` after sorting, in order (allocates their buffers, runs nothing)."""
+    """The launches of :func:`fused_moe` after sorting, in order (allocates their buffers, runs nothing).
+
+    Quantized activations add a pre-pass before GEMM 1 (the tokens) and, for dynamic per-row
+    scales or groups that GEMM 1's tile cannot hold, one before GEMM 2 (module docstring).
+    """
     T, H = hidden_states.shape
+    I = spec.intermediate_size  # noqa: E741
     device = hidden_states.device
-    inter_buf = torch.empty(
-        blocks.sorted_ids.numel(), spec.intermediate_size, dtype=hidden_states.dtype, device=device
-    )
-    launches = [
-        gemm1_launch(
-            spec, hidden_states, tensors, blocks, topk_weights, cfg.gemm1, inter_buf, interpret=interpret
+    mode = spec.quant.activation
+    rows = blocks.sorted_ids.numel()
+    launches: list[Launch] = []
+    x, x_scale = hidden_states, None
+    if mode != "none":  # GEMM 1's input: the T tokens
+        x = torch.empty(T, H, dtype=_FP8, device=device)
+        x_scale = _scale_buffer(spec, T, H, device)
+        static = tensors.get("a13_scale")
+        on_input = topk_weights if spec.apply_router_weight_on_input else None
+        launches.append(
+            quantize_launch(spec, hidden_states, x, x_scale, topk_weights=on_input, static_scale=static)
         )
-    ]
+        x_scale = x_scale if x_scale is not None else static
+    # GEMM 1 quantizes its output when a tile holds whole scale groups (static: always)
+    fused = mode == "fp8_per_tensor" or (
+        mode == "fp8_group" and cfg.gemm1.block_n % spec.quant.block_shape[1] == 0
+    )
+    # the intermediate that a pre-pass quantizes stays float32: rounding it to bf16 first would
+    # flip a few percent of its fp8 codes against the reference (double rounding)
+    inter_dtype = _FP8 if fused else (torch.float32 if mode != "none" else hidden_states.dtype)
+    inter_buf = torch.empty(rows, I, dtype=inter_dtype, device=device)
+    inter_scale = _scale_buffer(spec, rows, I, device) if mode == "fp8_group" and fused else None
+    launches.append(
+        gemm1_launch(
+            spec,
+            x,
+            tensors,
+            blocks,
+            topk_weights,
+            cfg.gemm1,
+            inter_buf,
+            x_scale=x_scale,
+            inter_scale=inter_scale,
+            interpret=interpret,
+        )
+    )
+    if mode != "none" and not fused:  # GEMM 2's input: the sorted rows of the intermediate
+        a2 = torch.empty(rows, I, dtype=_FP8, device=device)
+        inter_scale = _scale_buffer(spec, rows, I, device)
+        launches.append(
+            quantize_launch(spec, inter_buf, a2, inter_scale, blocks=blocks, num_entries=T * spec.top_k)
+        )
+        inter_buf = a2
     direct = spec.top_k == 1 and "expert_map" not in tensors
     y = out if direct else torch.empty(T * spec.top_k, H, dtype=out.dtype, device=device)
     launches.append(
         gemm2_launch(
-            spec, inter_buf, tensors, blocks, topk_weights, cfg.gemm2, y, direct, interpret=interpret
+            spec,
+            inter_buf,
+            tensors,
+            blocks,
+            topk_weights,
+            cfg.gemm2,
+            y,
+            direct,
+            inter_scale=inter_scale,
+            interpret=interpret,
         )
     )
     if not direct:
@@ -336,12 +643,12 @@ def kernel_entries() -> list[Any]:
             apply=_apply,
             prepare=_prepare,
             supports=_supports,
-            quant=frozenset({"bf16", "fp16"}),
+            quant=frozenset(QUANT_SCHEMES),
             activations=frozenset(_ACTIVATIONS),
             features=frozenset({"bias", "expert_parallel", "router_weight_on_input"}),
             capability="any",
             priority=PRIORITY,
             description="Triton fused MoE: sorted grouped GEMMs, fused activation/bias/router weight, "
-            "deterministic combine",
+            "deterministic combine; bf16/fp16, fp8 (channel/tensor/block scales), mxfp4 (W4A16, W4A8)",
         )
     ]

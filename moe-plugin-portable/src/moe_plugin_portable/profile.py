@@ -6,6 +6,7 @@ counts asked for is compiled with ``triton.compile`` and a ``GPUTarget`` (no
 device, no driver), and the compiled code is read back::
 
     python -m moe_plugin_portable.profile --target gfx950 [--models a,b] [--dtypes bf16,fp16]
+        [--quant fp8,fp8_tensor,fp8_block,mxfp4,mxfp4_w4a8]
 
 prints one row per distinct compiled kernel and exits 1 when any of them spills
 registers, uses scratch memory, exceeds the target's shared memory (LDS) or
@@ -17,7 +18,9 @@ How it works:
    (:func:`experts.fused_moe_launches` after :func:`sorting.sorting_launches`,
    :func:`routing.routing_launch`) on ``meta`` tensors, with the config that
    :func:`configs.heuristic_config` (or a shipped tuned table for the target's
-   GPU) gives for the target's CU/SM count. Launches that Triton would compile
+   GPU) gives for the target's CU/SM count. Quantized layers (``--quant``,
+   :data:`experts.QUANT_VARIANTS`; the CLI compiles them all by default, with
+   the first of ``--dtypes``) add their pre-pass and GEMM variants. Launches that Triton would compile
    to the same kernel (same constexprs, options, argument types and
    specialization: 16-divisibility, value 1, the 2 GB buffer-range of AMD) are
    merged; each keeps the list of (model, dtype, T) that launch it. Another
@@ -80,11 +83,12 @@ from typing import Any
 
 import torch
 
-from moe_core import ExpertWeights, MoESpec
+from moe_core import DeviceInfo, ExpertWeights, MoESpec
 from moe_core.presets import PRESETS, ModelPreset
 
 __all__ = [
     "DEFAULT_MODELS",
+    "DEFAULT_QUANTS",
     "DEFAULT_TOKENS",
     "TARGETS",
     "LaunchConfig",
@@ -98,6 +102,8 @@ __all__ = [
 ]
 
 DEFAULT_TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
+#: quantized variants the CLI compiles by default (``experts.QUANT_VARIANTS``)
+DEFAULT_QUANTS = ("fp8", "fp8_tensor", "fp8_block", "mxfp4", "mxfp4_w4a8")
 #: the real models' layers (the ``tiny-*`` presets are CPU-test shapes; ``--models all`` adds them)
 DEFAULT_MODELS = tuple(name for name in PRESETS if not name.startswith("tiny-"))
 SORTING_OPS = ("align_block_size", "moe_sorting", "ragged_metadata")
@@ -114,6 +120,7 @@ _TYPE_NAMES = {
     torch.int64: "i64",
     torch.uint8: "u8",
     torch.bool: "i1",
+    torch.float8_e4m3fn: "fp8e4nv",
 }
 #: environment variables that change what Triton compiles (part of the cache key)
 _ENV_PREFIXES = ("TRITON_", "AMDGCN_", "MLIR_", "LLVM_", "DISABLE_LLVM_OPT", "NVPTX_", "PTXAS_")
@@ -326,6 +333,8 @@ _ABBREV = {
     "MAP": "map",
 }
 _SKIP = {"BLOCK_G", "BLOCK_EG", "LOG_BT", "LOG_E", "UPCAST", "GATED"}
+#: fp8_block's scale block (GEMM constexprs), shown as ``blk128x128`` when quantized in blocks
+_GROUPS = ("GROUP_N", "GROUP_K")
 
 
 def _label(
@@ -344,8 +353,13 @@ def _label(
     for key, value in constexprs.items():
         if key in _SKIP:
             continue
+        if key in _GROUPS:
+            if key == "GROUP_K" and value > 1:
+                parts.append(f"blk{constexprs.get('GROUP_N', 1)}x{value}")
+            continue
         if key in names:
-            parts.append(names[key].get(value, f"{key}={value}"))
+            name = names[key].get(value, f"{key}={value}")
+            parts += [name] if name else []
         elif isinstance(value, bool):
             if value:
                 parts.append(key.lower().replace("has_", ""))
@@ -386,6 +400,7 @@ def _launch_config(launch: tuple[Any, Any, tuple[Any, ...], dict[str, Any]], use
         )
         if table
     }
+    names.update(getattr(module, "CONSTEXPR_NAMES", {}))
     dtype = next((ty[1:] for ty, _, _ in described if ty.startswith("*")), "")
     signature = [(n, ty) for n, (ty, _, _) in zip(positional, described)]
     specialization = [spec for _, spec, _ in described]
@@ -437,18 +452,40 @@ def _moe_config(spec: MoESpec, num_tokens: int, target: Target, tables: list[dic
     return heuristic_config(spec, num_tokens, num_sms, target.is_amd)
 
 
+def _meta_weights(spec: MoESpec) -> ExpertWeights:
+    """Canonical weights of ``spec`` (stored per its quant scheme, with scales) on the meta device."""
+    L, H, inter, N1 = spec.num_local_experts, spec.hidden_size, spec.intermediate_size, spec.w13_rows
+    scheme = spec.quant
+    w = ExpertWeights(
+        w13=_meta(L, N1, H, dtype=scheme.weight_dtype), w2=_meta(L, H, inter, dtype=scheme.weight_dtype)
+    )
+    if scheme.name == "fp8":
+        per_tensor = scheme.weight_scale == "per_tensor"
+        w.w13_scale = _meta(L, *(() if per_tensor else (N1,)), dtype=torch.float32)
+        w.w2_scale = _meta(L, *(() if per_tensor else (H,)), dtype=torch.float32)
+    elif scheme.name == "fp8_block":
+        bn, bk = scheme.block_shape
+        w.w13_scale = _meta(L, -(-N1 // bn), -(-H // bk), dtype=torch.float32)
+        w.w2_scale = _meta(L, -(-H // bn), -(-inter // bk), dtype=torch.float32)
+    elif scheme.name == "mxfp4":
+        w.w13, w.w2 = _meta(L, N1, H // 2, dtype=torch.uint8), _meta(L, H, inter // 2, dtype=torch.uint8)
+        w.w13_scale = _meta(L, N1, H // 32, dtype=torch.uint8)
+        w.w2_scale = _meta(L, H, inter // 32, dtype=torch.uint8)
+    if scheme.static_activation_scale:
+        w.a13_scale, w.a2_scale = _meta(1, dtype=torch.float32), _meta(1, dtype=torch.float32)
+    if spec.has_bias:
+        w.b13 = _meta(L, N1, dtype=spec.dtype)
+        w.b2 = _meta(L, H, dtype=spec.dtype)
+    return w
+
+
 def _expert_launches(spec: MoESpec, T: int, cfg: Any, ops: Sequence[str]) -> list[Any]:
     """The sorting launches (``ops``) and the fused MoE's, as ``moe_apply`` makes them, on meta tensors."""
     from . import experts, sorting
 
-    L, H, inter = spec.num_local_experts, spec.hidden_size, spec.intermediate_size
-    weights = ExpertWeights(
-        w13=_meta(L, spec.w13_rows, H, dtype=spec.dtype), w2=_meta(L, H, inter, dtype=spec.dtype)
-    )
-    if spec.has_bias:
-        weights.b13 = _meta(L, spec.w13_rows, dtype=spec.dtype)
-        weights.b2 = _meta(L, H, dtype=spec.dtype)
+    weights = _meta_weights(spec)
     tensors = experts._prepare(spec, weights, None)  # what plan.prepare() hands to fused_moe
+    H = spec.hidden_size
     x, out = _meta(T, H, dtype=spec.dtype), _meta(T, H, dtype=spec.dtype)
     topk_weights = _meta(T, spec.top_k, dtype=torch.float32)
     topk_ids = _meta(T, spec.top_k, dtype=torch.int32)
@@ -500,10 +537,14 @@ def launch_configs(
     logits_dtypes: Iterable[torch.dtype | str] | None = None,
     sorting_ops: Sequence[str] = SORTING_OPS,
     num_sms: int | None = None,
+    quants: Iterable[str] = (),
 ) -> list[LaunchConfig]:
     """Every distinct kernel compile the plugin launches on ``target`` for these layers and batches.
 
     ``models``: presets or their names (default: :data:`DEFAULT_MODELS`); ``dtypes``: activation dtypes;
+    ``quants``: quantized variants (names of :data:`experts.QUANT_VARIANTS`), each also planned with
+    the first of ``dtypes`` (users ``model/dtype/variant/T=..``; a variant the kernel refuses in that
+    dtype is skipped);
     ``tokens``: batch sizes ``T``; ``ep_sizes``: expert-parallel sizes (rank 0);
     ``logits_dtypes``: router logits dtypes (default: ``dtypes`` and float32); ``sorting_ops``:
     the sorting contracts to include (``align_block_size`` is the one the fused MoE runs, the
@@ -518,6 +559,14 @@ def launch_configs(
     if not ldts:
         ldts = list(dict.fromkeys([*dts, torch.float32]))
     tables = _tuned_tables(tgt)
+    from . import experts
+    from .experts import QUANT_VARIANTS
+
+    unknown = [q for q in quants if q not in QUANT_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown quant variant(s) {unknown}; known: {', '.join(QUANT_VARIANTS)}")
+    layers = [(d, None) for d in dts] + [(dts[0], q) for q in quants]
+    device = DeviceInfo.parse(str(tgt.arch) if tgt.is_amd else f"sm_{tgt.arch}")
 
     def groups() -> Iterable[tuple[str, list[Any]]]:
         for preset in presets:
@@ -525,12 +574,17 @@ def launch_configs(
             for T in tokens:
                 for ldt in ldts:
                     yield f"{name}/{_TYPE_NAMES[ldt]}/T={T}", _routing_launches(preset, T, ldt)
-                for dtype in dts:
+                for dtype, quant in layers:
                     for ep in ep_sizes:
-                        spec = preset.moe_spec(dtype, ep_size=ep, ep_rank=0)
+                        spec = preset.moe_spec(dtype, QUANT_VARIANTS.get(quant), ep_size=ep, ep_rank=0)
+                        if quant and experts._supports(spec, device):
+                            continue
                         cfg = _moe_config(spec, T, tgt, tables, sms)
-                        user = f"{name}/{_TYPE_NAMES[dtype]}/T={T}" + (f"/ep{ep}" if ep > 1 else "")
-                        yield user, _expert_launches(spec, T, cfg, sorting_ops)
+                        user = f"{name}/{_TYPE_NAMES[dtype]}/" + (f"{quant}/" if quant else "") + f"T={T}"
+                        yield (
+                            user + (f"/ep{ep}" if ep > 1 else ""),
+                            _expert_launches(spec, T, cfg, sorting_ops),
+                        )
 
     return merge_launches(groups())
 
@@ -962,6 +1016,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--models", default=None, help="comma-separated presets, or 'all' (default: every non-tiny preset)"
     )
     parser.add_argument("--dtypes", default="bf16,fp16", help="activation dtypes (bf16, fp16)")
+    parser.add_argument(
+        "--quant",
+        default=",".join(DEFAULT_QUANTS),
+        help="quantized variants, planned with the first dtype ('none': only unquantized layers; "
+        f"default: {','.join(DEFAULT_QUANTS)})",
+    )
     parser.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)), help="token counts T")
     parser.add_argument("--ep-sizes", default="1", help="expert-parallel sizes (rank 0)")
     parser.add_argument(
@@ -983,6 +1043,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         [int(t) for t in split(args.tokens)],
         ep_sizes=[int(e) for e in split(args.ep_sizes)],
         num_sms=args.num_sms,
+        quants=[q for q in split(args.quant) if q != "none"],
     )
     profiles = compile_profile(args.target, configs, jobs=args.jobs, use_cache=not args.no_cache)
     print(format_table(profiles))

@@ -7,15 +7,49 @@ for padding).
 
 - ``moe_gemm1``: ``h = x[token] @ w13[e].T (+ b13[e])`` for the gate and up
   halves at once (two accumulators), the activation in the epilogue, stored
-  at the sorted position: ``inter [num_padded, I]`` in the activation dtype.
+  at the sorted position: ``inter [num_padded, I]`` in the activation dtype
+  (or fp8, quantized in the epilogue: ``OUT_QUANT``).
 - ``moe_gemm2``: ``y = inter @ w2[e].T (+ b2[e])``, times the router weight,
   stored at row ``entry`` of ``[T * top_k, H]`` (or at row ``token`` of the
   output directly when ``top_k == 1`` and every expert is local).
 - ``moe_combine``: ``out[t] = sum_j y[t * top_k + j]`` over the slots whose
   expert is local, in slot order (deterministic: no atomics).
+- ``moe_quant_fp8``: the activation-quantization pre-pass (fp8 e4m3 rows with
+  a per-row, a static per-tensor or 1 x ``BLOCK`` group scales), over the
+  ``T`` tokens or over the sorted rows of the intermediate.
 
-The weight tile load is the one place a quantized scheme changes: it is
-isolated in ``_load_b`` so fp8/fp4 variants add their dequantization there.
+Quantized schemes (constexprs ``A_QUANT`` for the A operand, ``B_QUANT`` for
+the weights; every ``0`` compiles to the bf16/fp16 kernel unchanged):
+
+=============  ==============================  ===================================
+``B_QUANT``    weight tile                     where its scale is applied
+=============  ==============================  ===================================
+1 channel      fp8 ``[BLOCK_K, BLOCK_N]``      epilogue, per column (``[E, N]``)
+2 tensor       fp8                             epilogue, one per expert (``[E]``)
+3 block        fp8                             every K step: ``dot * sa[m] * sb[n]``
+                                               (``BLOCK_K`` divides ``GROUP_K``)
+4 mxfp4        e2m1 pairs ``[BLOCK_K/2, N]``   dequantized in registers to bf16
+                                               (e8m0 per 32 along K), then 2 dots
+=============  ==============================  ===================================
+
+``A_QUANT``: 1 per row (epilogue), 2 static per tensor (epilogue), 3 groups of
+``GROUP_K`` along K (every K step, with ``B_QUANT`` 3). fp8 x fp8 tiles go to
+``tl.dot`` as fp8 (wgmma / CDNA3-4 MFMA). mxfp4 bytes hold the elements ``j``
+and ``j + 16`` of each 32-element block (low, high nibble; ``prepare`` re-packs
+the canonical pairs): a K step's low nibbles are the first halves of its
+blocks and its high nibbles the second halves, so the A tile is read as those
+two halves (contiguous 16-element runs) and multiplied by the two dequantized
+halves of the weight tile, with no interleaving in registers. The dot runs in
+bf16 (fp8 activations of W4A8 convert exactly); Hopper has no fp4 MMA.
+(``tl.dot_scaled`` would do the same on Hopper and use gfx950's scaled MFMA,
+but Triton's interpreter rounds its bf16 operand through fp16, so the CPU
+tests could not check it.)
+
+fp8 rounding is bit-exact with ``moe_core.quant`` on every backend: scales
+``amax / 448`` with a correctly rounded division, rounded toward zero to 21
+significant bits; elements ``clamp(x / scale)`` rounded to nearest even in
+float32 arithmetic before the (then exact) conversion to e4m3 (the
+interpreter's own fp8 conversion does not round to nearest even).
 """
 
 from __future__ import annotations
@@ -24,6 +58,19 @@ import triton
 import triton.language as tl
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "swiglu_oai": 2, "relu2": 3}
+#: A operand (activation) quantization: ``QuantScheme.activation`` -> ``A_QUANT``
+A_QUANTS = {"none": 0, "fp8_per_token": 1, "fp8_per_tensor": 2, "fp8_group": 3}
+#: weight quantization -> ``B_QUANT``
+B_QUANTS = {"none": 0, "fp8_channel": 1, "fp8_tensor": 2, "fp8_block": 3, "mxfp4": 4}
+#: what GEMM 1 stores: the activation dtype, fp8 with the static scale, fp8 in groups
+OUT_QUANTS = {"none": 0, "fp8_tensor": 1, "fp8_group": 2}
+#: constexpr value names for reports (``moe_plugin_portable.profile``)
+CONSTEXPR_NAMES = {
+    "A_QUANT": {v: ("a:" + k.removeprefix("fp8_") if v else "") for k, v in A_QUANTS.items()},
+    "B_QUANT": {v: ("w:" + k if v else "") for k, v in B_QUANTS.items()},
+    "OUT_QUANT": {v: ("out:" + k if v else "") for k, v in OUT_QUANTS.items()},
+    "MODE": {v: "a:" + k.removeprefix("fp8_") for k, v in A_QUANTS.items() if v},  # moe_quant_fp8
+}
 
 
 @triton.jit
@@ -50,6 +97,51 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _e2m1(codes, scale):
+    """float32 ``e2m1(codes & 15) * scale`` (codes int32), exact; no subnormal intermediates (FTZ-safe)."""
+    normal = (((codes & 7) << 22) + (126 << 23)).to(tl.float32, bitcast=True)  # (1 + m/2) * 2**(e-1)
+    value = tl.where((codes & 6) == 0, (codes & 1).to(tl.float32) * 0.5, normal)  # e == 0: m * 0.5
+    return tl.where((codes & 8) != 0, -value, value) * scale
+
+
+@triton.jit
+def _load_mxfp4(ptrs, s_ptrs, k_remaining, n_mask, offs_h, EVEN_K: tl.constexpr):
+    """The two bf16 halves ``[BLOCK_K/2, BLOCK_N]`` of an mxfp4 weight tile (bytes and their e8m0 scales)."""
+    if EVEN_K:
+        mask = n_mask[None, :]
+    else:
+        mask = (offs_h[:, None] < k_remaining) & n_mask[None, :]
+    packed = tl.load(ptrs, mask=mask, other=0).to(tl.int32)
+    # e8m0 byte b: 2**(b - 127) from its bits (byte 0, only all-zero blocks in practice: 0)
+    scale = (tl.load(s_ptrs, mask=mask, other=0).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+    return _e2m1(packed & 15, scale).to(tl.bfloat16), _e2m1(packed >> 4, scale).to(tl.bfloat16)
+
+
+@triton.jit
+def _fp8_scale(amax):
+    """``amax / 448`` rounded toward zero to 21 significant bits, 1 for 0 (``moe_core.quant``'s dynamic scale)."""
+    scale = tl.math.div_rn(amax, 448.0)
+    scale = (scale.to(tl.int32, bitcast=True) & -8).to(tl.float32, bitcast=True)
+    return tl.where(scale > 0.0, scale, 1.0)
+
+
+@triton.jit
+def _fp8_quantize(x, scale):
+    """e4m3 of ``clamp(x / scale, -448, 448)``, rounded to nearest even (float32 ``x`` and ``scale``).
+
+    Adding ``c = 2**(e + 20)`` (``e``: the exponent of ``|y|``, at least -6, e4m3's smallest
+    normal) leaves ``|y|`` rounded to a multiple of ``2**(e - 3)``: e4m3's 3 mantissa bits
+    (and its subnormal spacing ``2**-9``); the conversion of that exact value is exact.
+    """
+    y = tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0)
+    bits = y.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+    c = ((e + 147) << 23).to(tl.float32, bitcast=True)
+    r = (tl.abs(y) + c) - c
+    return tl.where(bits < 0, -r, r).to(tl.float8e4nv)
+
+
+@triton.jit
 def _pid_grid(num_pid_n, GROUP_M: tl.constexpr):
     """Program id -> (m block, n block), grouped along M for L2 reuse of weight tiles."""
     pid = tl.program_id(0)
@@ -64,11 +156,26 @@ def _pid_grid(num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _load_a(ptrs, row_mask, offs_k, k_remaining, EVEN_K: tl.constexpr):
+    """A ``[BLOCK_M, BLOCK_K]`` activation tile (rows of padding read as 0)."""
+    if EVEN_K:
+        return tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+    return tl.load(ptrs, mask=row_mask[:, None] & (offs_k[None, :] < k_remaining), other=0.0)
+
+
+@triton.jit
 def _load_b(ptrs, k_remaining, n_mask, offs_k, EVEN_K: tl.constexpr):
-    """A ``[BLOCK_K, BLOCK_N]`` weight tile (the hook for quantized weights)."""
+    """A ``[BLOCK_K, BLOCK_N]`` weight tile (bf16/fp16/fp8; for mxfp4 the ``[BLOCK_K/2, BLOCK_N]`` bytes)."""
     if EVEN_K:
         return tl.load(ptrs, mask=n_mask[None, :], other=0.0)
     return tl.load(ptrs, mask=(offs_k[:, None] < k_remaining) & n_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _block_dot(a, b, acc, a_scale, b_scale, UPCAST: tl.constexpr):
+    """``acc + (a @ b) * a_scale[:, None] * b_scale[None, :]`` (one K step of fp8 block scaling)."""
+    part = _dot(a, b, tl.zeros(acc.shape, dtype=tl.float32), UPCAST)
+    return acc + part * a_scale[:, None] * b_scale[None, :]
 
 
 @triton.jit
@@ -81,6 +188,9 @@ def moe_gemm1(
     expert_ids_ptr,
     num_padded_ptr,
     topk_weights_ptr,
+    xs_ptr,
+    ws_ptr,
+    os_ptr,
     num_entries,
     K,
     INTER,
@@ -89,6 +199,10 @@ def moe_gemm1(
     stride_wn,
     stride_be,
     stride_im,
+    stride_xsm,
+    stride_wse,
+    stride_wsn,
+    stride_osm,
     alpha,
     limit,
     TOP_K: tl.constexpr,
@@ -96,6 +210,11 @@ def moe_gemm1(
     ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
+    A_QUANT: tl.constexpr,
+    B_QUANT: tl.constexpr,
+    OUT_QUANT: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    GROUP_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -103,6 +222,9 @@ def moe_gemm1(
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
+    """``x_ptr`` rows are tokens (fp8 when ``A_QUANT``; ``xs_ptr`` their scales); ``ws_ptr``: the
+    weight scales; ``os_ptr``: the output's static scale (``OUT_QUANT`` 1) or its group scales
+    ``[rows, cdiv(INTER, GROUP_K)]`` (``OUT_QUANT`` 2, ``BLOCK_N`` a multiple of ``GROUP_K``)."""
     pid_m, pid_n = _pid_grid(tl.cdiv(INTER, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
@@ -116,25 +238,79 @@ def moe_gemm1(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < INTER
     offs_k = tl.arange(0, BLOCK_K)
-
-    a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
-    g_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-    u_ptrs = g_ptrs + INTER * stride_wn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
-        else:
-            a = tl.load(a_ptrs, mask=row_mask[:, None] & (offs_k[None, :] < K - k0), other=0.0)
-        acc_g = _dot(a, _load_b(g_ptrs, K - k0, n_mask, offs_k, EVEN_K), acc_g, UPCAST)
-        if GATED:
-            acc_u = _dot(a, _load_b(u_ptrs, K - k0, n_mask, offs_k, EVEN_K), acc_u, UPCAST)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
+    a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
 
-    if WEIGHT_ON_INPUT:
+    if B_QUANT == 4:  # mxfp4: byte j of a 32-block holds its elements j and j + 16
+        offs_h = tl.arange(0, BLOCK_K // 2)
+        k_lo = (offs_h // 16) * 32 + offs_h % 16  # the elements of the low nibbles
+        lo_ptrs = x_ptr + token[:, None] * stride_xm + k_lo[None, :]
+        g_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_h[:, None]
+        gs_ptrs = (
+            ws_ptr + expert * stride_wse + offs_n[None, :].to(tl.int64) * stride_wsn + offs_h[:, None] // 16
+        )
+        u_ptrs = g_ptrs + INTER * stride_wn
+        us_ptrs = gs_ptrs + INTER * stride_wsn
+        for k0 in range(0, K, BLOCK_K):
+            a_lo = _load_a(lo_ptrs, row_mask, k_lo, K - k0, EVEN_K).to(tl.bfloat16)
+            a_hi = _load_a(lo_ptrs + 16, row_mask, k_lo + 16, K - k0, EVEN_K).to(tl.bfloat16)
+            g_lo, g_hi = _load_mxfp4(g_ptrs, gs_ptrs, (K - k0) // 2, n_mask, offs_h, EVEN_K)
+            acc_g = _dot(a_hi, g_hi, _dot(a_lo, g_lo, acc_g, UPCAST), UPCAST)
+            if GATED:
+                u_lo, u_hi = _load_mxfp4(u_ptrs, us_ptrs, (K - k0) // 2, n_mask, offs_h, EVEN_K)
+                acc_u = _dot(a_hi, u_hi, _dot(a_lo, u_lo, acc_u, UPCAST), UPCAST)
+            lo_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K // 2
+            u_ptrs += BLOCK_K // 2
+            gs_ptrs += BLOCK_K // 32
+            us_ptrs += BLOCK_K // 32
+    else:
+        g_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        u_ptrs = g_ptrs + INTER * stride_wn
+        if B_QUANT == 3:  # fp8 blocks: scales of the (GROUP_N x GROUP_K) weight blocks and A's groups
+            gs_ptrs = ws_ptr + expert * stride_wse + (offs_n // GROUP_N) * stride_wsn
+            us_ptrs = ws_ptr + expert * stride_wse + ((INTER + offs_n) // GROUP_N) * stride_wsn
+            as_ptrs = xs_ptr + token * stride_xsm
+        for k0 in range(0, K, BLOCK_K):
+            a = _load_a(a_ptrs, row_mask, offs_k, K - k0, EVEN_K)
+            g = _load_b(g_ptrs, K - k0, n_mask, offs_k, EVEN_K)
+            if B_QUANT == 3:
+                kg = k0 // GROUP_K
+                a_s = tl.load(as_ptrs + kg, mask=row_mask, other=0.0)
+                acc_g = _block_dot(a, g, acc_g, a_s, tl.load(gs_ptrs + kg, mask=n_mask, other=0.0), UPCAST)
+            else:
+                acc_g = _dot(a, g, acc_g, UPCAST)
+            if GATED:
+                u = _load_b(u_ptrs, K - k0, n_mask, offs_k, EVEN_K)
+                if B_QUANT == 3:
+                    u_s = tl.load(us_ptrs + kg, mask=n_mask, other=0.0)
+                    acc_u = _block_dot(a, u, acc_u, a_s, u_s, UPCAST)
+                else:
+                    acc_u = _dot(a, u, acc_u, UPCAST)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
+
+    # dequantize: per-row / per-tensor activation scales, per-channel / per-expert weight scales
+    if A_QUANT == 1:
+        a_s = tl.load(xs_ptr + token * stride_xsm, mask=row_mask, other=0.0)
+        acc_g = acc_g * a_s[:, None]
+        acc_u = acc_u * a_s[:, None]
+    elif A_QUANT == 2:
+        a_s = tl.load(xs_ptr)
+        acc_g = acc_g * a_s
+        acc_u = acc_u * a_s
+    if B_QUANT == 1:
+        acc_g = acc_g * tl.load(ws_ptr + expert * stride_wse + offs_n, mask=n_mask, other=0.0)[None, :]
+        acc_u = (
+            acc_u * tl.load(ws_ptr + expert * stride_wse + INTER + offs_n, mask=n_mask, other=0.0)[None, :]
+        )
+    elif B_QUANT == 2:
+        w_s = tl.load(ws_ptr + expert * stride_wse)
+        acc_g = acc_g * w_s
+        acc_u = acc_u * w_s
+    if WEIGHT_ON_INPUT:  # (quantized inputs had the weight applied before their quantization)
         route = tl.load(topk_weights_ptr + entry, mask=row_mask, other=0.0).to(tl.float32)
         acc_g = acc_g * route[:, None]
         acc_u = acc_u * route[:, None]
@@ -146,7 +322,20 @@ def moe_gemm1(
             )[None, :]
     h = _activation(acc_g, acc_u, ACTIVATION, alpha, limit)
     i_ptrs = inter_ptr + offs_m[:, None].to(tl.int64) * stride_im + offs_n[None, :]
-    tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+    out_mask = row_mask[:, None] & n_mask[None, :]
+    if OUT_QUANT == 0:
+        tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=out_mask)
+    elif OUT_QUANT == 1:  # static per-tensor fp8 (the scale GEMM 2's input is given)
+        tl.store(i_ptrs, _fp8_quantize(h, tl.load(os_ptr)), mask=out_mask)
+    else:  # dynamic 1 x GROUP_K groups: BLOCK_N // GROUP_K whole groups per tile
+        NG: tl.constexpr = BLOCK_N // GROUP_K
+        h3 = tl.reshape(tl.where(n_mask[None, :], h, 0.0), (BLOCK_M, NG, GROUP_K))
+        scale = _fp8_scale(tl.max(tl.abs(h3), axis=2))
+        q = tl.reshape(_fp8_quantize(h3, scale[:, :, None]), (BLOCK_M, BLOCK_N))
+        tl.store(i_ptrs, q, mask=out_mask)
+        offs_g = pid_n * NG + tl.arange(0, NG)
+        s_ptrs = os_ptr + offs_m[:, None].to(tl.int64) * stride_osm + offs_g[None, :]
+        tl.store(s_ptrs, scale, mask=row_mask[:, None] & (offs_g < tl.cdiv(INTER, GROUP_K))[None, :])
 
 
 @triton.jit
@@ -159,6 +348,8 @@ def moe_gemm2(
     expert_ids_ptr,
     num_padded_ptr,
     topk_weights_ptr,
+    xs_ptr,
+    ws_ptr,
     num_entries,
     K,
     N,
@@ -167,10 +358,17 @@ def moe_gemm2(
     stride_wn,
     stride_be,
     stride_ym,
+    stride_xsm,
+    stride_wse,
+    stride_wsn,
     TOP_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     APPLY_WEIGHT: tl.constexpr,
     ROW_IS_TOKEN: tl.constexpr,
+    A_QUANT: tl.constexpr,
+    B_QUANT: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    GROUP_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -178,6 +376,7 @@ def moe_gemm2(
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
+    """``inter_ptr`` rows are sorted positions (fp8 when ``A_QUANT``; ``xs_ptr`` their scales, by position)."""
     pid_m, pid_n = _pid_grid(tl.cdiv(N, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
@@ -190,19 +389,50 @@ def moe_gemm2(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-
-    a_ptrs = inter_ptr + offs_m[:, None].to(tl.int64) * stride_im + offs_k[None, :]
-    b_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
-        else:
-            a = tl.load(a_ptrs, mask=row_mask[:, None] & (offs_k[None, :] < K - k0), other=0.0)
-        acc = _dot(a, _load_b(b_ptrs, K - k0, n_mask, offs_k, EVEN_K), acc, UPCAST)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    a_ptrs = inter_ptr + offs_m[:, None].to(tl.int64) * stride_im + offs_k[None, :]
 
+    if B_QUANT == 4:
+        offs_h = tl.arange(0, BLOCK_K // 2)
+        k_lo = (offs_h // 16) * 32 + offs_h % 16
+        lo_ptrs = inter_ptr + offs_m[:, None].to(tl.int64) * stride_im + k_lo[None, :]
+        b_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_h[:, None]
+        bs_ptrs = (
+            ws_ptr + expert * stride_wse + offs_n[None, :].to(tl.int64) * stride_wsn + offs_h[:, None] // 16
+        )
+        for k0 in range(0, K, BLOCK_K):
+            a_lo = _load_a(lo_ptrs, row_mask, k_lo, K - k0, EVEN_K).to(tl.bfloat16)
+            a_hi = _load_a(lo_ptrs + 16, row_mask, k_lo + 16, K - k0, EVEN_K).to(tl.bfloat16)
+            b_lo, b_hi = _load_mxfp4(b_ptrs, bs_ptrs, (K - k0) // 2, n_mask, offs_h, EVEN_K)
+            acc = _dot(a_hi, b_hi, _dot(a_lo, b_lo, acc, UPCAST), UPCAST)
+            lo_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K // 2
+            bs_ptrs += BLOCK_K // 32
+    else:
+        b_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        if B_QUANT == 3:
+            bs_ptrs = ws_ptr + expert * stride_wse + (offs_n // GROUP_N) * stride_wsn
+            as_ptrs = xs_ptr + offs_m.to(tl.int64) * stride_xsm
+        for k0 in range(0, K, BLOCK_K):
+            a = _load_a(a_ptrs, row_mask, offs_k, K - k0, EVEN_K)
+            b = _load_b(b_ptrs, K - k0, n_mask, offs_k, EVEN_K)
+            if B_QUANT == 3:
+                kg = k0 // GROUP_K
+                a_s = tl.load(as_ptrs + kg, mask=row_mask, other=0.0)
+                acc = _block_dot(a, b, acc, a_s, tl.load(bs_ptrs + kg, mask=n_mask, other=0.0), UPCAST)
+            else:
+                acc = _dot(a, b, acc, UPCAST)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+
+    if A_QUANT == 1:
+        acc = acc * tl.load(xs_ptr + offs_m.to(tl.int64) * stride_xsm, mask=row_mask, other=0.0)[:, None]
+    elif A_QUANT == 2:
+        acc = acc * tl.load(xs_ptr)
+    if B_QUANT == 1:
+        acc = acc * tl.load(ws_ptr + expert * stride_wse + offs_n, mask=n_mask, other=0.0)[None, :]
+    elif B_QUANT == 2:
+        acc = acc * tl.load(ws_ptr + expert * stride_wse)
     if HAS_BIAS:
         acc += tl.load(b_ptr + expert * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if APPLY_WEIGHT:
@@ -213,6 +443,73 @@ def moe_gemm2(
         row = tl.where(row_mask, entry, 0).to(tl.int64)
     y_ptrs = y_ptr + row[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def moe_quant_fp8(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    static_ptr,
+    sorted_ids_ptr,
+    num_padded_ptr,
+    topk_weights_ptr,
+    num_entries,
+    K,
+    stride_xm,
+    stride_qm,
+    stride_sm,
+    MODE: tl.constexpr,
+    SORTED: tl.constexpr,
+    WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """fp8 rows ``q[r] = quantize(x[r])`` (``MODE``: ``A_QUANT`` 1 per row, 2 static, 3 groups of ``BLOCK``).
+
+    Grid ``(rows, column blocks)``: one program per row (mode 1: it loops over ``K``) or per
+    ``BLOCK`` columns of a row. ``SORTED``: rows are sorted positions (the intermediate), those
+    past ``num_padded`` or holding padding are skipped. ``WEIGHT``: the row is scaled by its
+    router weight first (``top_k == 1``, weight on the input). Scales: ``s[r]`` per row,
+    ``s[r, group]`` per group.
+    """
+    row = tl.program_id(0)
+    if SORTED:
+        if row >= tl.load(num_padded_ptr):
+            return
+        if tl.load(sorted_ids_ptr + row) >= num_entries:
+            return
+    row = row.to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    q_row = q_ptr + row * stride_qm
+    route = 1.0
+    if WEIGHT:
+        route = tl.load(topk_weights_ptr + row).to(tl.float32)
+    offs = tl.arange(0, BLOCK)
+    if MODE == 1:
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            if WEIGHT:
+                x = x * route
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = _fp8_scale(tl.max(amax, axis=0))
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            if WEIGHT:
+                x = x * route
+            tl.store(q_row + k0 + offs, _fp8_quantize(x, scale), mask=k0 + offs < K)
+        tl.store(s_ptr + row * stride_sm, scale)
+    else:
+        cols = tl.program_id(1) * BLOCK + offs
+        x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+        if WEIGHT:
+            x = x * route
+        if MODE == 2:
+            scale = tl.load(static_ptr)
+        else:
+            scale = _fp8_scale(tl.max(tl.abs(x), axis=0))
+            tl.store(s_ptr + row * stride_sm + tl.program_id(1), scale)
+        tl.store(q_row + cols, _fp8_quantize(x, scale), mask=cols < K)
 
 
 @triton.jit
