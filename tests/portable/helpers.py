@@ -7,6 +7,9 @@ import os
 import pytest
 import torch
 
+from moe_core import moe_apply
+from moe_core.testing import random_routing
+
 HAS_GPU = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -17,3 +20,21 @@ needs_triton = pytest.mark.skipif(
     not (HAS_GPU or INTERPRET), reason="needs a GPU, or TRITON_INTERPRET=1 set before Triton is imported"
 )
 gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA/ROCm GPU")
+
+
+def assert_graph_replay_matches_eager(plan, prepared, preset, x, topk_w, topk_ids, seed: int) -> None:
+    """Capture ``moe_apply`` once, replay it on new inputs copied into the static buffers
+    (``x``, ``topk_w``, ``topk_ids`` are overwritten), and compare with an eager call: equal."""
+    T = x.shape[0]
+    graph = torch.cuda.CUDAGraph()
+    static_out = torch.empty_like(x)
+    with torch.cuda.graph(graph):
+        moe_apply(plan, x, prepared, topk_w, topk_ids, out=static_out)
+    x.copy_(torch.randn_like(x))
+    new_w, new_ids = random_routing(preset.routing, T, preset.num_experts, device="cuda", seed=seed)
+    topk_w.copy_(new_w)
+    topk_ids.copy_(new_ids)
+    static_out.fill_(float("nan"))
+    graph.replay()
+    eager = moe_apply(plan, x, prepared, topk_w, topk_ids)
+    assert torch.equal(static_out, eager)

@@ -14,7 +14,7 @@ from moe_core.reference import fused_experts_reference
 from moe_core.testing import random_expert_weights, random_routing, relative_error, tolerance
 from moe_plugin_portable import configs
 
-from .helpers import DEVICE, gpu, needs_triton
+from .helpers import DEVICE, assert_graph_replay_matches_eager, gpu, needs_triton
 
 KERNEL = "portable.triton.fused_moe"
 
@@ -156,18 +156,7 @@ def test_gpu_real_shapes(model, dtype, ep, T):
     assert relative_error(out, want) <= tolerance(spec)
 
     # CUDA graph: capture once, replay on new inputs copied into the static buffers
-    graph = torch.cuda.CUDAGraph()
-    static_out = torch.empty_like(out)
-    with torch.cuda.graph(graph):
-        moe_apply(plan, x, prepared, topk_w, topk_ids, out=static_out)
-    x.copy_(torch.randn_like(x))
-    new_w, new_ids = random_routing(preset.routing, T, preset.num_experts, device="cuda", seed=T + 100)
-    topk_w.copy_(new_w)
-    topk_ids.copy_(new_ids)
-    static_out.fill_(float("nan"))
-    graph.replay()
-    eager = moe_apply(plan, x, prepared, topk_w, topk_ids)
-    assert torch.equal(static_out, eager)
+    assert_graph_replay_matches_eager(plan, prepared, preset, x, topk_w, topk_ids, seed=T + 100)
 
 
 @gpu
