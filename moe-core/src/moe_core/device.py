@@ -24,6 +24,7 @@ capability can be overridden: pass a :class:`DeviceInfo` (or a string such as
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ import torch
 
 from .errors import MoEInputError
 
-__all__ = ["Capability", "DeviceInfo", "device_info"]
+__all__ = ["Capability", "DeviceInfo", "device_info", "triton_interpreting", "triton_refusal"]
 
 
 @dataclass(frozen=True)
@@ -208,3 +209,21 @@ class Capability:
 
     def __str__(self) -> str:
         return self.text
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "") in ("1", "true", "True")
+
+
+def triton_refusal(device: DeviceInfo) -> str | None:
+    """Why Triton kernels cannot run on ``device``, or ``None`` (for plugins' ``supports``).
+
+    GPUs (NVIDIA, AMD) run compiled kernels; the CPU runs them only in the
+    interpreter, which is slow and meant for tests. Imports no Triton.
+    """
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.vendor == "cpu" and not triton_interpreting():
+        return "Triton runs on the CPU only in its interpreter (TRITON_INTERPRET=1, for tests)"
+    return None
