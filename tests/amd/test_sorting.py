@@ -29,6 +29,7 @@ from moe_core.sorting import SortingRequest, moe_sorting, moe_sorting_reference
 from moe_core.testing import check_sorted_tokens
 from moe_plugin_amd import sorting as amd
 
+from ..gpu_checks import no_host_sync, poison_allocator
 from .helpers import DEVICE, gpu, needs_triton
 
 NAME, HIP_NAME = "amd.triton.moe_sorting", "amd.triton.moe_sorting.hip"
@@ -438,15 +439,6 @@ GPU_SHAPES = [(257, 9, 32), (256, 8, 64), (128, 8, 16), (513, 8, 128), (8, 2, 12
 GPU_TOKENS = [1, 16, 17, 256, 2048, 2049, 16384]
 
 
-def _poison_allocator() -> None:
-    """Leave garbage in the caching allocator's free blocks, so an output slot no kernel writes shows up."""
-    junk = [torch.empty(1 << 18, dtype=torch.int32, device="cuda") for _ in range(64)]
-    junk += [torch.empty(1 << 22, dtype=torch.int32, device="cuda") for _ in range(4)]
-    for t in junk:
-        t.fill_(0x5A5A5A5A)
-    del junk
-
-
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", GPU_TOKENS)
@@ -457,7 +449,7 @@ def test_gpu_matches_reference(E, k, unit, T):
     ):
         ids = make_ids(T, k, E, kind=kind, dtype=dtype, seed=seed + T, device="cuda")
         mask = None if frac is None else make_mask(E, frac, seed=seed, device="cuda")
-        _poison_allocator()
+        poison_allocator()
         check(ids, make_weights(T, k, seed=seed, device="cuda"), E, unit, mask)
 
 
@@ -475,11 +467,8 @@ def test_gpu_no_host_sync(T):
 
     run()  # compile outside the check
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         run()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 @gpu

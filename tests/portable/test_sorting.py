@@ -30,6 +30,7 @@ from moe_core.sorting import (
 )
 from moe_plugin_portable import sorting as ps
 
+from ..gpu_checks import no_host_sync, poison_allocator
 from .helpers import DEVICE, gpu, needs_triton
 
 NAMES = {
@@ -450,16 +451,6 @@ GPU_SHAPES = [(256, 8, 16), (256, 8, 64), (256, 8, 128), (128, 8, 64), (8, 2, 64
 GPU_TOKENS = [1, 8, 33, 512, 2048, 8192]
 
 
-def _poison_allocator() -> None:
-    """Leave garbage in the caching allocator's free blocks (small and large pools), so
-    that an output slot the kernels do not write shows up as a mismatch."""
-    junk = [torch.empty(1 << 18, dtype=torch.int32, device="cuda") for _ in range(64)]  # 1 MiB: small pool
-    junk += [torch.empty(1 << 22, dtype=torch.int32, device="cuda") for _ in range(4)]  # 16 MiB: large pool
-    for t in junk:
-        t.fill_(0x5A5A5A5A)
-    del junk
-
-
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", GPU_TOKENS)
@@ -469,9 +460,9 @@ def test_gpu_real_shapes(E, k, block, T):
         ids = make_ids(T, k, E, distinct=distinct, skew=skew, seed=seed + T, device="cuda")
         emap = make_map(E, seed=seed, device="cuda") if ep else None
         mask = None if emap is None else emap >= 0
-        _poison_allocator()
+        poison_allocator()
         check_all(ids, E, block, emap, mask)
-        _poison_allocator()
+        poison_allocator()
         check_all(ids.long(), E, block, emap, mask, ops=("align_block_size",))
 
 
@@ -492,11 +483,8 @@ def test_gpu_no_host_sync(T):
 
     run()  # compile outside the check
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         run()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 @gpu
