@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# On the lent GPU machine, one call: install the carried wheels (tools/device_wheels.sh), then each
+# step under its own time limit, everything logged under $OUT/logs and packed into $OUT/results.tgz
+# (the device tool returns at most 8 files). Steps (STEPS, space separated; default all but tune):
+#   run      moe run --explain on qwen3-30b-a3b (planner choice, reference check)
+#   tests    the GPU-marked tests (pytest -m gpu tests -n 8)
+#   quick    moe bench --quick (timed, bf16)
+#   quant    moe bench for fp8 / fp8_block / mxfp4 against this plugin's bf16
+#   sorting  benchmarks/amd_sorting.py and benchmarks/routing_sorting.py
+#   full     moe bench on every BENCHMARKS.md shape, bf16 (vLLM peer when .peers/vllm is carried)
+#   tune     tools/tune_device.py for every benchmark shape -> $OUT/logs/configs
+# Usage (carry .whl, and .peers when you have it): STEPS="tests quick" bash tools/device_check.sh
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+export MOE_BENCH_COMMIT=$(cat .whl/COMMIT 2>/dev/null)
+[ -d .peers/vllm ] && export MOE_BENCH_VLLM=$PWD/.peers/vllm
+L="$OUT/logs"
+mkdir -p "$L"
+STEPS=${STEPS:-run tests quick quant sorting}
+step() {  # step NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2 start=$(date +%s)
+  shift 2
+  case " $STEPS " in *" $name "*) ;; *) return ;; esac
+  timeout "$limit" "$@" > "$L/$name.log" 2>&1
+  echo "== $name: rc $? in $(( $(date +%s) - start )) s"
+  tail -n "${TAIL:-15}" "$L/$name.log"
+}
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} | tee "$L/device.txt"
+step run 120 python3 -m moe_core run --model qwen3-30b-a3b --tokens 64 --explain
+step tests "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu tests -p no:cacheprovider -n 8 --durations=15
+step quick 240 python3 -m moe_core bench --quick --out "$L/quick"
+step quant 300 python3 -m moe_core bench --models qwen3-30b-a3b,deepseek-v3-tp8,gpt-oss-120b \
+  --tokens 1,8,32,512,2048 --quant bf16,fp8,fp8_block,mxfp4 --out "$L/quant"
+step sorting 150 bash -c "python3 benchmarks/amd_sorting.py --out $L/amd-sorting.json && python3 benchmarks/routing_sorting.py --out $L/routing-sorting.json"
+step full 480 python3 -m moe_core bench --dtypes bf16,fp16 --out "$L/full"
+step tune 540 python3 tools/tune_device.py --out "$L/configs"
+tar -czf "$OUT/results.tgz" -C "$OUT" logs
