@@ -388,3 +388,23 @@ def test_gpu_prepare_from_high_precision():
     out = moe_apply(plan, x, plan.prepare(high), topk_w, topk_ids)
     want = fused_experts_reference(spec, x, weights, topk_w, topk_ids, compute_dtype=torch.float64)
     assert math.isfinite(relative_error(out, want)) and relative_error(out, want) <= tolerance(spec)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["mxfp4-w4a16", "mxfp4-w4a8"])
+def test_mxfp4_dot_scaled_k_order(name, monkeypatch):
+    """Compiled kernels take mxfp4 through ``tl.dot_scaled``, gathering A in the K order it reads
+    this layout's nibbles in; the interpreter runs that path too when forced. Its ``dot_scaled``
+    rounds bf16 through fp16, so the data stay within fp16's range (no binade spread) here."""
+    monkeypatch.setattr(experts, "_mx_dot", lambda spec, interpret: spec.quant.name == "mxfp4")
+    spec = _spec(name, **SWIGLU)
+    weights = random_expert_weights(spec, device=DEVICE, seed=3)
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    x = torch.randn(9, spec.hidden_size, generator=gen, device=DEVICE).to(spec.dtype)
+    topk_w = torch.rand(9, spec.top_k, generator=gen, device=DEVICE) + 0.05
+    ids = torch.rand(9, spec.num_experts, generator=gen, device=DEVICE).argsort(dim=1)[:, : spec.top_k].int()
+    plan = moe_plan(spec, DEVICE)
+    out = torch.full((9, spec.hidden_size), float("nan"), dtype=spec.dtype, device=DEVICE)
+    moe_apply(plan, x, plan.prepare(weights), topk_w, ids, out=out)
+    want = fused_experts_reference(spec, x, weights, topk_w, ids, compute_dtype=torch.float64)
+    assert relative_error(out, want) <= bound(spec)

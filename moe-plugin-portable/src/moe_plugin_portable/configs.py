@@ -207,6 +207,9 @@ def heuristic_config(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool)
             # fp8 blocks keep a K step's product beside each accumulator: two 128 x 128 of them
             # spill on sm90 even with 8 warps (so do fp8 per-token gate/up tiles, just)
             block_n = 64
+        if scheme.name == "mxfp4" and block_m >= 64:
+            # dot_scaled's upcast of a 128-wide e2m1 tile beside a 64+ row accumulator spills (sm90 ptxas)
+            block_n = 64
         while block_n > 16 and m_blocks * -(-n // block_n) < 2 * num_sms:
             block_n //= 2
         block_k = 64 if (block_m >= 128 or (gated and block_m >= 64)) else 128
@@ -220,6 +223,8 @@ def heuristic_config(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool)
         warps = 8 if block_m >= 128 and block_n >= 128 else 4
         if scheme.is_quantized and gated and block_m * block_n >= 64 * 128:
             warps = 8  # scale and dequantization temporaries: 4 warps spill (sm90 ptxas)
+        if scheme.name == "mxfp4" and block_m >= 64:
+            warps = 8  # so do dot_scaled's e2m1 upcast temporaries
         return GemmConfig(block_n, block_k, warps, stages, 8)
 
     return MoEConfig(

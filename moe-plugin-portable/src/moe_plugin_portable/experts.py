@@ -55,6 +55,7 @@ activation scales ``a13_scale``/``a2_scale`` as float32 ``[1]``; biases as given
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 import torch
@@ -208,6 +209,18 @@ def _scale_strides(scale: torch.Tensor | None) -> tuple[int, int]:
     return scale.stride(0), scale.stride(1) if scale.dim() > 1 else 0
 
 
+def _mx_dot(spec: MoESpec, interpret: bool | None) -> bool:
+    """mxfp4 through ``tl.dot_scaled`` (compiled kernels; ``MOE_PORTABLE_MXFP4=dequant`` keeps the
+    explicit e2m1 dequantization, which the interpreter always runs: its ``dot_scaled`` rounds the
+    bf16 operand through fp16)."""
+    if spec.quant.name != "mxfp4" or (interpreting() if interpret is None else interpret):
+        return False
+    mode = os.environ.get("MOE_PORTABLE_MXFP4", "dot_scaled")
+    if mode not in ("dot_scaled", "dequant"):
+        raise ValueError(f"MOE_PORTABLE_MXFP4 must be dot_scaled or dequant, got {mode!r}")
+    return mode == "dot_scaled"
+
+
 def _block_k(spec: MoESpec, cfg: GemmConfig) -> int:
     """The K step: the config's, but a divisor of fp8_block's K block and a multiple of 32 for mxfp4."""
     bk = cfg.block_k
@@ -317,6 +330,7 @@ def gemm1_launch(
         EVEN_K=H % block_k == 0,
         # the interpreter multiplies bf16 as integers
         UPCAST=interpreting() if interpret is None else interpret,
+        MX_DOT=_mx_dot(spec, interpret),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -409,6 +423,7 @@ def gemm2_launch(
         GROUP_M=cfg.group_m,
         EVEN_K=inter % block_k == 0,
         UPCAST=interpreting() if interpret is None else interpret,
+        MX_DOT=_mx_dot(spec, interpret),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

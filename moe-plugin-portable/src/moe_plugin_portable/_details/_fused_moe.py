@@ -118,6 +118,37 @@ def _load_mxfp4(ptrs, s_ptrs, k_remaining, n_mask, offs_h, EVEN_K: tl.constexpr)
 
 
 @triton.jit
+def _mx_dot_order(BLOCK_K: tl.constexpr):
+    """The K order in which ``tl.dot_scaled`` reads this layout's mxfp4 bytes: it takes byte ``j``'s
+    low and high nibbles as elements ``2j`` and ``2j + 1``, which hold elements ``j`` and ``j + 16``
+    of their 32-block, so the A tile is gathered in that order (within each 32-block, same scale)."""
+    p = tl.arange(0, BLOCK_K)
+    return (p // 32) * 32 + (p % 2) * 16 + (p % 32) // 2
+
+
+@triton.jit
+def _load_mx_dot_b(ptrs, s_ptrs, k_remaining, n_mask, offs_h, offs_s, EVEN_K: tl.constexpr):
+    """mxfp4 bytes ``[BLOCK_K/2, BLOCK_N]`` and their e8m0 scales ``[BLOCK_N, BLOCK_K/32]`` (dot_scaled's)."""
+    if EVEN_K:
+        b = tl.load(ptrs, mask=n_mask[None, :], other=0)
+        s = tl.load(s_ptrs, mask=n_mask[:, None], other=0)
+    else:
+        b = tl.load(ptrs, mask=(offs_h[:, None] < k_remaining // 2) & n_mask[None, :], other=0)
+        s = tl.load(s_ptrs, mask=n_mask[:, None] & (offs_s[None, :] < k_remaining // 32), other=0)
+    return b, s
+
+
+@triton.jit
+def _mx_dot(a, b, b_scale, acc, A_QUANT: tl.constexpr):
+    """``acc + a @ dequant(b)`` by ``tl.dot_scaled`` (bf16 or, W4A8, e4m3 activations x e2m1 weights)."""
+    if A_QUANT == 0:
+        acc = tl.dot_scaled(a, None, "bf16", b, b_scale, "e2m1", acc)
+    else:
+        acc = tl.dot_scaled(a, None, "e4m3", b, b_scale, "e2m1", acc)
+    return acc
+
+
+@triton.jit
 def _fp8_scale(amax):
     """``amax / 448`` rounded toward zero to 21 significant bits, 1 for 0 (``moe_core.quant``'s dynamic scale)."""
     scale = tl.math.div_rn(amax, 448.0)
@@ -221,6 +252,7 @@ def moe_gemm1(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
+    MX_DOT: tl.constexpr = False,
 ):
     """``x_ptr`` rows are tokens (fp8 when ``A_QUANT``; ``xs_ptr`` their scales); ``ws_ptr``: the
     weight scales; ``os_ptr``: the output's static scale (``OUT_QUANT`` 1) or its group scales
@@ -252,6 +284,25 @@ def moe_gemm1(
         )
         u_ptrs = g_ptrs + INTER * stride_wn
         us_ptrs = gs_ptrs + INTER * stride_wsn
+    if B_QUANT == 4 and MX_DOT:
+        k_perm = _mx_dot_order(BLOCK_K)
+        a_ptrs = x_ptr + token[:, None] * stride_xm + k_perm[None, :]
+        offs_s = tl.arange(0, BLOCK_K // 32)
+        gs_ptrs = ws_ptr + expert * stride_wse + offs_n[:, None].to(tl.int64) * stride_wsn + offs_s[None, :]
+        us_ptrs = gs_ptrs + INTER * stride_wsn
+        for k0 in range(0, K, BLOCK_K):
+            a = _load_a(a_ptrs, row_mask, k_perm, K - k0, EVEN_K)
+            g, g_s = _load_mx_dot_b(g_ptrs, gs_ptrs, K - k0, n_mask, offs_h, offs_s, EVEN_K)
+            acc_g = _mx_dot(a, g, g_s, acc_g, A_QUANT)
+            if GATED:
+                u, u_s = _load_mx_dot_b(u_ptrs, us_ptrs, K - k0, n_mask, offs_h, offs_s, EVEN_K)
+                acc_u = _mx_dot(a, u, u_s, acc_u, A_QUANT)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K // 2
+            u_ptrs += BLOCK_K // 2
+            gs_ptrs += BLOCK_K // 32
+            us_ptrs += BLOCK_K // 32
+    elif B_QUANT == 4:
         for k0 in range(0, K, BLOCK_K):
             a_lo = _load_a(lo_ptrs, row_mask, k_lo, K - k0, EVEN_K).to(tl.bfloat16)
             a_hi = _load_a(lo_ptrs + 16, row_mask, k_lo + 16, K - k0, EVEN_K).to(tl.bfloat16)
@@ -375,6 +426,7 @@ def moe_gemm2(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
+    MX_DOT: tl.constexpr = False,
 ):
     """``inter_ptr`` rows are sorted positions (fp8 when ``A_QUANT``; ``xs_ptr`` their scales, by position)."""
     pid_m, pid_n = _pid_grid(tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -400,6 +452,19 @@ def moe_gemm2(
         bs_ptrs = (
             ws_ptr + expert * stride_wse + offs_n[None, :].to(tl.int64) * stride_wsn + offs_h[:, None] // 16
         )
+    if B_QUANT == 4 and MX_DOT:
+        k_perm = _mx_dot_order(BLOCK_K)
+        a_ptrs = inter_ptr + offs_m[:, None].to(tl.int64) * stride_im + k_perm[None, :]
+        offs_s = tl.arange(0, BLOCK_K // 32)
+        bs_ptrs = ws_ptr + expert * stride_wse + offs_n[:, None].to(tl.int64) * stride_wsn + offs_s[None, :]
+        for k0 in range(0, K, BLOCK_K):
+            a = _load_a(a_ptrs, row_mask, k_perm, K - k0, EVEN_K)
+            b, b_s = _load_mx_dot_b(b_ptrs, bs_ptrs, K - k0, n_mask, offs_h, offs_s, EVEN_K)
+            acc = _mx_dot(a, b, b_s, acc, A_QUANT)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K // 2
+            bs_ptrs += BLOCK_K // 32
+    elif B_QUANT == 4:
         for k0 in range(0, K, BLOCK_K):
             a_lo = _load_a(lo_ptrs, row_mask, k_lo, K - k0, EVEN_K).to(tl.bfloat16)
             a_hi = _load_a(lo_ptrs + 16, row_mask, k_lo + 16, K - k0, EVEN_K).to(tl.bfloat16)
