@@ -61,6 +61,7 @@ __all__ = [
     "dispatch_dir",
     "environment_versions",
     "load_table",
+    "measure_plans",
     "save_table",
     "spec_key",
     "table_path",
@@ -406,98 +407,40 @@ def tune_dispatch(
     Returns ``None`` when fewer than two kernels are usable (nothing to choose between).
     Raises :class:`MoEInputError` for a simulated device (nothing can be timed there).
     """
-    from .bench.suite import (
-        GRAPH_MAX_T,
-        L2_FLUSH_BYTES,
-        _graph_blocker,
-        _plan_for,
-        _time_into,
-        uniform_routing,
-    )
+    from .bench.suite import GRAPH_MAX_T, _plan_for
     from .bench.suite import select_kernels as bench_select
-    from .reference import fused_experts_reference
-    from .routing import RoutingSpec
-    from .testing import random_expert_weights, relative_error, tolerance
+    from .testing import tolerance
 
     info = device_info(device)
     if info.simulated:
         raise MoEInputError(f"cannot tune on a simulated device ({info}); tune on the device itself")
-    dev = info.device if info.vendor != "cpu" else torch.device("cpu")
+    dev = _torch_device(info)
     cuda = dev.type == "cuda"
     by_bucket = _tokens_by_bucket(tokens or DEFAULT_TOKENS)
     usable, _ = bench_select(spec, dev, list(kernels) if kernels else None)
     if len(usable) < 2:
         return None
     iters = iters or (30 if cuda else 10)
-    bound = tolerance(spec)
-
-    weights = [random_expert_weights(spec, device=dev, seed=seed + 1)]
-    copies = 1
-    if cuda:
-        wbytes = sum(t.numel() * t.element_size() for t in weights[0].tensors().values())
-        copies = max(2, math.ceil(L2_FLUSH_BYTES / max(wbytes, 1)))
-        weights += [random_expert_weights(spec, device=dev, seed=seed + 1 + i) for i in range(1, copies)]
-    plans, prepared, broken = {}, {}, {}
+    plans: dict[str, Any] = {}
     for name in usable:
         try:
             plans[name] = _plan_for(spec, dev, name)
-            prepared[name] = [plans[name].prepare(w) for w in weights]
-        except Exception as exc:  # a kernel that cannot prepare is left out, tuning goes on
-            broken[name] = f"prepare raised {type(exc).__name__}: {exc}"[:300]
-    syncs: dict[str, str] = {}
-    routing = RoutingSpec("softmax", spec.top_k, renormalize=True)
-    measured: dict[int, dict[str, float | str]] = {}
+        except Exception as exc:  # reported per token count by measure_plans
+            plans[name] = f"plan raised {type(exc).__name__}: {exc}"[:300]
     all_tokens = [t for ts in by_bucket for t in ts]
-    steps, step = len(all_tokens) * len(usable), 0
-    out_buf: dict[int, torch.Tensor] = {}
-    for T in all_tokens:
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(seed + 7 + T)
-        inputs = []
-        for i in range(copies):
-            x = torch.randn(T, spec.hidden_size, generator=gen, device=dev).to(spec.dtype)
-            w, ids = uniform_routing(routing, T, spec.num_experts, device=dev, seed=seed + 100 + i + T)
-            inputs.append((x, w, ids))
-        x0, w0, ids0 = inputs[0]
-        want = fused_experts_reference(spec, x0, weights[0], w0, ids0, compute_dtype=torch.float64)
-        out = out_buf.setdefault(T, torch.empty(T, spec.hidden_size, dtype=spec.dtype, device=dev))
-        row: dict[str, float | str] = {}
-        measured[T] = row
-        for name in usable:
-            step += 1
-            if progress is not None:
-                progress(f"dispatch {name} T={T}", step, steps)
-            if name in broken:
-                row[name] = broken[name]
-                continue
-            plan, prep = plans[name], prepared[name]
-
-            def call(i: int, plan=plan, prep=prep, inputs=inputs, out=out) -> None:
-                x, w, ids = inputs[i]
-                _apply(plan, x, prep[i], w, ids, out)
-
-            try:
-                out.fill_(float("nan"))
-                call(0)
-                err = relative_error(out, want)
-                if not err <= bound:
-                    row[name] = f"wrong: relative error {err:.3e} > bound {bound:.1e}"
-                    continue
-                if cuda and name not in syncs:
-                    blocker = _graph_blocker(call)
-                    syncs[name] = blocker or ""
-                result: dict[str, Any] = {}
-                n = _iters_for(call, iters, time_budget_us, dev)
-                _time_into(result, call, copies, n, dev, cuda and T <= GRAPH_MAX_T, warmup)
-                row[name] = float(result["best_us"])
-            except Exception as exc:  # a kernel that raises is left out of the bucket
-                row[name] = f"raised {type(exc).__name__}: {exc}"[:300]
-        want = inputs = None  # free before the next T
-    plans = prepared = None
-    if cuda:
-        torch.cuda.empty_cache()
-
-    buckets = [_choose(ts, measured, usable, {k: v for k, v in syncs.items() if v}) for ts in by_bucket]
+    measured, syncs, copies = measure_plans(
+        spec,
+        plans,
+        all_tokens,
+        device=dev,
+        iters=iters,
+        warmup=warmup,
+        seed=seed,
+        time_budget_us=time_budget_us,
+        progress=progress,
+    )
+    bound = tolerance(spec)
+    buckets = [_choose(ts, measured, usable, syncs) for ts in by_bucket]
     table = DispatchTable(
         key=spec_key(spec),
         spec=spec.describe(),
@@ -517,10 +460,108 @@ def tune_dispatch(
     return table
 
 
-def _apply(plan: Any, x, prepared, w, ids, out) -> None:
-    from .planner import moe_apply
+def _torch_device(info: DeviceInfo) -> torch.device:
+    return info.device if info.vendor != "cpu" else torch.device("cpu")
 
-    moe_apply(plan, x, prepared, w, ids, out=out)
+
+def measure_plans(
+    spec: MoESpec,
+    plans: dict[str, Any],
+    tokens: Sequence[int],
+    *,
+    device: torch.device | str,
+    iters: int,
+    warmup: int = 3,
+    seed: int = 0,
+    time_budget_us: float = 1.0e6,
+    progress: Progress | None = None,
+    details: dict[int, dict[str, dict[str, Any]]] | None = None,
+) -> tuple[dict[int, dict[str, float | str]], dict[str, str], int]:
+    """Check and time each plan of ``plans`` (name -> :class:`MoEPlan`, or a reason it has none).
+
+    Per token count ``T``: ``copies`` random weight sets (prepared by every plan) and
+    inputs routed softmax top-k on random logits (uniform expert load); each plan is
+    run once into a NaN-poisoned output and checked against the float64 reference,
+    then timed as ``moe bench`` does (:func:`moe_core.bench.suite._time_into`).
+
+    Returns ``({T: {name: best microseconds, or why not}}, {name: why it is not
+    CUDA-graph safe}, copies)``. ``details[T][name]`` receives the full timing record.
+    """
+    from .bench.suite import GRAPH_MAX_T, L2_FLUSH_BYTES, _graph_blocker, _time_into, uniform_routing
+    from .planner import moe_apply
+    from .reference import fused_experts_reference
+    from .routing import RoutingSpec
+    from .testing import random_expert_weights, relative_error, tolerance
+
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    bound = tolerance(spec)
+    weights = [random_expert_weights(spec, device=dev, seed=seed + 1)]
+    copies = 1
+    if cuda:
+        wbytes = sum(t.numel() * t.element_size() for t in weights[0].tensors().values())
+        copies = max(2, math.ceil(L2_FLUSH_BYTES / max(wbytes, 1)))
+        weights += [random_expert_weights(spec, device=dev, seed=seed + 1 + i) for i in range(1, copies)]
+    prepared: dict[str, list[Any]] = {}
+    broken = {name: plan for name, plan in plans.items() if isinstance(plan, str)}
+    for name, plan in plans.items():
+        if name in broken:
+            continue
+        try:
+            prepared[name] = [plan.prepare(w) for w in weights]
+        except Exception as exc:  # a kernel that cannot prepare is left out, the others go on
+            broken[name] = f"prepare raised {type(exc).__name__}: {exc}"[:300]
+    syncs: dict[str, str] = {}
+    routing = RoutingSpec("softmax", spec.top_k, renormalize=True)
+    measured: dict[int, dict[str, float | str]] = {}
+    steps, step = len(tokens) * len(plans), 0
+    for T in tokens:
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(seed + 7 + T)
+        inputs = []
+        for i in range(copies):
+            x = torch.randn(T, spec.hidden_size, generator=gen, device=dev).to(spec.dtype)
+            w, ids = uniform_routing(routing, T, spec.num_experts, device=dev, seed=seed + 100 + i + T)
+            inputs.append((x, w, ids))
+        x0, w0, ids0 = inputs[0]
+        want = fused_experts_reference(spec, x0, weights[0], w0, ids0, compute_dtype=torch.float64)
+        out = torch.empty(T, spec.hidden_size, dtype=spec.dtype, device=dev)
+        row: dict[str, float | str] = {}
+        measured[T] = row
+        for name in plans:
+            step += 1
+            if progress is not None:
+                progress(f"dispatch {name} T={T}", step, steps)
+            if name in broken:
+                row[name] = broken[name]
+                continue
+
+            def call(i: int, plan=plans[name], prep=prepared[name], inputs=inputs, out=out) -> None:
+                x, w, ids = inputs[i]
+                moe_apply(plan, x, prep[i], w, ids, out=out)
+
+            try:
+                out.fill_(float("nan"))
+                call(0)
+                err = relative_error(out, want)
+                if not err <= bound:
+                    row[name] = f"wrong: relative error {err:.3e} > bound {bound:.1e}"
+                    continue
+                if cuda and name not in syncs:
+                    syncs[name] = _graph_blocker(call) or ""
+                result: dict[str, Any] = {"relative_error": err}
+                n = _iters_for(call, iters, time_budget_us, dev)
+                _time_into(result, call, copies, n, dev, cuda and T <= GRAPH_MAX_T, warmup)
+                row[name] = float(result["best_us"])
+                if details is not None:
+                    details.setdefault(T, {})[name] = result
+            except Exception as exc:  # a kernel that raises is left out of the bucket
+                row[name] = f"raised {type(exc).__name__}: {exc}"[:300]
+        want = inputs = out = None  # free before the next T
+    prepared = {}
+    if cuda:
+        torch.cuda.empty_cache()
+    return measured, {k: v for k, v in syncs.items() if v}, copies
 
 
 def _iters_for(call: Callable[[int], None], iters: int, budget_us: float, dev: torch.device) -> int:
