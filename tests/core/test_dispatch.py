@@ -374,3 +374,55 @@ def test_cli_tune_writes_the_dispatch_table(kernels, capsys, tmp_path, monkeypat
     assert paths and paths[0].startswith(str(tmp_path))
     assert f"T 1          {SMALL}" in err and f"T 33-128     {BIG}" in err
     assert main(["tune", "--model", "tiny-mixtral", "--no-dispatch"]) == 1
+
+
+def _dense_apply(spec, x, prepared, w, ids, out):
+    """Every expert on every token, weighted by the routing: no host sync, so CUDA-graph safe."""
+    w13, w2 = prepared["w13"].float(), prepared["w2"].float()
+    coef = torch.zeros(x.shape[0], spec.num_experts, device=x.device).scatter_add_(1, ids.long(), w.float())
+    h = torch.einsum("th,enh->etn", x.float(), w13)
+    inter = spec.intermediate_size
+    act = torch.nn.functional.silu(h[..., :inter]) * h[..., inter:]
+    y = torch.einsum("eti,ehi->eth", act, w2)
+    out.copy_(torch.einsum("eth,te->th", y, coef))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_tune_and_cuda_graphs_dispatch_per_captured_shape(kernels):
+    spec = SPEC.replace(dtype=torch.bfloat16)
+    a, b = "fake.dense_a.experts", "fake.dense_b.experts"
+    kernels.install(
+        kernels.entry(a, apply=_dense_apply, capability="gpu", priority=10),
+        kernels.entry(b, apply=_dense_apply, capability="gpu", priority=5),
+    )
+    table = dp.tune_dispatch(spec, "cuda", tokens=(1, 100), kernels=["fake"], iters=5, save=False)
+    assert table is not None and set(table.distinct()) <= {a, b} and table.kernels[1] is None
+    assert all(bucket.times.keys() == {a, b} for bucket in (table.buckets[0], table.buckets[3]))
+    plan = moe_plan(spec, "cuda", dispatch=_table([a, a, a, b, b, b, b], spec))
+    weights = random_expert_weights(spec, device="cuda", seed=1)
+    prepared = plan.prepare(weights)
+    routing = moe_core.RoutingSpec("softmax", spec.top_k, renormalize=True)
+    for T, kernel in ((4, a), (100, b)):
+        x = torch.randn(T, spec.hidden_size, device="cuda").to(spec.dtype)
+        w, ids = random_routing(routing, T, spec.num_experts, device="cuda", seed=T)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            moe_apply(plan, x, prepared, w, ids)  # the host picks the kernel: no device sync
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+        kernels.applied.clear()
+        graph, static_out = torch.cuda.CUDAGraph(), torch.empty_like(x)
+        with torch.cuda.graph(graph):
+            moe_apply(plan, x, prepared, w, ids, out=static_out)
+        assert kernels.applied == [(kernel, T)]  # captured: the bucket's kernel, fixed for this shape
+        x.copy_(torch.randn_like(x))
+        new_w, new_ids = random_routing(routing, T, spec.num_experts, device="cuda", seed=T + 1)
+        w.copy_(new_w)
+        ids.copy_(new_ids)
+        static_out.fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(static_out, moe_apply(plan, x, prepared, w, ids))
+        want = fused_experts_reference(spec, x, weights, w, ids, compute_dtype=torch.float64)
+        assert relative_error(static_out, want) <= tolerance(spec)
