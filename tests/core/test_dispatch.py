@@ -221,6 +221,10 @@ def test_stale_table_is_ignored_with_a_warning(kernels, change):
     with pytest.warns(dp.StaleDispatchWarning, match=match):
         plan = moe_plan(SPEC, "cpu")
     assert plan.dispatch is None and plan.kernel == SMALL
+    assert "dispatch table: " in plan.explain() and "ignored" in plan.explain()
+    if change != "kernel":  # the file itself is stale
+        with pytest.warns(dp.StaleDispatchWarning, match=match):
+            assert dp.load_table(SPEC, "cpu") is None
 
 
 def test_a_table_for_another_spec_is_refused(kernels):

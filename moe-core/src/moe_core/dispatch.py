@@ -60,6 +60,7 @@ __all__ = [
     "device_name",
     "dispatch_dir",
     "environment_versions",
+    "find_table",
     "load_table",
     "measure_plans",
     "save_table",
@@ -284,44 +285,37 @@ def _read(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
 
 
 def _read_file(path: Path) -> dict[str, Any] | None:
+    """The file's JSON, ``None`` when there is no file; raises ``OSError``/``ValueError`` if unreadable."""
     try:
         st = path.stat()
     except OSError:
         return None
-    try:
-        return _read(str(path), st.st_mtime_ns, st.st_size)
-    except (OSError, ValueError) as exc:
-        warnings.warn(f"dispatch table {path} is unreadable ({exc}); ignored", StaleDispatchWarning, 3)
-        return None
+    return _read(str(path), st.st_mtime_ns, st.st_size)
 
 
-def load_table(
+def find_table(
     spec: MoESpec, device: DeviceInfo | torch.device | str | None = None, folder: Path | str | None = None
-) -> DispatchTable | None:
-    """The table for ``spec`` on ``device``, or ``None`` (none, or stale: a :class:`StaleDispatchWarning`)."""
+) -> tuple[DispatchTable | None, str | None]:
+    """``(table, None)``, ``(None, None)`` when there is none, or ``(None, why it is ignored)``."""
     info = device_info(device)
     name = device_name(info)
     path = table_path(name, folder)
-    data = _read_file(path)
+    try:
+        data = _read_file(path)
+    except (OSError, ValueError) as exc:
+        return None, f"{path} is unreadable ({exc})"
     if data is None:
-        return None
+        return None, None
     key = spec_key(spec)
     entry = data.get("entries", {}).get(key)
     if entry is None:
-        return None
+        return None, None
     try:
         table = DispatchTable.from_json(key, entry, str(path))
     except (KeyError, TypeError, ValueError) as exc:
-        warnings.warn(f"dispatch table {path} [{key}] is malformed ({exc}); ignored", StaleDispatchWarning, 3)
-        return None
+        return None, f"{path} [{key}] is malformed ({exc})"
     if table.device != name:
-        warnings.warn(
-            f"dispatch table {path} [{key}] was tuned on {table.device!r}, this device is {name!r}; "
-            "ignored (run `moe tune` here)",
-            StaleDispatchWarning,
-            3,
-        )
-        return None
+        return None, f"{path} [{key}] was tuned on {table.device!r}, this device is {name!r}"
     now = environment_versions()
     if table.versions != now:
         diff = ", ".join(
@@ -329,13 +323,17 @@ def load_table(
             for k in sorted(set(now) | set(table.versions))
             if table.versions.get(k) != now.get(k)
         )
-        warnings.warn(
-            f"dispatch table {path} [{key}] was tuned with other versions ({diff}); "
-            "ignored, static priorities apply (run `moe tune` again)",
-            StaleDispatchWarning,
-            3,
-        )
-        return None
+        return None, f"{path} [{key}] was tuned with other versions ({diff})"
+    return table, None
+
+
+def load_table(
+    spec: MoESpec, device: DeviceInfo | torch.device | str | None = None, folder: Path | str | None = None
+) -> DispatchTable | None:
+    """The table for ``spec`` on ``device``, or ``None`` (none, or stale: a :class:`StaleDispatchWarning`)."""
+    table, why = find_table(spec, device, folder)
+    if why is not None:
+        warnings.warn(f"dispatch table {why}; ignored (run `moe tune` again)", StaleDispatchWarning, 2)
     return table
 
 
@@ -343,7 +341,10 @@ def save_table(table: DispatchTable, folder: Path | str | None = None) -> Path:
     """Merge ``table`` into its device's file (atomically) and return the path; sets ``table.path``."""
     path = table_path(table.device, folder)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = _read_file(path) or {}
+    try:
+        data = _read_file(path) or {}
+    except (OSError, ValueError):  # unreadable: replaced
+        data = {}
     if data.get("format") != FORMAT:
         data = {}
     data = {"format": FORMAT, "device": table.device, "entries": dict(data.get("entries", {}))}

@@ -409,7 +409,10 @@ def moe_plan(
             table = dispatch
         elif dispatch is None or dispatch is True:
             if dispatching.enabled():
-                table = dispatching.load_table(spec, info)
+                table, why = dispatching.find_table(spec, info)
+                if why is not None:
+                    note = f"{why}: ignored (run `moe tune` again)"
+                    warnings.warn(f"dispatch table {note}; static priorities apply", StaleDispatchWarning, 2)
         elif dispatch is not False:
             raise MoEInputError(
                 f"dispatch must be None, a bool or a DispatchTable, got {type(dispatch).__name__}"
