@@ -5,7 +5,8 @@
     moe plugins [--all]              discovered plugins: JSON (name, version, hooks, kernels, status, error)
     moe plan --model M [...]         the kernel chosen for a model's layer, and every refusal
     moe run  [--model M --tokens N]  plan, prepare and run a layer; check against the reference; time it
-    moe tune --model M               tune plugins' kernels for a model on this GPU, write their tables
+    moe tune --model M               tune plugins' kernels for a model on this GPU, write their tables,
+                                     then time every kernel per T bucket (dispatch table, moe_core.dispatch)
     moe bench [--quick] [--out DIR]  every kernel and peer per case: floor, reference check, time; report
     moe doctor                       versions, devices, capabilities, plugins, environment
     moe presets                      the model presets
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -198,7 +200,9 @@ def _progress(label: str = "tuning"):
             print(f"[{completed}/{total}] {description}", file=sys.stderr, flush=True)
 
         return plain, None
-    bar = Progress(transient=False)
+    from rich.console import Console
+
+    bar = Progress(console=Console(stderr=True), transient=False)  # stdout stays the command's output
     task = bar.add_task(label, total=1)
 
     def update(description: str, completed: int, total: int) -> None:
@@ -213,14 +217,27 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else None
     progress, bar = _progress()
     kwargs = {"spec": spec, "device": device, "tokens": tokens, "output_dir": args.out, "progress": progress}
-    if bar is not None:
-        with bar:
-            written = plugin_manager().tune(args.plugin, **kwargs)
-    else:
+    with bar if bar is not None else contextlib.nullcontext():
         written = plugin_manager().tune(args.plugin, **kwargs)
-    _print_json({name: paths for name, paths in written.items()})
-    if not any(written.values()):
-        print(f"moe tune: no plugin had anything to tune for {spec.describe()} on {device}", file=sys.stderr)
+        table = None
+        if not args.no_dispatch:  # the core's own step, after the plugins tuned their configs
+            from .dispatch import tune_dispatch
+
+            table = tune_dispatch(
+                spec, device, tokens=tokens, kernels=_names(args.kernels), progress=progress
+            )
+    result = {name: paths for name, paths in written.items()}
+    if table is not None:
+        result["dispatch"] = [table.path]
+    _print_json(result)
+    if table is not None:
+        print("dispatch table (bucket -> kernel):", *table.describe(), sep="\n", file=sys.stderr)
+    if not any(result.values()):
+        print(
+            f"moe tune: no plugin had anything to tune for {spec.describe()} on {device}"
+            + ("" if args.no_dispatch else ", and fewer than two kernels support it (no dispatch table)"),
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -354,13 +371,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(
-        "tune", help="tune the plugins' kernels for a model on this GPU and write their tables"
+        "tune", help="tune the plugins' kernels for a model here, then the per-T dispatch table"
     )
     _add_layer_args(p, model_required=True)
     p.add_argument("--device", default=None)
     p.add_argument("--tokens", default=None, help="comma list of token counts (default: one per bucket)")
     p.add_argument("--out", default=None, help="folder for the tables (default: where the plugins read them)")
     p.add_argument("--plugin", action="append", default=None, help="only this plugin (repeatable)")
+    p.add_argument(
+        "--no-dispatch", action="store_true", help="skip timing the kernels per T bucket (dispatch table)"
+    )
+    p.add_argument(
+        "--kernels", default=None, help="dispatch among these kernels only (comma list, names or prefixes)"
+    )
     p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser(

@@ -95,4 +95,8 @@ def tune(
     plugin's default, which its runtime reads); ``progress(description,
     completed, total)`` reports progress. Return the paths written, or
     ``None`` when the plugin has nothing to tune for this spec/device.
+
+    After every plugin's hook, ``moe tune`` times all usable experts kernels per
+    token bucket in the same process (:mod:`moe_core.dispatch`), so the plugin's
+    runtime must use what this hook wrote from then on (clear its table caches).
     """

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from .planner import LAYOUTS, PLANS, MoEPlan, PreparedWeights, run_experts
+from .planner import PLANS, MoEPlan, PreparedWeights, rebuild_prepared, run_experts
 from .routing import RoutingSpec, run_select_experts
 
 __all__ = ["moe_apply_op", "select_experts_op"]
 
 
 def _rebuild(layout: int, weights: list[torch.Tensor]) -> PreparedWeights:
-    kernel, names, meta = LAYOUTS[layout]
-    return PreparedWeights(kernel, dict(zip(names, weights)), meta, layout_handle=layout)
+    return rebuild_prepared(layout, weights)
 
 
 @torch.library.custom_op("moe_core::moe_apply", mutates_args=())
@@ -74,13 +73,21 @@ def moe_apply_op(
 ) -> torch.Tensor:
     """Run :func:`moe_core.moe_apply` through the custom op (inputs already checked)."""
     weights = list(prepared.tensors.values())
-    layout = prepared.layout_handle
+    handle, layout = _handles(plan, prepared)
     if out is None:
-        return torch.ops.moe_core.moe_apply(
-            hidden_states, topk_weights, topk_ids, weights, plan.handle, layout
-        )
-    torch.ops.moe_core.moe_apply_out(hidden_states, topk_weights, topk_ids, weights, plan.handle, layout, out)
+        return torch.ops.moe_core.moe_apply(hidden_states, topk_weights, topk_ids, weights, handle, layout)
+    torch.ops.moe_core.moe_apply_out(hidden_states, topk_weights, topk_ids, weights, handle, layout, out)
     return out
+
+
+def _handles(plan: MoEPlan, prepared: PreparedWeights) -> tuple[int, int]:
+    """The plan's and the layout's handles, constants of the traced graph (with ``dynamic=True``
+    dynamo would otherwise turn these ints read from a closure into symbols)."""
+    return plan.handle, prepared.layout_handle
+
+
+# what torch.compiler.assume_constant_result(_handles) does, without importing dynamo (seconds) here
+_handles._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 @torch.library.custom_op("moe_core::select_experts", mutates_args=())

@@ -10,18 +10,27 @@
 kernel launches), returns an empty ``[0, H]`` result for ``T == 0`` without
 launching anything, and does not synchronise with the host for GPU kernels.
 Under ``torch.compile`` it is the custom op ``moe_core::moe_apply``.
+
+With a dispatch table (:mod:`moe_core.dispatch`, written by ``moe tune``) naming
+several kernels, the plan runs each bucket of token counts on its own kernel:
+``plan.kernel`` is :data:`DISPATCH`, ``plan.prepare`` prepares every distinct
+kernel's weights once (sharing tensors that coincide) into a
+:class:`DispatchedWeights`, and ``moe_apply`` picks the kernel from
+``hidden_states.shape[0]`` on the host (no device sync; fixed per CUDA graph).
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .device import DeviceInfo, device_info
+from .dispatch import DispatchTable, StaleDispatchWarning, bucket_index
 from .errors import MoEInputError
 from .registry import Candidate, KernelEntry, forced_backend, get_registry
 from .spec import ExpertWeights, MoESpec
@@ -33,7 +42,19 @@ from .validation import (
     check_topk,
 )
 
-__all__ = ["MoEPlan", "PreparedWeights", "check_expert_weights", "moe_apply", "moe_plan"]
+__all__ = [
+    "DISPATCH",
+    "DispatchedWeights",
+    "MoEPlan",
+    "PreparedWeights",
+    "check_expert_weights",
+    "moe_apply",
+    "moe_plan",
+]
+
+#: ``plan.kernel`` (and ``prepared.kernel``) of a plan that dispatches by token count; no
+#: registered kernel can have this name (kernel names have dots)
+DISPATCH = "dispatch"
 
 # Integer handles of plans and prepared-weight layouts for the custom ops (moe_core.ops):
 # a traced graph holds the handle as a constant. Entries live as long as the process.
@@ -79,6 +100,106 @@ class PreparedWeights:
         return self.tensors[name]
 
 
+@dataclass
+class DispatchedWeights(PreparedWeights):
+    """Every kernel's prepared weights for a plan that dispatches by token count.
+
+    Attributes:
+        parts: each distinct kernel's :class:`PreparedWeights`, by kernel name. Tensors
+            that two kernels share are the same tensor object in both parts.
+        tensors: the distinct tensors of all parts (what the custom op receives).
+        meta: ``{"parts": ((kernel, part layout handle, indices into tensors), ...)}``.
+    """
+
+    parts: dict[str, PreparedWeights] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def build(cls, parts: dict[str, PreparedWeights]) -> DispatchedWeights:
+        flat: dict[str, torch.Tensor] = {}
+        index: dict[int, int] = {}
+        layout = []
+        for kernel, part in parts.items():
+            picks = []
+            for name, t in part.tensors.items():
+                if id(t) not in index:
+                    index[id(t)] = len(flat)
+                    flat[f"{kernel}/{name}"] = t
+                picks.append(index[id(t)])
+            layout.append((kernel, part.layout_handle, tuple(picks)))
+        return cls(DISPATCH, flat, {"parts": tuple(layout)}, parts=parts)
+
+
+def rebuild_prepared(layout: int, weights: list[torch.Tensor]) -> PreparedWeights:
+    """The prepared weights registered as ``layout``, around ``weights`` (for the custom ops)."""
+    kernel, names, meta = LAYOUTS[layout]
+    if kernel != DISPATCH:
+        return PreparedWeights(kernel, dict(zip(names, weights)), meta, layout_handle=layout)
+    parts = {
+        name: rebuild_prepared(handle, [weights[i] for i in picks]) for name, handle, picks in meta["parts"]
+    }
+    return DispatchedWeights(kernel, dict(zip(names, weights)), meta, layout_handle=layout, parts=parts)
+
+
+def _share(prepared: PreparedWeights, pool: list[torch.Tensor]) -> PreparedWeights:
+    """``prepared`` with each tensor that equals one in ``pool`` (same layout and values) replaced by it."""
+    tensors, changed = {}, False
+    for name, t in prepared.tensors.items():
+        same = next((p for p in pool if p is t), None)
+        if same is None:
+            same = next((p for p in pool if _coincide(p, t)), None)
+        if same is None:
+            pool.append(t)
+            same = t
+        changed |= same is not t
+        tensors[name] = same
+    if not changed:
+        return prepared
+    return PreparedWeights(prepared.kernel, tensors, prepared.meta, layout_handle=prepared.layout_handle)
+
+
+def _coincide(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if (a.device, a.dtype, a.shape, a.stride()) != (b.device, b.dtype, b.shape, b.stride()):
+        return False
+    if a.data_ptr() == b.data_ptr() and a.storage_offset() == b.storage_offset():
+        return True
+    return bool(torch.equal(a, b))
+
+
+def memory_report(
+    parts: dict[str, PreparedWeights], canonical: dict[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """Bytes held by prepared weights, each storage counted once.
+
+    ``per_kernel``: bytes of each kernel's storages; ``total``: of all distinct storages;
+    ``unshared``: the sum over kernels (what separate copies would take); ``shared``:
+    ``unshared - total``; ``canonical``: bytes of ``total`` that are the caller's
+    canonical weights themselves (the kernel kept them as they were).
+    """
+
+    def storages(tensors) -> dict[tuple, int]:
+        found = {}
+        for t in tensors:
+            st = t.untyped_storage()
+            found[(str(t.device), st.data_ptr())] = st.nbytes()
+        return found
+
+    per_kernel = {k: sum(storages(p.tensors.values()).values()) for k, p in parts.items()}
+    everything = storages(t for p in parts.values() for t in p.tensors.values())
+    total = sum(everything.values())
+    given = storages((canonical or {}).values())
+    return {
+        "per_kernel": per_kernel,
+        "total": total,
+        "unshared": sum(per_kernel.values()),
+        "shared": sum(per_kernel.values()) - total,
+        "canonical": sum(n for key, n in everything.items() if key in given),
+    }
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
 class MoEPlan:
     """The kernel chosen for one MoE layer on one device, and why.
 
@@ -88,6 +209,14 @@ class MoEPlan:
         entry: the chosen :class:`KernelEntry`.
         candidates: every kernel considered, chosen one first, each with its
             refusal reason (``None`` when usable).
+        dispatch: the :class:`moe_core.dispatch.DispatchTable` in use, or ``None``
+            (static priorities).
+        routes: with a table naming several kernels, the entry of each bucket of
+            :data:`moe_core.dispatch.BUCKETS`; else ``None`` (``entry`` runs every T).
+        static_entry: the kernel the static priorities chose (``entry`` unless a
+            table named one other kernel for every bucket).
+        memory: bytes held by the last ``prepare`` (:func:`memory_report`), or ``None``.
+        dispatch_note: why a dispatch table was not used, when one was found.
     """
 
     def __init__(
@@ -97,31 +226,91 @@ class MoEPlan:
         entry: KernelEntry,
         candidates: list[Candidate],
         backend: str | None,
+        dispatch: DispatchTable | None = None,
+        dispatch_note: str | None = None,
     ):
         self.spec = spec
         self.device = device
         self.entry = entry
+        self.static_entry = entry
         self.candidates = candidates
         self.backend = backend
+        self.dispatch = dispatch
+        self.dispatch_note = dispatch_note
+        self.routes: tuple[KernelEntry, ...] | None = None
+        self.memory: dict[str, Any] | None = None
+        if dispatch is not None:
+            by_name = {c.name: c.entry for c in candidates}
+            routes = tuple(by_name[k] if k is not None else entry for k in dispatch.kernels)
+            if len({e.name for e in routes}) == 1:
+                self.entry = routes[0]
+            else:
+                self.routes = routes
         #: integer id under which the custom op finds this plan (see :mod:`moe_core.ops`)
         self.handle = _new_handle(PLANS, self)
 
     @property
     def kernel(self) -> str:
-        """Name of the chosen kernel."""
-        return self.entry.name
+        """Name of the chosen kernel (:data:`DISPATCH` when the plan dispatches by token count)."""
+        return DISPATCH if self.routes is not None else self.entry.name
+
+    @property
+    def kernels(self) -> tuple[str, ...]:
+        """The distinct kernels the plan runs."""
+        if self.routes is None:
+            return (self.entry.name,)
+        return tuple(dict.fromkeys(e.name for e in self.routes))
+
+    @property
+    def entries(self) -> tuple[KernelEntry, ...]:
+        """The distinct entries the plan runs, in bucket order."""
+        if self.routes is None:
+            return (self.entry,)
+        return tuple({e.name: e for e in self.routes}.values())
+
+    def entry_for(self, num_tokens: int) -> KernelEntry:
+        """The entry that runs ``num_tokens >= 1`` tokens (host integers only)."""
+        return self.entry if self.routes is None else self.routes[bucket_index(num_tokens)]
+
+    def kernel_for(self, num_tokens: int) -> str:
+        """Name of the kernel that runs ``num_tokens >= 1`` tokens."""
+        return self.entry_for(num_tokens).name
 
     def explain(self) -> str:
-        """Every candidate kernel, the chosen one, and why each other one was not chosen."""
+        """Every candidate kernel, the chosen one(s), the dispatch table, and why others were not chosen."""
         lines = [f"MoE plan for {self.spec.describe()}", f"device: {self.device}"]
         if self.backend:
             lines.append(f"backend forced: {self.backend}")
-        lines.append(f"chosen: {self.kernel} (plugin {self.entry.plugin}, priority {self.entry.priority})")
+        if self.routes is not None:
+            lines.append(f"chosen: {DISPATCH} by token count over {', '.join(self.kernels)}")
+        else:
+            how = " by the dispatch table" if self.dispatch is not None else ""
+            lines.append(
+                f"chosen{how}: {self.kernel} (plugin {self.entry.plugin}, priority {self.entry.priority})"
+            )
+        if self.dispatch is not None:
+            table = self.dispatch
+            where = table.path or "not saved"
+            lines.append(f"dispatch table ({where}; tuned {table.created or '?'} on {table.device}):")
+            lines += table.describe()
+            if None in table.kernels:
+                lines.append(f"  (buckets not tuned run the static choice {self.static_entry.name})")
+        elif self.dispatch_note:
+            lines.append(f"dispatch table: {self.dispatch_note}")
+        if self.memory is not None:
+            m = self.memory
+            per = ", ".join(f"{k} {_mib(v)}" for k, v in m["per_kernel"].items())
+            lines.append(
+                f"memory: prepared weights hold {_mib(m['total'])} ({per}; shared {_mib(m['shared'])}; "
+                f"{_mib(m['canonical'])} are the canonical weights as given)"
+            )
+        else:
+            lines.append("memory: not prepared yet")
         lines.append("candidates (best first):")
         width = max(len(c.name) for c in self.candidates)
         for c in self.candidates:
-            if c.chosen:
-                status = "CHOSEN"
+            if c.name in self.kernels:
+                status = "CHOSEN" if self.routes is None else "CHOSEN (dispatch)"
             elif c.reason is None:
                 status = "usable, lower priority"
             else:
@@ -133,19 +322,40 @@ class MoEPlan:
         return f"MoEPlan(kernel={self.kernel!r}, device={self.device}, spec={self.spec.describe()!r})"
 
     def prepare(self, weights: ExpertWeights) -> PreparedWeights:
-        """Validate canonical ``weights`` and re-lay them out for the chosen kernel (once per layer)."""
+        """Validate canonical ``weights`` and re-lay them out for the chosen kernel (once per layer).
+
+        A dispatching plan prepares each distinct kernel once and returns
+        :class:`DispatchedWeights`; a tensor equal to one another kernel prepared
+        (same dtype, shape, strides and values) is replaced by that one, so it is held once.
+        ``plan.memory`` (and ``explain()``) then reports the bytes held.
+        """
         check_expert_weights(self.spec, weights)
         if not self.device.simulated:
             check_same_device(weights.tensors(), _torch_device(self.device, weights.device))
-        if self.entry.prepare is None:
-            result: Any = weights.tensors()
-        else:
-            result = self.entry.prepare(self.spec, weights, self.device)
-        if isinstance(result, PreparedWeights):
-            if result.kernel != self.kernel:
-                raise MoEInputError(f"kernel {self.kernel} prepared weights labelled for {result.kernel}")
+        if self.routes is None:
+            result = _prepare_entry(self.entry, self.spec, weights, self.device)
+            self.memory = memory_report({result.kernel: result}, weights.tensors())
             return result
-        return PreparedWeights(self.kernel, dict(result))
+        pool: list[torch.Tensor] = []
+        parts = {}
+        for entry in self.entries:
+            parts[entry.name] = _share(_prepare_entry(entry, self.spec, weights, self.device), pool)
+        self.memory = memory_report(parts, weights.tensors())
+        return DispatchedWeights.build(parts)
+
+
+def _prepare_entry(
+    entry: KernelEntry, spec: MoESpec, weights: ExpertWeights, device: DeviceInfo
+) -> PreparedWeights:
+    if entry.prepare is None:
+        result: Any = weights.tensors()
+    else:
+        result = entry.prepare(spec, weights, device)
+    if isinstance(result, PreparedWeights):
+        if result.kernel != entry.name:
+            raise MoEInputError(f"kernel {entry.name} prepared weights labelled for {result.kernel}")
+        return result
+    return PreparedWeights(entry.name, dict(result))
 
 
 def _torch_device(info: DeviceInfo, fallback: torch.device) -> torch.device:
@@ -160,6 +370,8 @@ def moe_plan(
     device: DeviceInfo | torch.device | str | None = None,
     *,
     backend: str | None = None,
+    tune: bool = False,
+    dispatch: bool | DispatchTable | None = None,
 ) -> MoEPlan:
     """Choose the kernel for ``spec`` on ``device`` (default: current GPU, else CPU).
 
@@ -168,13 +380,51 @@ def moe_plan(
     of those is usable, :class:`UnsupportedError` lists every reason.
     ``device`` may be a :class:`DeviceInfo` or an arch string (``"sm_90"``,
     ``"gfx950"``) to plan for a device that is not present.
+
+    Per-token-count dispatch (:mod:`moe_core.dispatch`; never with a forced backend
+    or a simulated device): ``tune=True`` times every usable kernel per bucket
+    here and now and saves the table (the plugins' own ``tune`` hooks are not
+    run: ``moe tune`` does both); otherwise the saved table for this spec and
+    device is loaded (``dispatch=None``/``True``, unless ``MOE_DISPATCH=0``), not
+    (``dispatch=False``), or ``dispatch`` is the :class:`DispatchTable` to use.
+    A table that does not fit is ignored with a :class:`StaleDispatchWarning`.
     """
     if not isinstance(spec, MoESpec):
         raise MoEInputError(f"spec must be a MoESpec, got {type(spec).__name__}")
     info = device_info(device)
     chosen_backend = forced_backend(backend)
     entry, candidates = get_registry().select("experts", "experts", spec, info, chosen_backend)
-    return MoEPlan(spec, info, entry, candidates, chosen_backend)
+    table, note = None, None
+    if chosen_backend is not None or info.simulated:
+        if tune or isinstance(dispatch, DispatchTable):
+            note = "not used: " + ("backend forced" if chosen_backend else "simulated device")
+    else:
+        from . import dispatch as dispatching
+
+        if tune:
+            table = dispatching.tune_dispatch(spec, info)
+            if table is None:
+                note = "not tuned: fewer than two kernels support this spec here"
+        elif isinstance(dispatch, DispatchTable):
+            table = dispatch
+        elif dispatch is None or dispatch is True:
+            if dispatching.enabled():
+                table, why = dispatching.find_table(spec, info)
+                if why is not None:
+                    note = f"{why}: ignored (run `moe tune` again)"
+                    warnings.warn(f"dispatch table {note}; static priorities apply", StaleDispatchWarning, 2)
+        elif dispatch is not False:
+            raise MoEInputError(
+                f"dispatch must be None, a bool or a DispatchTable, got {type(dispatch).__name__}"
+            )
+        if table is not None:
+            usable = [c.name for c in candidates if c.reason is None]
+            why = dispatching.unusable_reason(table, spec, usable)
+            if why is not None:
+                note = f"{table.path or 'given table'} ignored: {why}"
+                warnings.warn(f"dispatch table {note}; static priorities apply", StaleDispatchWarning, 2)
+                table = None
+    return MoEPlan(spec, info, entry, candidates, chosen_backend, dispatch=table, dispatch_note=note)
 
 
 def check_expert_weights(spec: MoESpec, weights: ExpertWeights) -> None:
@@ -267,13 +517,22 @@ def check_apply_inputs(
         raise MoEInputError("prepared must come from plan.prepare(weights)")
     if prepared.kernel != plan.kernel:
         raise MoEInputError(f"weights were prepared for {prepared.kernel}, but the plan runs {plan.kernel}")
+    if plan.routes is not None:
+        parts = getattr(prepared, "parts", {})
+        missing = [k for k in plan.kernels if k not in parts]
+        if missing:
+            raise MoEInputError(
+                f"prepared weights hold no weights for {', '.join(missing)}; use this plan's prepare()"
+            )
     x = check_float_tensor(hidden_states, "hidden_states")
     if x.dim() != 2:
         raise MoEInputError(f"hidden_states must be 2-D [tokens, hidden], got shape {list(x.shape)}")
     check_shape(x, (None, spec.hidden_size), "hidden_states")
     check_dtype(x, spec.dtype, "hidden_states")
-    if plan.entry.needs_contiguous and not x.is_contiguous():
-        raise MoEInputError(f"kernel {plan.kernel} needs contiguous hidden_states; call .contiguous()")
+    if not x.is_contiguous():
+        strict = [e.name for e in plan.entries if e.needs_contiguous]
+        if strict:
+            raise MoEInputError(f"kernel {strict[0]} needs contiguous hidden_states; call .contiguous()")
     check_topk(topk_weights, topk_ids, x.shape[0], spec.top_k, spec.num_experts)
     if out is not None:
         if not isinstance(out, torch.Tensor):
@@ -326,9 +585,14 @@ def run_experts(
     topk_ids: torch.Tensor,
     out: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Call the kernel on checked inputs (``T == 0`` launches nothing)."""
+    """Call the kernel (for a dispatching plan: the bucket's) on checked inputs (``T == 0`` launches nothing)."""
     if out is None:
         out = torch.empty(hidden_states.shape, dtype=plan.spec.dtype, device=hidden_states.device)
-    if hidden_states.shape[0]:
-        plan.entry.apply(plan.spec, hidden_states, prepared, topk_weights, topk_ids, out)
+    tokens = hidden_states.shape[0]
+    if tokens:
+        if plan.routes is None:
+            plan.entry.apply(plan.spec, hidden_states, prepared, topk_weights, topk_ids, out)
+        else:
+            entry = plan.routes[bucket_index(tokens)]
+            entry.apply(plan.spec, hidden_states, prepared.parts[entry.name], topk_weights, topk_ids, out)
     return out

@@ -60,7 +60,8 @@ class KernelEntry:
               ``prepared`` is what ``prepare`` returned, as
               :class:`moe_core.PreparedWeights`. Never called with ``T == 0``;
               must not synchronise with the host; must skip (not fault on)
-              ids outside ``[0, num_experts)``.
+              ids outside ``[0, num_experts)``; must not modify ``prepared``
+              (a dispatching plan may share its tensors with another kernel).
             - ``routing`` (``select_experts``): ``apply(logits, routing,
               correction_bias) -> (weights float32 [T, k'], ids int32 [T, k'])``.
             - ``sorting``: the keyword signature of the same-named function in

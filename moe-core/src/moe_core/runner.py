@@ -100,7 +100,7 @@ def run_layer(
         model=preset.name,
         spec=spec.describe(),
         device=str(plan.device),
-        kernel=plan.kernel,
+        kernel=plan.kernel_for(tokens) if tokens else plan.kernel,
         tokens=tokens,
         relative_error=err,
         max_abs_error=max_abs,
