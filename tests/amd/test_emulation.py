@@ -193,3 +193,24 @@ def test_mutation_scatter_is_caught(case, monkeypatch):
 
     monkeypatch.setattr(emulation, "slot_rows", wrong_rows)
     assert _error(_run(spec, weights, x, topk_w, topk_ids), ref) > 10 * BOUND["none"]
+
+
+def _formula_lines(fn, *starts: str) -> list[str]:
+    import inspect
+
+    src = inspect.getsource(getattr(fn, "fn", fn))
+    return [line.strip().lower() for line in src.splitlines() if line.strip().startswith(starts)]
+
+
+def test_emulation_uses_the_kernels_index_formulas():
+    """The emulation's offsets are the kernel's, line for line (constexpr names lowercased)."""
+    from moe_plugin_amd._details import _gluon_moe as kernels
+
+    b = ("chunk =", "return chunk")
+    assert _formula_lines(kernels._b_offsets, *b) == _formula_lines(emulation.b_offsets, *b)
+    assert len(_formula_lines(kernels._b_offsets, *b)) == 2
+    s = ("return g",)
+    assert _formula_lines(kernels._s_offsets, *s) == _formula_lines(emulation.s_offsets, *s) != []
+    for part in ("token = packed & 0xffffff", "slot = (packed >> 24) & 0xff"):
+        assert part in _formula_lines(kernels.moe_gemm2, "token =", "slot =")
+        assert part in _formula_lines(emulation.slot_rows, "token =", "slot =")
