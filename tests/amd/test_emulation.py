@@ -214,3 +214,17 @@ def test_emulation_uses_the_kernels_index_formulas():
     for part in ("token = packed & 0xffffff", "slot = (packed >> 24) & 0xff"):
         assert part in _formula_lines(kernels.moe_gemm2, "token =", "slot =")
         assert part in _formula_lines(emulation.slot_rows, "token =", "slot =")
+
+
+def test_through_the_registered_prepare():
+    """The plan for a (simulated) gfx950 picks amd.gluon.mxfp4; its prepare's tensors run the emulation."""
+    import moe_core as moe
+    from moe_core import DeviceInfo
+
+    spec, weights, x, topk_w, topk_ids, ref = _case(5, quant=W4A8, expert_map=EP_MAP, seed=9)
+    plan = moe.moe_plan(spec, DeviceInfo.parse("gfx950"))
+    assert plan.kernel == "amd.gluon.mxfp4"
+    prepared = plan.prepare(weights)
+    assert prepared.kernel == "amd.gluon.mxfp4" and prepared.meta["i_pad"] == 128
+    out = emulation.emulate_moe(spec, x, prepared.tensors, topk_w, topk_ids)
+    assert _error(out, ref) < BOUND["fp8_per_tensor"]
