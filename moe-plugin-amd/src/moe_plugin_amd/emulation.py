@@ -11,7 +11,8 @@ with the kernel's epilogue order and roundings:
 - operands: W4A16 ``bf16(x)`` times the weight tile upcast to bf16 (``e2m1 * 2**(s - 127)``,
   exact); W4A8 ``fp8(clamp(x * (1 / a13_scale), +-448))`` times the e2m1 tile with its e8m0
   scales; float32 accumulation over ``BLOCK_K`` steps (the summation order inside one MFMA is
-  the hardware's; here it is torch's, a float32 rounding difference);
+  the hardware's; here it is torch's, a float32 rounding difference; ``STAGES`` 2 changes when
+  a K step's tiles are loaded, not the order of the K steps);
 - GEMM 1 epilogue: ``* a13_scale`` (W4A8) -> ``+ b13`` -> silu / swiglu_oai -> bf16, or
   ``fp8(clamp(act * (1 / a2_scale)))`` (W4A8), stored at the sorted row;
 - GEMM 2 epilogue: ``* a2_scale`` (W4A8) -> ``+ b2`` -> ``* sorted_weights[row]`` -> float32

@@ -3,10 +3,13 @@
 ``BLOCK_M`` is the moe_sorting unit (one sorted block = one expert's rows) and is shared by
 both GEMMs of a call; ``BLOCK_N``/``BLOCK_K``/warps are per GEMM. ``BLOCK_K`` is 256 where it
 divides the padded K (``H_PAD`` for GEMM 1, ``I_PAD`` for GEMM 2), else 128 (at gpt-oss's
-2880 -> 2944 it is 128). ``stages`` is 1 for every entry: the K loop loads its weight tile
-straight into the MFMA operand registers (the shuffle makes that one ``dwordx4`` per lane) and
-no multi-buffered LDS pipeline is implemented yet; it is kept in the table so that a pipelined
-variant has a place to go. Every entry compiles for gfx950 with 0 spills and no scratch at the
+2880 -> 2944 it is 128). ``stages`` is 2 (the next K step's activation and weight tiles
+are loaded into registers before this step's MFMAs; the weight tile goes straight to the MFMA
+operand registers, one ``dwordx4`` per lane thanks to the shuffle) or 1 (load, then MFMA): 2
+for the decode and small buckets, which are bound by weight bytes; 1 for the large tiles,
+where a second register copy of the tiles costs occupancy (W4A16 at BLOCK_M 128 spills with
+2). No multi-buffered LDS pipeline is implemented. Every entry compiles for gfx950 with 0
+spills and no scratch at the
 gpt-oss shapes (``moe amd profile``; tests/amd/test_profile.py gates it).
 """
 
@@ -19,7 +22,8 @@ __all__ = ["BUCKETS", "GemmConfig", "TileConfig", "select_config"]
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """One GEMM's tiles: ``BLOCK_N`` columns per program, warps as ``warps_m x (num_warps/warps_m)``."""
+    """One GEMM's tiles: ``BLOCK_N`` columns per program, warps as ``warps_m x (num_warps/warps_m)``,
+    ``stages`` 1 or 2 (register prefetch of the next K step)."""
 
     block_n: int
     num_warps: int
@@ -41,8 +45,8 @@ class TileConfig:
 
 #: ``(max T, config)``: the first bucket with ``T <= max T`` applies (the last is unbounded).
 BUCKETS: tuple[tuple[int | None, TileConfig], ...] = (
-    (16, TileConfig(16, GemmConfig(64, 4, 1), GemmConfig(64, 4, 1))),
-    (128, TileConfig(32, GemmConfig(64, 4, 2), GemmConfig(64, 4, 2))),
+    (16, TileConfig(16, GemmConfig(64, 4, 1, 2), GemmConfig(64, 4, 1, 2))),
+    (128, TileConfig(32, GemmConfig(64, 4, 2, 2), GemmConfig(64, 4, 2, 2))),
     (1024, TileConfig(64, GemmConfig(128, 4, 2), GemmConfig(128, 4, 2))),
     (None, TileConfig(128, GemmConfig(128, 8, 2), GemmConfig(128, 8, 2))),
 )

@@ -153,7 +153,7 @@ def gluon_launches(
             "WARPS_M": g1.warps_m,
             "ACTIVATION": _ACTS[spec.activation],
             "num_warps": g1.num_warps,
-            "num_stages": g1.stages,
+            "STAGES": g1.stages,
             **common,
         },
     )
@@ -182,7 +182,7 @@ def gluon_launches(
             "BLOCK_K": tiles.block_k(IP),
             "WARPS_M": g2.warps_m,
             "num_warps": g2.num_warps,
-            "num_stages": g2.stages,
+            "STAGES": g2.stages,
             **common,
         },
     )

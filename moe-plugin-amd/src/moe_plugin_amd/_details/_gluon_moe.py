@@ -80,13 +80,11 @@ def _s_offsets(
 
 
 @gluon.jit
-def _weight_mma(
-    a,
+def _load_w(
     w_base,
     s_base,
     n0,
     k0,
-    acc,
     N_ROWS: gl.constexpr,
     K_PAD: gl.constexpr,
     BLOCK_N: gl.constexpr,
@@ -94,24 +92,44 @@ def _weight_mma(
     A_FP8: gl.constexpr,
     mfma: gl.constexpr,
 ):
-    """``acc += a @ dequant(w[n0:n0+BN, k0:k0+BK]).T`` for one K step (a: the dot-operand tile)."""
-    if A_FP8:
+    """The packed weight tile ``[BLOCK_K/2, BLOCK_N]`` (rows n0.., K k0..) and its e8m0 scales, in registers."""
+    if A_FP8:  # straight into the scaled MFMA's B operand and scale layouts
         b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mfma, k_width=16)
         b = gl.load(w_base + _b_offsets(n0, k0, K_PAD, BLOCK_N, BLOCK_K, b_layout))
         s_layout: gl.constexpr = gl.amd.cdna4.get_mfma_scale_layout(b_layout, [BLOCK_N, BLOCK_K // 32])
         s = gl.load(s_base + _s_offsets(n0, k0, N_ROWS, BLOCK_N, BLOCK_K, s_layout))
-        acc = gl.amd.cdna4.mfma_scaled(a, None, "e4m3", b, s, "e2m1", acc)
-    else:
+    else:  # a layout the scaled upcast takes; scales [BLOCK_K/32, BLOCK_N] as the upcast wants them
         p_layout: gl.constexpr = gl.BlockedLayout([8, 1], [16, 4], [1, gl.num_warps()], [0, 1])
         b = gl.load(w_base + _b_offsets(n0, k0, K_PAD, BLOCK_N, BLOCK_K, p_layout))
         s_layout: gl.constexpr = gl.amd.cdna4.get_scaled_upcast_fp4_scale_layout(b, 32, gl.bfloat16, 0)
         sn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))[None, :]
         sg = k0 // 32 + gl.arange(0, BLOCK_K // 32, layout=gl.SliceLayout(1, s_layout))[:, None]
         s = gl.load(s_base + sg * N_ROWS + sn)
+    return b, s
+
+
+@gluon.jit
+def _mma_w(a, b, s, acc, A_FP8: gl.constexpr, mfma: gl.constexpr):
+    """``acc += a @ dequant(b, s)`` for one K step (``a``: the dot-operand activation tile)."""
+    if A_FP8:
+        acc = gl.amd.cdna4.mfma_scaled(a, None, "e4m3", b, s, "e2m1", acc)
+    else:
         w = gl.amd.cdna4.scaled_upcast(b, s, gl.bfloat16, axis=0)
         w = gl.convert_layout(w, gl.DotOperandLayout(operand_index=1, parent=mfma, k_width=8))
         acc = gl.amd.cdna4.mfma(a, w, acc)
     return acc
+
+
+@gluon.jit
+def _load_x(x_rows, row_ok, k0, H, inv_a, A_FP8: gl.constexpr, BLOCK_K: gl.constexpr, layout: gl.constexpr):
+    """The gathered activation tile ``[BLOCK_M, BLOCK_K]`` (W4A8: quantized to e4m3 with ``inv_a``)."""
+    kk = k0 + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, layout))
+    x = gl.load(x_rows + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < H), other=0.0)
+    if A_FP8:
+        a = gl.minimum(gl.maximum(x.to(gl.float32) * inv_a, -448.0), 448.0).to(gl.float8e4nv)
+    else:
+        a = x.to(gl.bfloat16)
+    return a
 
 
 @gluon.jit
@@ -123,6 +141,7 @@ def moe_gemm1(
     N_PAD: gl.constexpr, K_PAD: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
     WARPS_M: gl.constexpr, A_FP8: gl.constexpr, ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr,
+    STAGES: gl.constexpr,
 ):  # fmt: skip
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
@@ -140,26 +159,42 @@ def moe_gemm1(
             inv_a = 1.0 / gl.load(a_scale_ptr)
         else:
             a_k_width: gl.constexpr = 8
+            inv_a = 1.0
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mfma, k_width=a_k_width)
         w_base = w_ptr + expert * (2 * N_PAD * (K_PAD // 2))
         s_base = ws_ptr + expert * (2 * N_PAD * (K_PAD // 32))
         n0 = pid_n * BLOCK_N
         gate = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mfma)
         up = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mfma)
-        for k0 in range(0, K_PAD, BLOCK_K):
-            kk = k0 + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
-            x = gl.load(x_rows + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < H), other=0.0)
-            if A_FP8:
-                xq = gl.minimum(gl.maximum(x.to(gl.float32) * inv_a, -448.0), 448.0)
-                a = gl.convert_layout(xq.to(gl.float8e4nv), a_layout)
-            else:
-                a = gl.convert_layout(x.to(gl.bfloat16), a_layout)
-            gate = _weight_mma(
-                a, w_base, s_base, n0, k0, gate, 2 * N_PAD, K_PAD, BLOCK_N, BLOCK_K, A_FP8, mfma
-            )
-            up = _weight_mma(
-                a, w_base, s_base, N_PAD + n0, k0, up, 2 * N_PAD, K_PAD, BLOCK_N, BLOCK_K, A_FP8, mfma
-            )
+        N_ROWS: gl.constexpr = 2 * N_PAD
+        if STAGES == 2:  # the next K step's tiles are loaded before this step's MFMAs
+            x = _load_x(x_rows, row_ok, 0, H, inv_a, A_FP8, BLOCK_K, x_layout)
+            bg, sg = _load_w(w_base, s_base, n0, 0, N_ROWS, K_PAD, BLOCK_N, BLOCK_K, A_FP8, mfma)
+            bu, su = _load_w(w_base, s_base, N_PAD + n0, 0, N_ROWS, K_PAD, BLOCK_N, BLOCK_K, A_FP8, mfma)
+            for k0 in range(BLOCK_K, K_PAD, BLOCK_K):
+                x_next = _load_x(x_rows, row_ok, k0, H, inv_a, A_FP8, BLOCK_K, x_layout)
+                bg_next, sg_next = _load_w(
+                    w_base, s_base, n0, k0, N_ROWS, K_PAD, BLOCK_N, BLOCK_K, A_FP8, mfma
+                )
+                bu_next, su_next = _load_w(
+                    w_base, s_base, N_PAD + n0, k0, N_ROWS, K_PAD, BLOCK_N, BLOCK_K, A_FP8, mfma
+                )
+                a = gl.convert_layout(x, a_layout)
+                gate = _mma_w(a, bg, sg, gate, A_FP8, mfma)
+                up = _mma_w(a, bu, su, up, A_FP8, mfma)
+                x, bg, sg, bu, su = x_next, bg_next, sg_next, bu_next, su_next
+            a = gl.convert_layout(x, a_layout)
+            gate = _mma_w(a, bg, sg, gate, A_FP8, mfma)
+            up = _mma_w(a, bu, su, up, A_FP8, mfma)
+        else:
+            for k0 in range(0, K_PAD, BLOCK_K):
+                a = gl.convert_layout(
+                    _load_x(x_rows, row_ok, k0, H, inv_a, A_FP8, BLOCK_K, x_layout), a_layout
+                )
+                bg, sg = _load_w(w_base, s_base, n0, k0, N_ROWS, K_PAD, BLOCK_N, BLOCK_K, A_FP8, mfma)
+                gate = _mma_w(a, bg, sg, gate, A_FP8, mfma)
+                bu, su = _load_w(w_base, s_base, N_PAD + n0, k0, N_ROWS, K_PAD, BLOCK_N, BLOCK_K, A_FP8, mfma)
+                up = _mma_w(a, bu, su, up, A_FP8, mfma)
         if A_FP8:
             a_scale = gl.load(a_scale_ptr)
             gate = gate * a_scale
@@ -193,6 +228,7 @@ def moe_gemm2(
     N_PAD: gl.constexpr, K_PAD: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
     WARPS_M: gl.constexpr, A_FP8: gl.constexpr, HAS_BIAS: gl.constexpr,
+    STAGES: gl.constexpr,
 ):  # fmt: skip
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
@@ -212,10 +248,21 @@ def moe_gemm2(
         s_base = ws_ptr + expert * (N_PAD * (K_PAD // 32))
         n0 = pid_n * BLOCK_N
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mfma)
-        for k0 in range(0, K_PAD, BLOCK_K):
-            kk = k0 + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, y_layout))
-            a = gl.convert_layout(gl.load(y_rows + kk[None, :]), a_layout)
-            acc = _weight_mma(a, w_base, s_base, n0, k0, acc, N_PAD, K_PAD, BLOCK_N, BLOCK_K, A_FP8, mfma)
+        kk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, y_layout))
+        if STAGES == 2:  # the next K step's tiles are loaded before this step's MFMAs
+            y = gl.load(y_rows + kk[None, :])
+            b, s = _load_w(w_base, s_base, n0, 0, N_PAD, K_PAD, BLOCK_N, BLOCK_K, A_FP8, mfma)
+            for k0 in range(BLOCK_K, K_PAD, BLOCK_K):
+                y_next = gl.load(y_rows + k0 + kk[None, :])
+                b_next, s_next = _load_w(w_base, s_base, n0, k0, N_PAD, K_PAD, BLOCK_N, BLOCK_K, A_FP8, mfma)
+                acc = _mma_w(gl.convert_layout(y, a_layout), b, s, acc, A_FP8, mfma)
+                y, b, s = y_next, b_next, s_next
+            acc = _mma_w(gl.convert_layout(y, a_layout), b, s, acc, A_FP8, mfma)
+        else:
+            for k0 in range(0, K_PAD, BLOCK_K):
+                a = gl.convert_layout(gl.load(y_rows + k0 + kk[None, :]), a_layout)
+                b, s = _load_w(w_base, s_base, n0, k0, N_PAD, K_PAD, BLOCK_N, BLOCK_K, A_FP8, mfma)
+                acc = _mma_w(a, b, s, acc, A_FP8, mfma)
         if A_FP8:
             acc = acc * gl.load(y_scale_ptr)
         cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mfma))
