@@ -47,7 +47,7 @@ class TileConfig:
 BUCKETS: tuple[tuple[int | None, TileConfig], ...] = (
     (16, TileConfig(16, GemmConfig(64, 4, 1, 2), GemmConfig(64, 4, 1, 2))),
     (128, TileConfig(32, GemmConfig(64, 4, 2, 2), GemmConfig(64, 4, 2, 2))),
-    (1024, TileConfig(64, GemmConfig(128, 4, 2), GemmConfig(128, 4, 2))),
+    (1024, TileConfig(64, GemmConfig(128, 8, 2), GemmConfig(128, 4, 2))),
     (None, TileConfig(128, GemmConfig(128, 8, 2), GemmConfig(128, 8, 2))),
 )
 
