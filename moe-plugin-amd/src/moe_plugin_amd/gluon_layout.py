@@ -23,7 +23,8 @@ Prepared (``prepare_weights``), with ``H_PAD``/``I_PAD`` = ``H``/``I`` rounded u
 ``w2 [E, H_PAD * I_PAD/2]``, ``w2_scale [E, I_PAD/32, H_PAD]``: the same for ``[H, I]``.
 ``b13 [E, 2*I_PAD]``, ``b2 [E, H_PAD]`` float32 (zeros where absent or padded).
 ``a13_scale``, ``a2_scale`` float32 ``[1]`` (W4A8; 1.0 otherwise).
-``local_map [E_global]`` int32: global id -> prepared expert index, -1 off this rank.
+``local_map [E_global]`` int32: global id -> prepared expert index, -1 off this rank;
+``expert_mask [E_global]`` bool: ``local_map >= 0`` (moe_sorting's EP mask).
 
 Zero-padded gate/up rows give ``act(0 + 0) = 0`` for silu and swiglu_oai, so the padded
 intermediate columns are 0 and the zero-padded K of ``w2`` adds nothing.
@@ -129,6 +130,7 @@ def prepare_weights(spec: MoESpec, weights: ExpertWeights) -> dict[str, torch.Te
     su = _pad_rows_cols(s13[:, inter:], IP, HP // 32, _UNIT_SCALE)
     E = order.numel()
     dev = weights.w13.device
+    local_map = _local_map(spec, dev)
     b13 = torch.zeros(E, 2 * IP, dtype=torch.float32, device=dev)
     b2 = torch.zeros(E, HP, dtype=torch.float32, device=dev)
     if weights.b13 is not None:
@@ -145,7 +147,8 @@ def prepare_weights(spec: MoESpec, weights: ExpertWeights) -> dict[str, torch.Te
         "b2": b2,
         "a13_scale": _scalar_scale(weights.a13_scale, dev),
         "a2_scale": _scalar_scale(weights.a2_scale, dev),
-        "local_map": _local_map(spec, dev),
+        "local_map": local_map,
+        "expert_mask": local_map >= 0,
     }
 
 

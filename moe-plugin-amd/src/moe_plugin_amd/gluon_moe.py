@@ -201,7 +201,7 @@ def sort_tokens(
     """This plugin's Triton moe_sorting with ``unit_size = BLOCK_M`` and the EP mask of ``tensors``."""
     from .sorting import moe_sorting_triton
 
-    mask = tensors["local_map"] >= 0 if spec.is_expert_parallel else None
+    mask = tensors["expert_mask"] if spec.is_expert_parallel else None
     return moe_sorting_triton(
         topk_ids, topk_weights, num_experts=spec.num_experts, unit_size=tiles.block_m, expert_mask=mask
     )
