@@ -13,7 +13,8 @@ of :data:`PAD`):
     tile (rows ``N_PAD + n``), K-loop over ``H_PAD`` in ``BLOCK_K`` steps, then the epilogue in
     this order: ``acc * a_scale`` (W4A8) -> ``+ bias`` -> activation (silu or swiglu_oai with
     alpha/limit) -> W4A8: ``fp8(clamp(act / y_scale, +-448))`` -> store at the sorted row.
-    Blocks at or past ``num_valid_ids[0]`` do nothing.
+    Blocks at or past ``num_valid_ids[0]`` do nothing. ``STAGES=2`` loads the next K step's
+    activation and weight tiles into registers before this step's MFMAs (same K order).
 
 ``moe_gemm2`` (combine, one program per (sorted block, hidden tile)):
     ``y`` as above, ``w [E, H_PAD, N_PAD/2]`` (shuffled), ``ws [E, N_PAD/32, H_PAD]``,
