@@ -33,6 +33,7 @@ def test_kernels_and_hooks():
     assert set(record.kernels) == {
         "amd.triton.moe_sorting",
         "amd.triton.moe_sorting.hip",
+        "amd.gluon.mxfp4",
         "amd.aiter.fused_moe",
         "amd.aiter.moe_sorting",
     }

@@ -18,12 +18,12 @@ from . import __version__
 from ._common import interpreting
 
 # Modules with a kernel_entries() function.
-_MODULES: tuple[str, ...] = ("sorting", "aiter_kernels")
+_MODULES: tuple[str, ...] = ("sorting", "gluon_moe", "aiter_kernels")
 
 
 @hookimpl
 def register_kernels(register: Callable[[Any], None]) -> None:
-    """Register every kernel of this plugin: the Triton sorter and the aiter/CK fallbacks."""
+    """Register every kernel of this plugin: the Triton sorter, the Gluon mxfp4 MoE, the aiter/CK fallbacks."""
     for name in _MODULES:
         module = importlib.import_module(f"{__package__}.{name}")
         for entry in module.kernel_entries():

@@ -110,7 +110,7 @@ SORTING_OPS = ("align_block_size", "moe_sorting", "ragged_metadata")
 #: ``moe_sorting``'s unit size (its default, aiter's)
 MOE_SORTING_UNIT = 32
 #: bump when the cached result's fields or their meaning change
-_SCHEMA = 1
+_SCHEMA = 2
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _TYPE_NAMES = {
     torch.bfloat16: "bf16",
@@ -208,7 +208,9 @@ class Profile:
     frame per thread; ``lds_bytes``: shared memory per workgroup; ``occupancy``: the
     estimate of the module docstring (waves per SIMD / warps per scheduler);
     ``compiler_occupancy``: LLVM's (AMD); ``mfma``: matrix-core instructions (``v_mfma`` on
-    AMD, ``mma``/``wgmma`` in the PTX on NVIDIA).
+    AMD, ``mma``/``wgmma`` in the PTX on NVIDIA); ``mfma_scaled``/``cvt_scaled``: CDNA4
+    microscaling instructions: scaled MFMAs (``v_mfma_scale_f32_*``) and scaled fp4 upcasts
+    (``v_cvt_scalef32_pk_*_fp4``), AMD only.
     """
 
     kernel: str
@@ -228,6 +230,8 @@ class Profile:
     compiler_occupancy: int | None
     mfma: int
     users: tuple[str, ...] = ()
+    mfma_scaled: int = 0
+    cvt_scaled: int = 0
     compile_s: float = 0.0
     cached: bool = False
     error: str | None = None
@@ -709,6 +713,9 @@ def _parse_amdgcn(asm: str) -> dict[str, int]:
         "lds_bytes": meta("group_segment_fixed_size"),
         "compiler_occupancy": comment("Occupancy"),
         "mfma": len(re.findall(r"^\s*v_mfma\w*", asm, re.M)),
+        # CDNA4 microscaling: scaled MFMA, and scaled upcasts of fp4 (v_cvt_scalef32_pk_{bf16,f16,f32}_fp4)
+        "mfma_scaled": len(re.findall(r"^\s*v_mfma_scale_\w*", asm, re.M)),
+        "cvt_scaled": len(re.findall(r"^\s*v_cvt_scalef32_pk_\w*_fp4\b", asm, re.M)),
     }
 
 
@@ -727,6 +734,8 @@ def _parse_ptxas(log: str, ptx: str) -> dict[str, int]:
         "lds_bytes": 0,
         "compiler_occupancy": None,
         "mfma": len(re.findall(r"^\s*(?:mma|wgmma)\.", ptx, re.M)),
+        "mfma_scaled": 0,
+        "cvt_scaled": 0,
     }
 
 
@@ -771,7 +780,11 @@ def _compile_job(job: dict[str, Any]) -> dict[str, Any]:
     args = [_materialize(a) for a in job["args"]]
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    src = ASTSource(fn, signature, constexprs, attrs)
+    if getattr(fn, "is_gluon", lambda: False)():  # a Gluon kernel (moe amd profile's)
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    else:
+        source = ASTSource
+    src = source(fn, signature, constexprs, attrs)
     start = time.perf_counter()
     log = io.StringIO()
     with knobs.compilation.scope(), knobs.nvidia.scope():
@@ -948,6 +961,8 @@ def _profile(cfg: LaunchConfig, target: Target, r: dict[str, Any]) -> Profile:
         occupancy=r["occupancy"],
         compiler_occupancy=r["compiler_occupancy"],
         mfma=r["mfma"],
+        mfma_scaled=r.get("mfma_scaled", 0),
+        cvt_scaled=r.get("cvt_scaled", 0),
         users=cfg.users,
         compile_s=r["compile_s"],
         cached=not r.get("fresh", False),
@@ -985,7 +1000,9 @@ def format_table(profiles: Sequence[Profile]) -> str:
                 str(p.lds_bytes),
                 str(p.occupancy)
                 + ("" if p.compiler_occupancy in (None, p.occupancy) else f"({p.compiler_occupancy})"),
-                str(p.mfma),
+                str(p.mfma)
+                + (f" (scaled {p.mfma_scaled})" if p.mfma_scaled else "")
+                + (f" (cvt {p.cvt_scaled})" if p.cvt_scaled else ""),
                 _users(p.users),
                 "; ".join(problems) if problems else "ok",
             ]
