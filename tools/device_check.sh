@@ -3,11 +3,11 @@
 # step under its own time limit, everything logged under $OUT/logs and packed into $OUT/results.tgz
 # (the device tool returns at most 8 files). Steps (STEPS, space separated; default all but tune):
 #   run      moe run --explain on qwen3-30b-a3b (planner choice, reference check)
-#   tests    the GPU-marked tests (pytest -m gpu tests -n 8)
+#   tests    the GPU-marked tests (pytest -m gpu ${TEST_PATHS:-tests} -n 8)
 #   quick    moe bench --quick (timed, bf16)
-#   quant    moe bench for fp8 / fp8_block / mxfp4 against this plugin's bf16
+#   quant    moe bench for fp8 / fp8_block / mxfp4 against this plugin's bf16 (QUANT_MODELS, QUANT_TOKENS, QUANTS)
 #   sorting  benchmarks/amd_sorting.py and benchmarks/routing_sorting.py
-#   full     moe bench on every BENCHMARKS.md shape, bf16 (vLLM peer when .peers/vllm is carried)
+#   full     moe bench on every BENCHMARKS.md shape, FULL_DTYPES (vLLM peer when .peers/vllm is carried)
 #   tune     tools/tune_device.py for every benchmark shape -> $OUT/logs/configs
 #   dispatch benchmarks/dispatch.py: per-T dispatch tuned for every benchmark shape vs each single backend
 # Usage (carry .whl, and .peers when you have it): STEPS="tests quick" bash tools/device_check.sh
@@ -33,12 +33,12 @@ step() {  # step NAME LIMIT_S COMMAND...
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } | tee "$L/device.txt"
 step run 120 python3 -m moe_core run --model qwen3-30b-a3b --tokens 64 --explain
-step tests "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu tests -p no:cacheprovider -n 8 --durations=15
+step tests "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu ${TEST_PATHS:-tests} -p no:cacheprovider -n 8 --durations=15
 step quick 240 python3 -m moe_core bench --quick --out "$L/quick"
-step quant 300 python3 -m moe_core bench --models qwen3-30b-a3b,deepseek-v3-tp8,gpt-oss-120b \
-  --tokens 1,8,32,512,2048 --quant bf16,fp8,fp8_block,mxfp4 --out "$L/quant"
+step quant "${QUANT_TIMEOUT:-300}" python3 -m moe_core bench --models "${QUANT_MODELS:-qwen3-30b-a3b,deepseek-v3-tp8,gpt-oss-120b}" \
+  --tokens "${QUANT_TOKENS:-1,8,32,512,2048}" --quant "${QUANTS:-bf16,fp8,fp8_block,mxfp4}" --out "$L/quant"
 step sorting 150 bash -c "python3 benchmarks/amd_sorting.py --out $L/amd-sorting.json && python3 benchmarks/routing_sorting.py --out $L/routing-sorting.json"
-step full 480 python3 -m moe_core bench --dtypes bf16,fp16 --out "$L/full"
+step full "${FULL_TIMEOUT:-480}" python3 -m moe_core bench --dtypes "${FULL_DTYPES:-bf16,fp16}" --out "$L/full"
 step tune 540 python3 tools/tune_device.py --out "$L/configs"
 step dispatch 540 python3 benchmarks/dispatch.py --budget-s "${DISPATCH_BUDGET_S:-400}" --out "$L/dispatch"
 tar -czf "$OUT/results.tgz" -C "$OUT" logs
