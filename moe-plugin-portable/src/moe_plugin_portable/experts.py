@@ -1,6 +1,14 @@
 """The portable fused MoE (family ``experts``): Triton grouped GEMMs on expert-sorted tokens.
 
-``portable.triton.fused_moe`` runs, for ``T`` tokens and ``k`` slots:
+``portable.triton.fused_moe`` runs, for ``T`` tokens and ``k`` slots, either the decode
+path (few tokens on mostly distinct experts, :func:`moe_plugin_portable.configs.use_decode`):
+
+1. GEMM 1 per (entry, N block), GEMV-like (no sorting), bias and activation fused,
+   into a float32 intermediate ``[T * k, I]``;
+2. GEMM 2 per (token, H block) over the token's k slots in slot order, bias,
+   router weight and the combine fused, written to the output (2 launches);
+
+or the sorted path:
 
 1. ``align_block_size`` (the sorting contract; this plugin's Triton kernel on
    a GPU) with ``block_m`` from the config for ``T``;
@@ -55,6 +63,8 @@ activation scales ``a13_scale``/``a2_scale`` as float32 ``[1]``; biases as given
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Any, NamedTuple
 
 import torch
@@ -64,7 +74,8 @@ from moe_core import quant as mq
 from moe_core.sorting import align_block_size
 
 from ._common import PRIORITY, interpreting, triton_refusal
-from .configs import GemmConfig, MoEConfig, lookup_config
+from ._launch import run_launch
+from .configs import DecodeConfig, GemmConfig, MoEConfig, lookup_config, lookup_decode
 
 __all__ = [
     "QUANT_SCHEMES",
@@ -72,6 +83,7 @@ __all__ = [
     "Launch",
     "SortedBlocks",
     "combine_launch",
+    "decode_launches",
     "fused_moe",
     "fused_moe_launches",
     "gemm1_launch",
@@ -512,8 +524,131 @@ def combine_launch(
 
 
 def _run(launch: Launch) -> None:
-    kernel, grid, args, kwargs = launch
-    kernel[grid](*args, **kwargs)
+    run_launch(*launch)
+
+
+def decode_launches(
+    spec: MoESpec,
+    hidden_states: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    out: torch.Tensor,
+    cfg: DecodeConfig,
+) -> list[Launch]:
+    """The decode path's two launches into ``out [T, H]`` (allocates the intermediate, runs nothing).
+
+    ``topk_weights``/``topk_ids`` contiguous ``[T, k]``. Every scheme of :data:`QUANT_SCHEMES`:
+    activations are quantized inside the GEMMs (per token over the whole row, static, or per
+    K step of fp8_block's group, which is then the K step), the intermediate stays float32.
+    """
+    from ._details import _fused_moe as kernels
+
+    T, H = hidden_states.shape
+    inter_size, k = spec.intermediate_size, spec.top_k
+    w13, b13, w2, b2 = tensors["w13"], tensors.get("b13"), tensors["w2"], tensors.get("b2")
+    ws13, ws2 = tensors.get("w13_scale"), tensors.get("w2_scale")
+    emap = tensors.get("expert_map")
+    a_quant = kernels.A_QUANTS[spec.quant.activation]
+    b_quant = _b_quant(spec)
+    group_n = _groups(spec)[0]
+    dummy = topk_weights
+    inter = torch.empty(T * k, inter_size, dtype=torch.float32, device=hidden_states.device)
+
+    def block_k(gemm: GemmConfig) -> int:
+        if spec.quant.name == "fp8_block":
+            return spec.quant.block_shape[1]  # one activation group and one weight scale per step
+        return max(gemm.block_k, 32) if spec.quant.name == "mxfp4" else gemm.block_k
+
+    common = dict(HAS_BIAS=b13 is not None, HAS_MAP=emap is not None, A_QUANT=a_quant, B_QUANT=b_quant)
+    common["GROUP_N"] = group_n
+    g1, g2 = cfg.gemm1, cfg.gemm2
+    gemm1 = (
+        kernels.moe_decode_gemm1,
+        (T * k, triton_cdiv(inter_size, g1.block_n)),
+        (
+            hidden_states,
+            w13,
+            b13 if b13 is not None else w13,
+            inter,
+            topk_ids,
+            emap if emap is not None else topk_ids,
+            topk_weights,
+            ws13 if ws13 is not None else dummy,
+            tensors.get("a13_scale", dummy),
+            spec.num_experts,
+            H,
+            inter_size,
+            hidden_states.stride(0),
+            w13.stride(0),
+            w13.stride(1),
+            b13.stride(0) if b13 is not None else 0,
+            inter.stride(0),
+            *_scale_strides(ws13),
+            float(spec.swiglu_alpha or 0.0),
+            float(spec.swiglu_limit or 0.0),
+        ),
+        dict(
+            TOP_K=k,
+            GATED=spec.is_gated,
+            ACTIVATION=kernels.ACTIVATIONS[spec.activation],
+            **common,
+            WEIGHT_ON_INPUT=spec.apply_router_weight_on_input,
+            BLOCK_N=g1.block_n,
+            BLOCK_K=block_k(g1),
+            num_warps=g1.num_warps,
+            num_stages=g1.num_stages,
+        ),
+    )
+    gemm2 = (
+        kernels.moe_decode_gemm2,
+        (T, triton_cdiv(H, g2.block_n)),
+        (
+            inter,
+            w2,
+            b2 if b2 is not None else w2,
+            out,
+            topk_ids,
+            emap if emap is not None else topk_ids,
+            topk_weights,
+            ws2 if ws2 is not None else dummy,
+            tensors.get("a2_scale", dummy),
+            spec.num_experts,
+            inter_size,
+            H,
+            inter.stride(0),
+            w2.stride(0),
+            w2.stride(1),
+            b2.stride(0) if b2 is not None else 0,
+            out.stride(0),
+            *_scale_strides(ws2),
+        ),
+        dict(
+            TOP_K=k,
+            **common,
+            APPLY_WEIGHT=not spec.apply_router_weight_on_input,
+            BLOCK_N=g2.block_n,
+            BLOCK_K=block_k(g2),
+            num_warps=g2.num_warps,
+            num_stages=g2.num_stages,
+        ),
+    )
+    return [gemm1, gemm2]
+
+
+@functools.lru_cache(maxsize=1024)
+def _configs(
+    spec: MoESpec, num_tokens: int, device: torch.device, _env: tuple[str | None, ...]
+) -> tuple[DecodeConfig | None, MoEConfig | None]:
+    """``(decode config or None, sorted-path config or None)`` for a call (``_env``: the
+    environment variables the lookups read, so that changing them is seen)."""
+    decode = lookup_decode(spec, num_tokens, device)
+    return decode, None if decode is not None else lookup_config(spec, num_tokens, device)
+
+
+def _env_key() -> tuple[str | None, ...]:
+    get = os.environ.get
+    return get("MOE_PORTABLE_DECODE"), get("MOE_PORTABLE_CONFIG_DIR")
 
 
 def fused_moe(
@@ -523,12 +658,21 @@ def fused_moe(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     out: torch.Tensor,
-    config: MoEConfig | None = None,
+    config: MoEConfig | DecodeConfig | None = None,
 ) -> torch.Tensor:
-    """Run the fused MoE into ``out [T, H]``; ``config`` overrides the table/heuristic (tuning)."""
-    cfg = config or lookup_config(spec, hidden_states.shape[0], hidden_states.device)
+    """Run the fused MoE into ``out [T, H]``; ``config`` overrides the table/heuristic (tuning):
+    a :class:`DecodeConfig` runs the decode path, a :class:`MoEConfig` the sorted path."""
     topk_weights = topk_weights.contiguous()
     topk_ids = topk_ids.contiguous()
+    if config is None:
+        decode, cfg = _configs(spec, hidden_states.shape[0], hidden_states.device, _env_key())
+    else:
+        decode, cfg = (config, None) if isinstance(config, DecodeConfig) else (None, config)
+    if decode is not None:
+        for launch in decode_launches(spec, hidden_states, tensors, topk_weights, topk_ids, out, decode):
+            run_launch(*launch)
+        return out
+    assert cfg is not None
     blocks = sort_tokens(spec, topk_ids, tensors, cfg.block_m)
     for launch in fused_moe_launches(spec, hidden_states, tensors, topk_weights, topk_ids, out, cfg, blocks):
         _run(launch)

@@ -1,0 +1,213 @@
+"""The decode path of portable.triton.fused_moe (2 launches, no sort, no combine) against the reference.
+
+Forced with ``MOE_PORTABLE_DECODE=1`` so every T here runs it (the rule alone would send
+most of these small-E shapes to the sorted path); outputs are poisoned with NaN, so a row
+that is never written (a token whose slots all go to other ranks must get zeros) fails.
+Bounds: ``tolerance(spec)`` as for the sorted path (the quantized cases: the unquantized
+kernel's bound, as in test_experts_quant.py: the activation quantization is bit-exact).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moe_core import MoESpec, moe_apply, moe_plan
+from moe_core.reference import fused_experts_reference
+from moe_core.testing import random_expert_weights, relative_error, tolerance
+from moe_plugin_portable import _launch, configs, experts
+
+from . import test_experts_quant as tq
+from .helpers import DEVICE, needs_triton
+
+KERNEL = "portable.triton.fused_moe"
+BASE = {"num_experts": 7, "top_k": 3, "hidden_size": 72, "intermediate_size": 40}
+CASES = {
+    "silu": ({}, (1, 8)),
+    "gelu-fp16": ({"activation": "gelu", "dtype": torch.float16}, (2,)),
+    "swiglu_oai-alpha-limit-bias": (
+        {"activation": "swiglu_oai", "has_bias": True, "swiglu_alpha": 1.3, "swiglu_limit": 1.5},
+        (3,),
+    ),
+    "relu2-bias": ({"activation": "relu2", "has_bias": True}, (5,)),
+    "even-k": ({"hidden_size": 128, "intermediate_size": 64}, (4,)),
+    "ep": ({"ep_size": 3, "ep_rank": 2}, (7,)),
+    "expert_map": ({"expert_map": (2, -1, 0, -1, 1, -1, -1)}, (6,)),
+    "k1": ({"top_k": 1}, (1, 3)),
+    "weight-on-input": ({"top_k": 1, "apply_router_weight_on_input": True, "has_bias": True}, (2,)),
+}
+
+
+def _run(spec: MoESpec, T: int, seed: int, weights=None, x=None, topk_w=None, ids=None):
+    plan = moe_plan(spec, DEVICE)
+    assert plan.kernel == KERNEL, plan.explain()
+    weights = weights if weights is not None else random_expert_weights(spec, device=DEVICE, seed=seed)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed + 1)
+    if x is None:
+        x = (torch.randn(T, spec.hidden_size, generator=gen, device=DEVICE) * 1.5).to(spec.dtype)
+        topk_w = torch.rand(T, spec.top_k, generator=gen, device=DEVICE) + 0.05
+        ids = torch.rand(T, spec.num_experts, generator=gen, device=DEVICE).argsort(dim=1)[:, : spec.top_k]
+        ids = ids.int()
+    out = torch.full((T, spec.hidden_size), float("nan"), dtype=spec.dtype, device=DEVICE)
+    moe_apply(plan, x, plan.prepare(weights), topk_w, ids, out=out)
+    want = fused_experts_reference(spec, x, weights, topk_w, ids, compute_dtype=torch.float64)
+    return out, want
+
+
+@needs_triton
+@pytest.mark.parametrize(("case", "T"), [(c, T) for c, (_, ts) in sorted(CASES.items()) for T in ts])
+def test_decode_matches_reference(case, T, monkeypatch):
+    monkeypatch.setenv("MOE_PORTABLE_DECODE", "1")
+    spec = MoESpec(**{**BASE, **CASES[case][0]})
+    out, want = _run(spec, T, seed=T + len(case))
+    err = relative_error(out, want)
+    assert err <= tolerance(spec), f"relative error {err:.3e} > {tolerance(spec):.1e} for {spec.describe()}"
+
+
+@needs_triton
+def test_decode_dropped_tokens_are_zero(monkeypatch):
+    """Under expert parallelism a token whose every slot is on another rank gets exact zeros."""
+    monkeypatch.setenv("MOE_PORTABLE_DECODE", "1")
+    spec = MoESpec(**BASE, expert_map=(2, -1, 0, -1, 1, -1, -1))
+    ids = torch.tensor([[1, 3, 5], [0, 1, 2], [6, 5, 3]], dtype=torch.int32, device=DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(3, spec.hidden_size, generator=gen, device=DEVICE).to(spec.dtype)
+    out, want = _run(spec, 3, 0, x=x, topk_w=torch.rand(3, 3, device=DEVICE), ids=ids)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], out[0])
+    assert relative_error(out, want) <= tolerance(spec)
+
+
+#: every quantized scheme through the decode kernels (T=2: two tokens, six entries)
+QUANT_CASES = [
+    ("fp8-channel-token", {}),
+    ("fp8-tensor-static", tq.SWIGLU),
+    ("fp8-channel-static", {"top_k": 1, "apply_router_weight_on_input": True}),
+    ("fp8-tensor-token", {"ep_size": 3, "ep_rank": 1}),
+    ("fp8_block", {}),
+    ("fp8_block-32x32", tq.SWIGLU),
+    ("mxfp4-w4a16", tq.SWIGLU),
+    ("mxfp4-w4a8", {"expert_map": (-1, 1, -1, 0, -1, -1, 2)}),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize(("name", "changes"), QUANT_CASES, ids=[n for n, _ in QUANT_CASES])
+def test_decode_quantized(name, changes, monkeypatch):
+    monkeypatch.setenv("MOE_PORTABLE_DECODE", "1")
+    spec = tq._spec(name, **changes)
+    _, weights = tq._weights(spec, seed=4)
+    x, topk_w, ids = tq._inputs(spec, 2, seed=4)
+    out, want = _run(spec, 2, 4, weights=weights, x=x, topk_w=topk_w, ids=ids)
+    err = relative_error(out, want)
+    assert err <= tq.bound(spec), f"relative error {err:.3e} > {tq.bound(spec):.1e} for {spec.describe()}"
+
+
+@needs_triton
+def test_decode_is_two_launches_without_sorting(monkeypatch):
+    spec = MoESpec(**BASE)
+    prepared = moe_plan(spec, DEVICE).prepare(random_expert_weights(spec, device=DEVICE))
+
+    def no_sort(*args, **kwargs):
+        raise AssertionError("the decode path must not sort")
+
+    monkeypatch.setattr(experts, "sort_tokens", no_sort)
+    launched = []
+    monkeypatch.setattr(experts, "run_launch", lambda k, g, a, kw: launched.append((k.__name__, g)))
+    x = torch.randn(1, spec.hidden_size, device=DEVICE).to(spec.dtype)
+    ids = torch.tensor([[0, 4, 6]], dtype=torch.int32, device=DEVICE)
+    out = torch.empty_like(x)
+    experts.fused_moe(spec, x, prepared.tensors, torch.rand(1, 3, device=DEVICE), ids, out)  # T=1: the rule
+    cfg = configs.decode_heuristic(spec, 1, 8, False)
+    assert launched == [
+        ("moe_decode_gemm1", (3, -(-40 // cfg.gemm1.block_n))),
+        ("moe_decode_gemm2", (1, -(-72 // cfg.gemm2.block_n))),
+    ]
+
+
+def test_use_decode_rule():
+    assert configs.use_decode(1, 8, 8) and configs.use_decode(1, 1, 2)
+    assert not configs.use_decode(0, 8, 128) and not configs.use_decode(9, 1, 4096)
+    # E=128, k=8 (qwen3): T <= 3; E=256, k=8 (deepseek): T <= 6; E=8, k=2 (mixtral): T == 1
+    assert [t for t in range(1, 9) if configs.use_decode(t, 8, 128)] == [1, 2, 3]
+    assert [t for t in range(1, 9) if configs.use_decode(t, 8, 256)] == [1, 2, 3, 4, 5, 6]
+    assert [t for t in range(1, 9) if configs.use_decode(t, 2, 8)] == [1]
+
+
+def test_lookup_decode_env_and_table(tmp_path, monkeypatch):
+    spec = MoESpec(**BASE)
+    cpu = torch.device("cpu")
+    assert configs.lookup_decode(spec, 1, cpu) == configs.decode_heuristic(spec, 1, 8, False)
+    assert configs.lookup_decode(spec, 8, cpu) is None  # 24 entries on 7 experts: the sorted path
+    monkeypatch.setenv("MOE_PORTABLE_DECODE", "1")
+    assert configs.lookup_decode(spec, 8, cpu) is not None
+    monkeypatch.setenv("MOE_PORTABLE_DECODE", "0")
+    assert configs.lookup_decode(spec, 1, cpu) is None
+    # a tuned entry's override, on a (faked) GPU
+    monkeypatch.delenv("MOE_PORTABLE_DECODE")
+    tiles = configs.DecodeConfig(configs.GemmConfig(8, 64, 2, 1, 1), configs.GemmConfig(4, 128, 2, 1, 1))
+    sorted_cfg = configs.heuristic_config(spec, 8, 132, False).to_json()
+    table = {
+        "device": "Fake GPU",
+        "configs": {
+            configs.layer_key(spec): {
+                "1": {**sorted_cfg, "decode": {"use": False}},
+                "8": {**sorted_cfg, "decode": {"use": True, **tiles.to_json()}},
+            }
+        },
+    }
+    (tmp_path / "Fake_GPU.json").write_text(json.dumps(table))
+    monkeypatch.setenv("MOE_PORTABLE_CONFIG_DIR", str(tmp_path))
+    monkeypatch.setattr(configs, "_device_facts", lambda index: ("Fake GPU", 132, False))
+    configs._load_table.cache_clear()
+    try:
+        gpu = torch.device("cuda", 0)
+        assert configs.lookup_decode(spec, 1, gpu) is None
+        assert configs.lookup_decode(spec, 5, gpu) == tiles
+        assert configs.MoEConfig.from_json(table["configs"][configs.layer_key(spec)]["8"]).block_m > 0
+    finally:
+        configs._load_table.cache_clear()
+
+
+def test_decode_heuristic_fills_the_gpu():
+    from moe_core.presets import get_preset
+
+    spec = get_preset("qwen3-30b-a3b").moe_spec()
+    cfg = configs.decode_heuristic(spec, 1, 132, False)
+    # T=1: 8 entries x I/bn programs and H/bn programs, each >= 2 per SM unless at the smallest tile
+    assert 8 * -(-spec.intermediate_size // cfg.gemm1.block_n) >= 264 or cfg.gemm1.block_n == 4
+    assert -(-spec.hidden_size // cfg.gemm2.block_n) >= 264 or cfg.gemm2.block_n == 4
+    assert 32 <= cfg.gemm1.block_k <= 512 and 32 <= cfg.gemm2.block_k <= 512
+    block = get_preset("deepseek-v3-tp8").moe_spec(quant="fp8_block")
+    assert configs.decode_heuristic(block, 1, 132, False).gemm2.block_k == 128
+
+
+# ----------------------------------------------------------------------------- fast launch
+
+
+def test_specialization_key_separates_what_triton_specialises():
+    key = _launch.specialization_key
+    base = torch.empty(64, dtype=torch.bfloat16)
+    assert key((base,)) == key((torch.empty(64, dtype=torch.bfloat16),))
+    assert key((base,)) != key((base[1:],))  # 2-byte offset: not 16-byte aligned
+    assert key((base,)) != key((base.view(torch.float16),))
+    assert key((1,)) != key((2,)) and key((16,)) != key((17,)) and key((32,)) == key((48,))
+    assert key((2**31,)) != key((2**31 - 16,)) and key((2**63,)) != key((2**62,))
+    assert key((1.0,)) == key((2.5,)) and key((None,)) != key((0,)) and key((True,)) != key((False,))
+    assert key(("text",)) is None  # unknown argument types take the normal launch
+
+
+def test_run_launch_takes_the_normal_launch_when_it_must(monkeypatch):
+    calls = []
+
+    class Kernel:  # not a JITFunction (the interpreter's kernels are not either)
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, args, kwargs))
+
+    before = _launch.fast_launch_stats()["slow"]
+    _launch.run_launch(Kernel(), (3,), (1, 2), {"BLOCK": 4})
+    monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "0")
+    _launch.run_launch(Kernel(), (1, 2), (), {})
+    assert calls == [((3,), (1, 2), {"BLOCK": 4}), ((1, 2), (), {})]
+    assert _launch.fast_launch_stats()["slow"] == before + 2
