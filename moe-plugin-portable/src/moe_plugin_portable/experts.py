@@ -119,6 +119,18 @@ _FP8_AMD = ("gfx942", "gfx950", "gfx1200", "gfx1201")
 Launch = tuple[Any, tuple[int, ...], tuple[Any, ...], dict[str, Any]]
 
 
+_KERNELS: list[Any] = []
+
+
+def _kernels() -> Any:
+    """The kernel module (imported on first use: importing Triton decides interpreted or compiled)."""
+    if not _KERNELS:
+        from ._details import _fused_moe
+
+        _KERNELS.append(_fused_moe)
+    return _KERNELS[0]
+
+
 def _supports(spec: MoESpec, device: DeviceInfo) -> str | None:
     reason = triton_refusal(device)
     if reason:
@@ -194,14 +206,11 @@ def sort_tokens(
 
 def _a_quant(spec: MoESpec, a: torch.Tensor) -> int:
     """``A_QUANT`` of a GEMM whose input is ``a`` (fp8: quantized per the scheme's activation mode)."""
-    from ._details._fused_moe import A_QUANTS
-
-    return A_QUANTS[spec.quant.activation] if a.dtype == _FP8 else 0
+    return _kernels().A_QUANTS[spec.quant.activation] if a.dtype == _FP8 else 0
 
 
 def _b_quant(spec: MoESpec) -> int:
-    from ._details._fused_moe import B_QUANTS
-
+    B_QUANTS = _kernels().B_QUANTS
     scheme = spec.quant
     if scheme.name == "fp8":
         return B_QUANTS["fp8_channel" if scheme.weight_scale == "per_channel" else "fp8_tensor"]
@@ -269,7 +278,7 @@ def gemm1_launch(
     the static ``a13_scale``); an fp8 ``inter_buf`` is quantized in the epilogue, with the
     static ``a2_scale`` or into the group scales ``inter_scale [rows, cdiv(I, bk)]``.
     """
-    from ._details import _fused_moe as kernels
+    kernels = _kernels()
 
     H, inter = spec.hidden_size, spec.intermediate_size
     w13, b13 = tensors["w13"], tensors.get("b13")
@@ -373,7 +382,7 @@ def gemm2_launch(
     Quantized: ``inter_buf`` fp8 with ``inter_scale`` per sorted row ``[rows]``, per group
     ``[rows, groups]`` or the static ``a2_scale`` (the default for a static scheme).
     """
-    from ._details import _fused_moe as kernels
+    kernels = _kernels()
 
     H, inter = spec.hidden_size, spec.intermediate_size
     w2, b2 = tensors["w2"], tensors.get("b2")
@@ -445,7 +454,7 @@ def quantize_launch(
     ``[rows, groups]`` per group; the static mode reads ``static_scale`` instead.
     ``topk_weights`` (top-1 weights on the input): rows are scaled by them first.
     """
-    from ._details import _fused_moe as kernels
+    kernels = _kernels()
 
     mode = kernels.A_QUANTS[spec.quant.activation]
     rows, K = x.shape
@@ -513,7 +522,7 @@ def combine_launch(
     out: torch.Tensor,
 ) -> Launch:
     """The launch of :func:`launch_combine`."""
-    from ._details import _fused_moe as kernels
+    kernels = _kernels()
 
     T, H = out.shape
     emap = tensors.get("expert_map")
@@ -542,7 +551,7 @@ def decode_launches(
     activations are quantized inside the GEMMs (per token over the whole row, static, or per
     K step of fp8_block's group, which is then the K step), the intermediate stays float32.
     """
-    from ._details import _fused_moe as kernels
+    kernels = _kernels()
 
     T, H = hidden_states.shape
     inter_size, k = spec.intermediate_size, spec.top_k
