@@ -9,6 +9,7 @@
 #   sorting  benchmarks/amd_sorting.py and benchmarks/routing_sorting.py
 #   full     moe bench on every BENCHMARKS.md shape, bf16 (vLLM peer when .peers/vllm is carried)
 #   tune     tools/tune_device.py for every benchmark shape -> $OUT/logs/configs
+#   decode   tools/profile_apply.py: decode vs sorted path and fast vs normal launch, T=1..8 -> $OUT/logs/decode
 # Usage (carry .whl, and .peers when you have it): STEPS="tests quick" bash tools/device_check.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -39,4 +40,5 @@ step quant 300 python3 -m moe_core bench --models qwen3-30b-a3b,deepseek-v3-tp8,
 step sorting 150 bash -c "python3 benchmarks/amd_sorting.py --out $L/amd-sorting.json && python3 benchmarks/routing_sorting.py --out $L/routing-sorting.json"
 step full 480 python3 -m moe_core bench --dtypes bf16,fp16 --out "$L/full"
 step tune 540 python3 tools/tune_device.py --out "$L/configs"
+step decode 480 python3 tools/profile_apply.py --budget-s 420 --out "$L/decode"
 tar -czf "$OUT/results.tgz" -C "$OUT" logs
