@@ -19,8 +19,9 @@ from moe_core.reference import fused_experts_reference
 from moe_core.testing import random_expert_weights, relative_error, tolerance
 from moe_plugin_portable import _launch, configs, experts
 
+from ..gpu_checks import no_host_sync
 from . import test_experts_quant as tq
-from .helpers import DEVICE, needs_triton
+from .helpers import DEVICE, assert_graph_replay_matches_eager, gpu, needs_triton
 
 KERNEL = "portable.triton.fused_moe"
 BASE = {"num_experts": 7, "top_k": 3, "hidden_size": 72, "intermediate_size": 40}
@@ -102,6 +103,23 @@ def test_decode_quantized(name, changes, monkeypatch):
     out, want = _run(spec, 2, 4, weights=weights, x=x, topk_w=topk_w, ids=ids)
     err = relative_error(out, want)
     assert err <= tq.bound(spec), f"relative error {err:.3e} > {tq.bound(spec):.1e} for {spec.describe()}"
+
+
+@needs_triton
+@pytest.mark.parametrize("name", sorted(tq.MUTATIONS))
+def test_decode_wrong_scale_is_caught(name, monkeypatch):
+    """The decode kernels read every scale: one in the wrong order fails the bound by far."""
+    monkeypatch.setenv("MOE_PORTABLE_DECODE", "1")
+    spec = tq._spec(name)
+    plan = moe_plan(spec, DEVICE)
+    weights = tq._weights(spec, seed=2)[1]
+    x, topk_w, ids = tq._inputs(spec, 3, seed=2)
+    prepared = plan.prepare(weights)
+    key, mutate = tq.MUTATIONS[name]
+    prepared.tensors[key] = mutate(prepared.tensors[key])
+    out = moe_apply(plan, x, prepared, topk_w, ids)
+    want = fused_experts_reference(spec, x, weights, topk_w, ids, compute_dtype=torch.float64)
+    assert relative_error(out, want) > 4 * tq.bound(spec)
 
 
 @needs_triton
@@ -211,3 +229,75 @@ def test_run_launch_takes_the_normal_launch_when_it_must(monkeypatch):
     _launch.run_launch(Kernel(), (1, 2), (), {})
     assert calls == [((3,), (1, 2), {"BLOCK": 4}), ((1, 2), (), {})]
     assert _launch.fast_launch_stats()["slow"] == before + 2
+
+
+# ----------------------------------------------------------------------------- GPU
+
+GPU_CASES = [
+    ("qwen3-30b-a3b", torch.bfloat16, None, None),
+    ("deepseek-v3-tp8", torch.bfloat16, None, None),
+    ("gpt-oss-20b", torch.bfloat16, None, None),
+    ("mixtral-8x7b", torch.float16, None, None),
+    ("qwen3-30b-a3b", torch.bfloat16, 4, None),  # expert parallel, rank 1 of 4
+    ("deepseek-v3-tp8", torch.bfloat16, None, "fp8_block"),
+    ("qwen3-30b-a3b", torch.bfloat16, None, "fp8"),
+    ("gpt-oss-20b", torch.bfloat16, None, "mxfp4"),
+]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(("model", "dtype", "ep", "quant"), GPU_CASES)
+@pytest.mark.parametrize("T", [1, 4, 8])
+def test_gpu_decode_real_shapes(model, dtype, ep, quant, T, monkeypatch):
+    """The decode path (forced) at real shapes: reference, no host sync, graph replay == eager,
+    and the fast launch checked against Triton's own kernel choice."""
+    from moe_core.presets import get_preset
+    from moe_core.testing import random_routing
+
+    monkeypatch.setenv("MOE_PORTABLE_DECODE", "1")
+    monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "check")
+    preset = get_preset(model)
+    spec = preset.moe_spec(dtype, experts.QUANT_VARIANTS.get(quant), ep_size=ep or 1, ep_rank=1 if ep else 0)
+    plan = moe_plan(spec, "cuda")
+    weights = random_expert_weights(spec, device="cuda", seed=T)
+    prepared = plan.prepare(weights)
+    x = torch.randn(T, spec.hidden_size, device="cuda").to(dtype)
+    topk_w, topk_ids = random_routing(preset.routing, T, preset.num_experts, device="cuda", seed=T)
+    out = torch.full((T, spec.hidden_size), float("nan"), dtype=dtype, device="cuda")
+    moe_apply(plan, x, prepared, topk_w, topk_ids, out=out)
+    out.fill_(float("nan"))
+    with no_host_sync():
+        moe_apply(plan, x, prepared, topk_w, topk_ids, out=out)  # a cache hit, checked
+    want = fused_experts_reference(spec, x, weights, topk_w, topk_ids, compute_dtype=torch.float64)
+    assert relative_error(out, want) <= tolerance(spec)
+    monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "1")
+    assert torch.equal(moe_apply(plan, x, prepared, topk_w, topk_ids), out)  # the fast launch: same bits
+    assert_graph_replay_matches_eager(plan, prepared, preset, x, topk_w, topk_ids, seed=T + 100)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["0", "1"])
+def test_gpu_fast_launch_follows_specialization(path, monkeypatch):
+    """Misaligned inputs and token counts that change Triton's specialization (1, multiples of
+    16, others) never reuse a kernel compiled for other arguments (``check`` asserts it)."""
+    from moe_core.presets import get_preset
+    from moe_core.testing import random_routing
+
+    monkeypatch.setenv("MOE_PORTABLE_DECODE", path)
+    monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "check")
+    preset = get_preset("qwen3-30b-a3b")
+    spec = preset.moe_spec(torch.bfloat16)
+    plan = moe_plan(spec, "cuda")
+    weights = random_expert_weights(spec, device="cuda", seed=0)
+    prepared = plan.prepare(weights)
+    H = spec.hidden_size
+    for T in (1, 2, 16, 3, 1, 16):
+        for offset in (0, 1):  # 1: x starts 2 bytes into its buffer (not 16-byte aligned)
+            x = torch.randn(T * H + offset, device="cuda").to(spec.dtype)[offset:].view(T, H)
+            w, ids = random_routing(preset.routing, T, preset.num_experts, device="cuda", seed=T)
+            out = moe_apply(plan, x, prepared, w, ids)
+            want = fused_experts_reference(spec, x, weights, w, ids, compute_dtype=torch.float64)
+            assert relative_error(out, want) <= tolerance(spec), (T, offset)
+    assert _launch.fast_launch_stats()["checked"] > 0

@@ -13,10 +13,11 @@ directly, exactly as ``JITFunction.run`` does (Triton 3.3 to 3.9)::
 
 The specialization key is a superset of what Triton specialises on, so a cached
 kernel is never launched with arguments it was not compiled for: the kernel,
-the constexprs and options (every keyword argument), the device, Triton's debug
-and instrumentation knobs, and per runtime argument: tensors by dtype, 16-byte
+the constexprs and options (every keyword argument), the device, Triton's debug,
+instrumentation and (ROCm) buffer-ops knobs, and per runtime argument: tensors by dtype, 16-byte
 alignment of the data pointer and (ROCm: buffer ops) whether the storage is
-within 2 GB; integers by value 1, divisibility by 16 and 32/64-bit range; bools
+within 2 GB (``untyped_storage().size() <= 2**31 - 1``, as Triton's HIP backend decides);
+integers by value 1, divisibility by 16 and 32/64-bit range; bools
 by value; floats; ``None``. Anything else (an unknown argument type, launch
 hooks or pre-run hooks installed, a Triton without these internals, the
 interpreter) takes the normal launch.
@@ -145,6 +146,7 @@ def run_launch(kernel: Any, grid: tuple[int, ...], args: tuple[Any, ...], kwargs
         device,
         runtime.debug,
         getattr(knobs.compilation, "instrumentation_mode", None),
+        getattr(getattr(knobs, "amd", None), "use_buffer_ops", None) if hip else None,  # "S" or not
         tuple(kwargs.items()),
         arg_key,
     )
