@@ -134,20 +134,21 @@ def use_decode(num_tokens: int, top_k: int, num_experts: int) -> bool:
 
 @functools.lru_cache(maxsize=4096)
 def decode_heuristic(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool) -> DecodeConfig:
-    """Decode tiles from the shape: ``block_n`` halves (down to 4) until a GEMM launches about
-    two programs per SM (decode is weight-bandwidth bound: every SM must stream), ``block_k``
-    keeps a tile near 4096 elements (2048 per gated half) within ``[32, 512]`` and ``K``;
-    mxfp4 steps are multiples of 32, fp8_block steps are its K block (one scale per step)."""
+    """Decode tiles from the shape. Long K steps first (``block_k``: ``K`` rounded up to a power
+    of two, within ``[32, 512]``: long contiguous row segments, 16-byte vector loads), then
+    ``block_n`` rows so that a tile holds about 4096 elements (2048 per gated half), halved
+    (down to 4) until a GEMM launches about two programs per SM (decode is weight-bandwidth
+    bound: every SM must stream). fp8_block steps are its K block (one scale per step)."""
     scheme = spec.quant
     stages = 2 if is_amd else 3
 
     def tile(programs: int, n: int, k: int, gated: bool) -> GemmConfig:
-        block_n = 64
-        while block_n > 4 and programs * -(-n // block_n) < 2 * num_sms:
-            block_n //= 2
-        block_k = max(32, min(512, (2048 if gated else 4096) // block_n, 1 << max(0, k - 1).bit_length()))
+        block_k = max(32, min(512, 1 << max(0, k - 1).bit_length()))
         if scheme.name == "fp8_block":
             block_k = scheme.block_shape[1]
+        block_n = max(4, min(64, (2048 if gated else 4096) // block_k))
+        while block_n > 4 and programs * -(-n // block_n) < 2 * num_sms:
+            block_n //= 2
         return GemmConfig(block_n, block_k, 4, stages, 1)
 
     return DecodeConfig(
