@@ -83,6 +83,7 @@ def test_decode_dropped_tokens_are_zero(monkeypatch):
 #: every quantized scheme through the decode kernels (T=2: two tokens, six entries)
 QUANT_CASES = [
     ("fp8-channel-token", {}),
+    ("fp8-channel-token", {"top_k": 1, "apply_router_weight_on_input": True, "has_bias": True}),
     ("fp8-tensor-static", tq.SWIGLU),
     ("fp8-channel-static", {"top_k": 1, "apply_router_weight_on_input": True}),
     ("fp8-tensor-token", {"ep_size": 3, "ep_rank": 1}),
@@ -94,7 +95,9 @@ QUANT_CASES = [
 
 
 @needs_triton
-@pytest.mark.parametrize(("name", "changes"), QUANT_CASES, ids=[n for n, _ in QUANT_CASES])
+@pytest.mark.parametrize(
+    ("name", "changes"), QUANT_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(QUANT_CASES)]
+)
 def test_decode_quantized(name, changes, monkeypatch):
     monkeypatch.setenv("MOE_PORTABLE_DECODE", "1")
     spec = tq._spec(name, **changes)
@@ -301,3 +304,99 @@ def test_gpu_fast_launch_follows_specialization(path, monkeypatch):
             want = fused_experts_reference(spec, x, weights, w, ids, compute_dtype=torch.float64)
             assert relative_error(out, want) <= tolerance(spec), (T, offset)
     assert _launch.fast_launch_stats()["checked"] > 0
+
+
+class _Param:
+    def __init__(self, name: str, constexpr: bool):
+        self.name, self.is_constexpr = name, constexpr
+
+
+class _Compiled:
+    """Stands for a CompiledKernel: ``run`` records the launcher calls."""
+
+    def __init__(self, calls: list):
+        self.function, self.packed_metadata = "fn", "meta"
+        self.run = lambda *a: calls.append(("fast", a))
+
+
+class _FakeJIT:
+    """Stands for a JITFunction ``k(x_ptr, n, BLOCK: constexpr, ACT: constexpr)``: ``[grid](...)``
+    is the normal launch, compiling one kernel per (n == 1, n % 16 == 0, kwargs)."""
+
+    def __init__(self):
+        self.arg_names = ["x_ptr", "n", "BLOCK", "ACT"]
+        self.params = [_Param("x_ptr", False), _Param("n", False), _Param("BLOCK", True), _Param("ACT", True)]
+        self.pre_run_hooks: list = []
+        self.calls: list = []
+        self.kernels: dict = {}
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(("normal", grid, args, kwargs))
+            key = (args[1] == 1, args[1] % 16 == 0, tuple(kwargs.items()))
+            return self.kernels.setdefault(key, _Compiled(self.calls))
+
+        return launch
+
+
+class _Knobs:
+    class runtime:
+        launch_enter_hook = None
+        launch_exit_hook = None
+        debug = False
+        add_stages_inspection_hook = None
+
+    class compilation:
+        instrumentation_mode = ""
+
+
+def test_fast_launch_caches_per_specialization(monkeypatch):
+    """The launcher gets what JITFunction.run would pass (grid padded to 3, the stream, every
+    parameter in order with the constexprs last); another specialization launches normally."""
+    monkeypatch.setattr(_launch, "_RUNTIME", [_FakeJIT, _Knobs, lambda: 0, lambda dev: 77, False])
+    _launch.clear_cache()
+    kernel = _FakeJIT()
+    x = torch.empty(64, dtype=torch.bfloat16)
+    kw = {"BLOCK": 32, "ACT": 1, "num_warps": 4}
+    try:
+        _launch.run_launch(kernel, (5,), (x, 40), kw)  # compiles: normal launch
+        _launch.run_launch(kernel, (6, 2), (x, 40), kw)  # cached
+        assert [c[0] for c in kernel.calls] == ["normal", "fast"]
+        assert kernel.calls[1][1] == (6, 2, 1, 77, "fn", "meta", None, None, None, x, 40, 32, 1)
+        for args, kwargs in (((x, 1), kw), ((x, 48), kw), ((x[1:], 40), kw), ((x, 40), {**kw, "ACT": 2})):
+            kernel.calls.clear()
+            _launch.run_launch(kernel, (1,), args, kwargs)  # a new specialization: normal
+            assert [c[0] for c in kernel.calls] == ["normal"], (args[1], kwargs)
+        kernel.calls.clear()
+        _launch.run_launch(kernel, (1,), (x, 56), kw)  # 56: same specialization as 40 (not 1, not %16)
+        assert [c[0] for c in kernel.calls] == ["fast"]
+        # check mode: the normal launch, and Triton's kernel must be the cached one
+        monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "check")
+        kernel.calls.clear()
+        _launch.run_launch(kernel, (1,), (x, 40), kw)
+        assert [c[0] for c in kernel.calls] == ["normal"]
+        kernel.kernels.clear()  # Triton would now pick another kernel: check mode catches it
+        with pytest.raises(AssertionError, match="another kernel"):
+            _launch.run_launch(kernel, (1,), (x, 40), kw)
+        monkeypatch.delenv(_launch.FAST_LAUNCH_ENV)
+        # an active launch hook needs launch_metadata: normal launch
+        monkeypatch.setattr(_Knobs.runtime, "launch_enter_hook", lambda meta: None)
+        kernel.calls.clear()
+        _launch.run_launch(kernel, (1,), (x, 40), kw)
+        assert [c[0] for c in kernel.calls] == ["normal"]
+    finally:
+        _launch.clear_cache()
+
+
+def test_fast_launch_refuses_unexpected_signatures(monkeypatch):
+    """A constexpr passed positionally (or one left to its default) cannot be replayed: slow forever."""
+    monkeypatch.setattr(_launch, "_RUNTIME", [_FakeJIT, _Knobs, lambda: 0, lambda dev: 77, False])
+    _launch.clear_cache()
+    kernel = _FakeJIT()
+    x = torch.empty(64, dtype=torch.bfloat16)
+    try:
+        for _ in range(2):
+            _launch.run_launch(kernel, (1,), (x, 40), {"BLOCK": 32})  # ACT missing
+        assert [c[0] for c in kernel.calls] == ["normal", "normal"]
+    finally:
+        _launch.clear_cache()
