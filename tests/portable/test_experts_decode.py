@@ -400,3 +400,23 @@ def test_fast_launch_refuses_unexpected_signatures(monkeypatch):
         assert [c[0] for c in kernel.calls] == ["normal", "normal"]
     finally:
         _launch.clear_cache()
+
+
+@needs_triton
+def test_tuner_tunes_the_decode_path(tmp_path):
+    """At T=1 the tuner times the decode path too and records whether it beats the sorted one,
+    in the entry lookup_decode reads (the small space: the heuristic's tiles)."""
+    from moe_plugin_portable import tuning
+
+    spec = MoESpec(**BASE)
+    found = tuning.tune_layer(spec, DEVICE, tokens=(1,), space="small")
+    decode = found["1"]["decode"]
+    assert isinstance(decode["use"], bool) and decode["timing"]["total_us"] > 0
+    cfg = configs.DecodeConfig.from_json(decode)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 8
+    assert cfg == configs.decode_heuristic(spec, 1, sms, False)
+    path = tuning.write_table("Fake GPU", {configs.layer_key(spec): found}, tmp_path, "3.x")
+    entry = json.loads(path.read_text())["configs"][configs.layer_key(spec)]["1"]
+    assert configs.DecodeConfig.from_json(entry["decode"]) == cfg
+    assert configs.MoEConfig.from_json(entry).block_m == found["1"]["block_m"]
+    assert [len(r) for r in tuning.decode_space(cfg.gemm1, "quick")] == [6, 9]
