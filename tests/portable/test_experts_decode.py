@@ -420,3 +420,25 @@ def test_tuner_tunes_the_decode_path(tmp_path):
     assert configs.DecodeConfig.from_json(entry["decode"]) == cfg
     assert configs.MoEConfig.from_json(entry).block_m == found["1"]["block_m"]
     assert [len(r) for r in tuning.decode_space(cfg.gemm1, "quick")] == [6, 9]
+
+
+def test_fast_launch_falls_back_when_the_launcher_rejects_its_arguments(monkeypatch):
+    monkeypatch.setattr(_launch, "_RUNTIME", [_FakeJIT, _Knobs, lambda: 0, lambda dev: 77, False])
+    _launch.clear_cache()
+    kernel = _FakeJIT()
+    x = torch.empty(64, dtype=torch.bfloat16)
+    kw = {"BLOCK": 32, "ACT": 1}
+    try:
+        _launch.run_launch(kernel, (1,), (x, 40), kw)
+
+        def reject(*args):
+            raise TypeError("function takes exactly 14 arguments")
+
+        for key, entry in list(_launch._CACHE.items()):
+            _launch._CACHE[key] = (reject, *entry[1:])
+        kernel.calls.clear()
+        for _ in range(2):
+            _launch.run_launch(kernel, (1,), (x, 40), kw)
+        assert [c[0] for c in kernel.calls] == ["normal", "normal"]  # and never the fast path again
+    finally:
+        _launch.clear_cache()

@@ -20,7 +20,8 @@ within 2 GB (``untyped_storage().size() <= 2**31 - 1``, as Triton's HIP backend 
 integers by value 1, divisibility by 16 and 32/64-bit range; bools
 by value; floats; ``None``. Anything else (an unknown argument type, launch
 hooks or pre-run hooks installed, a Triton without these internals, the
-interpreter) takes the normal launch.
+interpreter, a launcher that rejects the arguments with a ``TypeError``, after which
+the kernel always launches normally) takes the normal launch.
 
 ``MOE_PORTABLE_FAST_LAUNCH``: ``0`` always launches normally; ``check`` launches
 normally and asserts that Triton chose the kernel the cache holds (tests, GPU
@@ -163,8 +164,14 @@ def run_launch(kernel: Any, grid: tuple[int, ...], args: tuple[Any, ...], kwargs
     launcher, function, packed, tail, _ = entry
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
+    try:
+        launcher(grid[0], g1, g2, get_stream(device), function, packed, None, enter, leave, *args, *tail)
+    except TypeError:  # the launcher parses its arguments before launching: this Triton differs
+        _SLOW.add(id(kernel))
+        _STATS["slow"] += 1
+        kernel[grid](*args, **kwargs)
+        return
     _STATS["fast"] += 1
-    launcher(grid[0], g1, g2, get_stream(device), function, packed, None, enter, leave, *args, *tail)
 
 
 def _remember(kernel: Any, key: tuple[Any, ...], compiled: Any, args: tuple[Any, ...], kwargs: dict) -> None:

@@ -552,36 +552,25 @@ def decode_launches(
     K step of fp8_block's group, which is then the K step), the intermediate stays float32.
     """
     kernels = _kernels()
-
     T, H = hidden_states.shape
     inter_size, k = spec.intermediate_size, spec.top_k
     w13, b13, w2, b2 = tensors["w13"], tensors.get("b13"), tensors["w2"], tensors.get("b2")
     ws13, ws2 = tensors.get("w13_scale"), tensors.get("w2_scale")
     emap = tensors.get("expert_map")
-    a_quant = kernels.A_QUANTS[spec.quant.activation]
-    b_quant = _b_quant(spec)
-    group_n = _groups(spec)[0]
+    kw1, kw2 = _decode_kwargs(spec, cfg, b13 is not None, emap is not None)
     dummy = topk_weights
+    ids_or_map = emap if emap is not None else topk_ids
     inter = torch.empty(T * k, inter_size, dtype=torch.float32, device=hidden_states.device)
-
-    def block_k(gemm: GemmConfig) -> int:
-        if spec.quant.name == "fp8_block":
-            return spec.quant.block_shape[1]  # one activation group and one weight scale per step
-        return max(gemm.block_k, 32) if spec.quant.name == "mxfp4" else gemm.block_k
-
-    common = dict(HAS_BIAS=b13 is not None, HAS_MAP=emap is not None, A_QUANT=a_quant, B_QUANT=b_quant)
-    common["GROUP_N"] = group_n
-    g1, g2 = cfg.gemm1, cfg.gemm2
     gemm1 = (
         kernels.moe_decode_gemm1,
-        (T * k, triton_cdiv(inter_size, g1.block_n)),
+        (T * k, triton_cdiv(inter_size, cfg.gemm1.block_n)),
         (
             hidden_states,
             w13,
             b13 if b13 is not None else w13,
             inter,
             topk_ids,
-            emap if emap is not None else topk_ids,
+            ids_or_map,
             topk_weights,
             ws13 if ws13 is not None else dummy,
             tensors.get("a13_scale", dummy),
@@ -597,28 +586,18 @@ def decode_launches(
             float(spec.swiglu_alpha or 0.0),
             float(spec.swiglu_limit or 0.0),
         ),
-        dict(
-            TOP_K=k,
-            GATED=spec.is_gated,
-            ACTIVATION=kernels.ACTIVATIONS[spec.activation],
-            **common,
-            WEIGHT_ON_INPUT=spec.apply_router_weight_on_input,
-            BLOCK_N=g1.block_n,
-            BLOCK_K=block_k(g1),
-            num_warps=g1.num_warps,
-            num_stages=g1.num_stages,
-        ),
+        kw1,
     )
     gemm2 = (
         kernels.moe_decode_gemm2,
-        (T, triton_cdiv(H, g2.block_n)),
+        (T, triton_cdiv(H, cfg.gemm2.block_n)),
         (
             inter,
             w2,
             b2 if b2 is not None else w2,
             out,
             topk_ids,
-            emap if emap is not None else topk_ids,
+            ids_or_map,
             topk_weights,
             ws2 if ws2 is not None else dummy,
             tensors.get("a2_scale", dummy),
@@ -632,17 +611,52 @@ def decode_launches(
             out.stride(0),
             *_scale_strides(ws2),
         ),
-        dict(
-            TOP_K=k,
-            **common,
-            APPLY_WEIGHT=not spec.apply_router_weight_on_input,
-            BLOCK_N=g2.block_n,
-            BLOCK_K=block_k(g2),
-            num_warps=g2.num_warps,
-            num_stages=g2.num_stages,
-        ),
+        kw2,
     )
     return [gemm1, gemm2]
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_kwargs(
+    spec: MoESpec, cfg: DecodeConfig, has_bias: bool, has_map: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The decode launches' constexprs and options (shared dicts: callers must not modify them)."""
+    kernels = _kernels()
+
+    def block_k(gemm: GemmConfig) -> int:
+        if spec.quant.name == "fp8_block":
+            return spec.quant.block_shape[1]  # one activation group and one weight scale per step
+        return max(gemm.block_k, 32) if spec.quant.name == "mxfp4" else gemm.block_k
+
+    common = dict(
+        HAS_BIAS=has_bias,
+        HAS_MAP=has_map,
+        A_QUANT=kernels.A_QUANTS[spec.quant.activation],
+        B_QUANT=_b_quant(spec),
+        GROUP_N=_groups(spec)[0],
+    )
+    g1, g2 = cfg.gemm1, cfg.gemm2
+    kw1 = dict(
+        TOP_K=spec.top_k,
+        GATED=spec.is_gated,
+        ACTIVATION=kernels.ACTIVATIONS[spec.activation],
+        **common,
+        WEIGHT_ON_INPUT=spec.apply_router_weight_on_input,
+        BLOCK_N=g1.block_n,
+        BLOCK_K=block_k(g1),
+        num_warps=g1.num_warps,
+        num_stages=g1.num_stages,
+    )
+    kw2 = dict(
+        TOP_K=spec.top_k,
+        **common,
+        APPLY_WEIGHT=not spec.apply_router_weight_on_input,
+        BLOCK_N=g2.block_n,
+        BLOCK_K=block_k(g2),
+        num_warps=g2.num_warps,
+        num_stages=g2.num_stages,
+    )
+    return kw1, kw2
 
 
 @functools.lru_cache(maxsize=1024)
