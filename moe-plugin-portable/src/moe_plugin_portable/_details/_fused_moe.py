@@ -598,16 +598,21 @@ def _decode_gemv(
     a_row_ptr,
     w_row_ptrs,
     s_row_ptrs,
+    u_row_ptrs,
+    su_row_ptrs,
     n_mask,
     K,
     route,
     a_scale,
+    GATED: tl.constexpr,
     A_QUANT: tl.constexpr,
     B_QUANT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``sum_k a[k] * w[n, k]`` for one ``BLOCK_N`` slice of rows: float32 ``[BLOCK_N]``.
+    """``sum_k a[k] * w[n, k]`` for one ``BLOCK_N`` slice of rows, float32 ``[BLOCK_N]``, and the
+    same for the ``u`` rows when ``GATED`` (gate and up in one loop: one activation load and
+    twice the weight loads in flight per step; else the first result is returned twice).
 
     ``w_row_ptrs``: the rows' first elements (bytes for mxfp4); ``s_row_ptrs``: their scale
     rows (fp8_block: ``[kb]`` per row's block; mxfp4: e8m0 ``[K/32]``). Per-row / per-tensor
@@ -619,23 +624,38 @@ def _decode_gemv(
         offs_h = tl.arange(0, HALF)
         k_lo = (offs_h // 16) * 32 + offs_h % 16
         acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             a_lo, _s = _decode_a(a_row_ptr + k0, k_lo, K - k0, route, a_scale, A_QUANT)
             a_hi, _s = _decode_a(a_row_ptr + k0 + 16, k_lo, K - k0 - 16, route, a_scale, A_QUANT)
             w_lo, w_hi = _decode_mxfp4(w_row_ptrs, s_row_ptrs, n_mask, offs_h, k0, K)
             acc += w_lo * a_lo[None, :] + w_hi * a_hi[None, :]
+            if GATED:
+                u_lo, u_hi = _decode_mxfp4(u_row_ptrs, su_row_ptrs, n_mask, offs_h, k0, K)
+                acc_u += u_lo * a_lo[None, :] + u_hi * a_hi[None, :]
     else:
         offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             a, a_s = _decode_a(a_row_ptr + k0, offs_k, K - k0, route, a_scale, A_QUANT)
             w = _decode_w(w_row_ptrs + k0, n_mask, offs_k, K - k0)
+            if GATED:
+                u = _decode_w(u_row_ptrs + k0, n_mask, offs_k, K - k0)
             if B_QUANT == 3:
                 b_s = tl.load(s_row_ptrs + k0 // BLOCK_K, mask=n_mask, other=0.0)
                 acc += (w * a[None, :]) * (b_s * a_s)[:, None]
+                if GATED:
+                    bu_s = tl.load(su_row_ptrs + k0 // BLOCK_K, mask=n_mask, other=0.0)
+                    acc_u += (u * a[None, :]) * (bu_s * a_s)[:, None]
             else:
                 acc += w * a[None, :]
-    return tl.sum(acc, axis=1)
+                if GATED:
+                    acc_u += u * a[None, :]
+    out = tl.sum(acc, axis=1)
+    if GATED:
+        return out, tl.sum(acc_u, axis=1)
+    return out, out
 
 
 @triton.jit
@@ -714,12 +734,22 @@ def moe_decode_gemm1(
     else:
         s_rows = ws_ptr
         su_rows = ws_ptr
-    gate = _decode_gemv(x_row, w_rows, s_rows, n_mask, K, route, a_scale, A_QUANT, B_QUANT, BLOCK_N, BLOCK_K)
-    up = gate
-    if GATED:
-        up = _decode_gemv(
-            x_row, u_rows, su_rows, n_mask, K, route, a_scale, A_QUANT, B_QUANT, BLOCK_N, BLOCK_K
-        )
+    gate, up = _decode_gemv(
+        x_row,
+        w_rows,
+        s_rows,
+        u_rows,
+        su_rows,
+        n_mask,
+        K,
+        route,
+        a_scale,
+        GATED,
+        A_QUANT,
+        B_QUANT,
+        BLOCK_N,
+        BLOCK_K,
+    )
     if A_QUANT == 1 or A_QUANT == 2:
         gate = gate * a_scale
         up = up * a_scale
@@ -793,8 +823,21 @@ def moe_decode_gemm2(
                 s_rows = ws_ptr + expert * stride_wse + offs_n.to(tl.int64) * stride_wsn
             else:
                 s_rows = ws_ptr
-            y = _decode_gemv(
-                a_row, w_rows, s_rows, n_mask, K, 1.0, a_scale, A_QUANT, B_QUANT, BLOCK_N, BLOCK_K
+            y, _y = _decode_gemv(
+                a_row,
+                w_rows,
+                s_rows,
+                w_rows,
+                s_rows,
+                n_mask,
+                K,
+                1.0,
+                a_scale,
+                False,
+                A_QUANT,
+                B_QUANT,
+                BLOCK_N,
+                BLOCK_K,
             )
             if A_QUANT == 1 or A_QUANT == 2:
                 y = y * a_scale
