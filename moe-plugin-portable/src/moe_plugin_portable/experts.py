@@ -71,7 +71,8 @@ import torch
 
 from moe_core import DeviceInfo, ExpertWeights, KernelEntry, MoESpec, PreparedWeights, QuantScheme
 from moe_core import quant as mq
-from moe_core.sorting import align_block_size
+from moe_core.registry import dispatch_op
+from moe_core.sorting import SortingRequest, align_block_size, max_padded_len
 
 from ._common import PRIORITY, interpreting, triton_refusal
 from ._launch import run_launch
@@ -197,10 +198,22 @@ class SortedBlocks(NamedTuple):
 def sort_tokens(
     spec: MoESpec, topk_ids: torch.Tensor, tensors: dict[str, torch.Tensor], block_m: int
 ) -> SortedBlocks:
-    """Group the (token, slot) entries by local expert in blocks of ``block_m``."""
-    sorted_ids, expert_ids, num_padded = align_block_size(
-        topk_ids, num_experts=spec.num_experts, block_size=block_m, expert_map=tensors.get("expert_map")
-    )
+    """Group the (token, slot) entries by local expert in blocks of ``block_m``.
+
+    ``topk_ids`` as ``moe_apply`` checked them (int32/int64 ``[T, k]``, ``T > 0``) and the
+    prepared expert map: the best ``align_block_size`` kernel is dispatched directly, without
+    ``moe_core.sorting``'s re-validation (host time); anything else goes through it.
+    """
+    emap = tensors.get("expert_map")
+    kwargs = {"num_experts": spec.num_experts, "block_size": block_m, "expert_map": emap}
+    n = topk_ids.numel()
+    impl = None
+    if n and topk_ids.dim() == 2 and max_padded_len(n, spec.num_experts, block_m) < 2**31:
+        request = SortingRequest(
+            "align_block_size", spec.num_experts, topk_ids.shape[1], block_m, topk_ids.dtype, emap is not None
+        )
+        impl = dispatch_op("sorting", "align_block_size", topk_ids.device, request)
+    sorted_ids, expert_ids, num_padded = (impl or align_block_size)(topk_ids, **kwargs)
     return SortedBlocks(sorted_ids, expert_ids, num_padded, block_m)
 
 
