@@ -215,6 +215,7 @@ def test_specialization_key_separates_what_triton_specialises():
     assert key((base,)) != key((base.view(torch.float16),))
     assert key((1,)) != key((2,)) and key((16,)) != key((17,)) and key((32,)) == key((48,))
     assert key((2**31,)) != key((2**31 - 16,)) and key((2**63,)) != key((2**62,))
+    assert key((-(2**40),)) == key((-(2**41),)) != key((2**64,))  # i64 vs u64, as Triton types them
     assert key((1.0,)) == key((2.5,)) and key((None,)) != key((0,)) and key((True,)) != key((False,))
     assert key(("text",)) is None  # unknown argument types take the normal launch
 

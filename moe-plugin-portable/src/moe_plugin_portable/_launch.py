@@ -99,7 +99,7 @@ def specialization_key(args: tuple[Any, ...], hip: bool = False) -> tuple[Any, .
     for a in args:
         cls = a.__class__
         if cls is int:
-            append((a == 1, a % 16 == 0, -_I32 <= a < _I32, 0 <= a < _I64))
+            append((a == 1, a % 16 == 0, 0 if -_I32 <= a < _I32 else (2 if a >= _I64 else 1)))  # i32/i64/u64
         elif cls is bool:
             append(a)
         elif cls is float:
@@ -151,7 +151,12 @@ def run_launch(kernel: Any, grid: tuple[int, ...], args: tuple[Any, ...], kwargs
         tuple(kwargs.items()),
         arg_key,
     )
-    entry = _CACHE.get(key)
+    try:
+        entry = _CACHE.get(key)
+    except TypeError:  # an unhashable keyword argument: not a launch the cache can key
+        _STATS["slow"] += 1
+        kernel[grid](*args, **kwargs)
+        return
     if entry is None or mode == "check":
         compiled = kernel[grid](*args, **kwargs)
         if entry is not None:
