@@ -234,7 +234,7 @@ def test_decode_launch_set():
 def test_decode_kernels_compile_without_spills(target):
     """Every decode variant of the benchmark shapes at T=1 (bf16 and the quantized schemes)."""
     configs = profile.launch_configs(
-        target, QUANT_MODELS + ["mixtral-8x7b"], ["bf16"], [1], sorting_ops=(), quants=profile.DEFAULT_QUANTS
+        target, [*QUANT_MODELS, "mixtral-8x7b"], ["bf16"], [1], sorting_ops=(), quants=profile.DEFAULT_QUANTS
     )
     decode = [c for c in configs if c.kernel in DECODE]
     assert len(decode) >= 10
