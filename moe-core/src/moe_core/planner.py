@@ -256,9 +256,7 @@ _Tensor = torch.Tensor
 _ID_DTYPES = (torch.int32, torch.int64)
 
 
-def _plain_inputs(
-    plan: Any, x: Any, prepared: Any, topk_weights: Any, topk_ids: Any, out: Any
-) -> bool:
+def _plain_inputs(plan: Any, x: Any, prepared: Any, topk_weights: Any, topk_ids: Any, out: Any) -> bool:
     """Whether every check of :func:`check_apply_inputs` passes, decided in a few direct comparisons
     (host time on the hot path). Conservative: ``False`` sends the call through the checks one by
     one, which raise with the precise message (or pass); ``True`` only where each of them passes

@@ -502,9 +502,7 @@ def _meta_weights(spec: MoESpec) -> ExpertWeights:
     return w
 
 
-def _expert_launches(
-    spec: MoESpec, T: int, cfg: Any, ops: Sequence[str], decode: Any = None
-) -> list[Any]:
+def _expert_launches(spec: MoESpec, T: int, cfg: Any, ops: Sequence[str], decode: Any = None) -> list[Any]:
     """The sorting launches (``ops``) and the fused MoE's, as ``moe_apply`` makes them, on meta tensors;
     with ``decode`` (a ``DecodeConfig``) also the decode path's two launches."""
     from . import experts, sorting
