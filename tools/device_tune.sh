@@ -6,7 +6,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
 mkdir -p "$OUT/configs"
-python3 tools/profile_apply.py qwen3-30b-a3b 1 2>&1 | head -40 | tee "$OUT/profile.log"
+python3 tools/profile_apply.py --models qwen3-30b-a3b --tokens 1 --no-sweep --budget-s 120 --out "$OUT/profile" 2>&1 | tail -40 | tee "$OUT/profile.log"
 for model in "$@"; do
   start=$(date +%s)
   python3 -m moe_core tune --model "$model" --dtype "${DTYPE:-bf16}" --plugin portable --out "$OUT/configs" 2>&1 | tail -3

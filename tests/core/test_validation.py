@@ -192,3 +192,45 @@ def test_high_precision_weights_accepted_for_quantized_schemes():
     prepared = moe_plan(spec, "cpu").prepare(weights)
     assert prepared["w13"].dtype == torch.uint8 and prepared["w13"].shape == (8, 64, 32)
     assert isinstance(ExpertWeights(**prepared.tensors), ExpertWeights)
+
+
+#: the cases whose error comes from a value check (not part of the fast path's decision)
+VALUE_CASES = {"id out of range", "negative id"}
+
+
+@pytest.mark.parametrize("case", sorted(set(BAD_APPLY) - VALUE_CASES))
+def test_fast_check_refuses_every_bad_input(spy_plan, case, monkeypatch):
+    """With value checks off (as on a GPU), the fast path of check_apply_inputs lets no bad input
+    through: it answers False and the checks one by one raise."""
+    from moe_core import planner
+
+    monkeypatch.setattr(planner, "should_check_values", lambda t: False)
+    plan, prepared = spy_plan
+    x, w, ids = BAD_APPLY[case](*_good())
+    assert not planner._plain_inputs(plan, x, prepared, w, ids, None)
+    with pytest.raises(MoEInputError):
+        moe_apply(plan, x, prepared, w, ids)
+    assert CALLS == []
+
+
+def test_fast_check_takes_good_inputs_only(spy_plan, monkeypatch):
+    from moe_core import planner
+
+    plan, prepared = spy_plan
+    x, w, ids = _good()
+    out = torch.empty_like(x)
+    assert not planner._plain_inputs(plan, x, prepared, w, ids, out)  # CPU: ids values are checked
+    monkeypatch.setattr(planner, "should_check_values", lambda t: False)
+    assert planner._plain_inputs(plan, x, prepared, w, ids, out)
+    assert planner._plain_inputs(plan, x, prepared, w, ids.long(), None)
+    bad_outs = [torch.empty(4, 31, dtype=x.dtype), torch.empty(4, 32), torch.empty(32, 4, dtype=x.dtype).t()]
+    for bad in [*bad_outs, "buffer", out.to("meta")]:
+        assert not planner._plain_inputs(plan, x, prepared, w, ids, bad)
+    other = type(prepared)("another.kernel", prepared.tensors)
+    assert not planner._plain_inputs(plan, x, other, w, ids, out)
+    assert not planner._plain_inputs(plan, x, prepared.tensors, w, ids, out)
+    assert not planner._plain_inputs("plan", x, prepared, w, ids, out)
+    moved = type(prepared)(prepared.kernel, {**prepared.tensors, "w2": prepared.tensors["w2"].to("meta")})
+    assert not planner._plain_inputs(plan, x, moved, w, ids, out)
+    moe_apply(plan, x, prepared, w, ids, out=out)
+    assert CALLS == ["apply"]

@@ -36,7 +36,8 @@ needs_amd_backend = pytest.mark.skipif(not _amd_backend(), reason="needs triton 
 CACHE = str(profile.cache_dir())
 
 GEMMS = ("moe_gemm1", "moe_gemm2")
-KERNELS = {*GEMMS, "moe_combine", "select_experts_kernel", "sort_count", "sort_place"}
+DECODE = ("moe_decode_gemm1", "moe_decode_gemm2")
+KERNELS = {*GEMMS, "moe_combine", "select_experts_kernel", "sort_count", "sort_place", *DECODE}
 
 
 @pytest.fixture(autouse=True)
@@ -210,3 +211,34 @@ def test_cli_exit_status(monkeypatch, capsys):
     monkeypatch.setattr(profile, "launch_configs", lambda *a, **k: [oversized])
     assert profile.main(["--models", "qwen3-30b-a3b"]) == 1
     assert "FAIL moe_gemm1" in capsys.readouterr().out
+
+
+def test_decode_launch_set():
+    """The decode path's two kernels are in the set where the rule takes it, with the variants' constexprs."""
+    configs = profile.launch_configs(
+        "gfx950", QUANT_MODELS, ["bf16"], [1, 8], sorting_ops=(), quants=profile.DEFAULT_QUANTS
+    )
+    decode = [c for c in configs if c.kernel in DECODE]
+    users = {u for c in decode for u in c.users}
+    for model in QUANT_MODELS:
+        assert f"{model}/bf16/T=1" in users and f"{model}/bf16/fp8_block/T=1" in users
+    assert "qwen3-30b-a3b/bf16/T=8" not in users  # 64 entries on 128 experts: the sorted path
+    assert "deepseek-v3-tp8/bf16/T=8" not in users
+    b_quants = {dict(c.constexprs)["B_QUANT"] for c in decode}
+    assert b_quants == {0, 1, 2, 3, 4}
+    assert {dict(c.constexprs)["A_QUANT"] for c in decode} == {0, 1, 2, 3}
+
+
+@needs_amd_backend
+@pytest.mark.parametrize("target", ["gfx950", "sm90"])
+def test_decode_kernels_compile_without_spills(target):
+    """Every decode variant of the benchmark shapes at T=1 (bf16 and the quantized schemes)."""
+    configs = profile.launch_configs(
+        target, [*QUANT_MODELS, "mixtral-8x7b"], ["bf16"], [1], sorting_ops=(), quants=profile.DEFAULT_QUANTS
+    )
+    decode = [c for c in configs if c.kernel in DECODE]
+    assert len(decode) >= 10
+    profiles = profile.compile_profile(target, decode)
+    bad = [p for p in profiles if not p.ok]
+    assert not bad, profile.format_table(bad)
+    assert all(p.mfma == 0 for p in profiles)  # GEMVs: no matrix instructions

@@ -40,6 +40,7 @@ from .validation import (
     check_same_device,
     check_shape,
     check_topk,
+    should_check_values,
 )
 
 __all__ = [
@@ -501,6 +502,57 @@ def _check_scales(spec: MoESpec, weights: ExpertWeights, name: str, n: int, kdim
         check_shape(gscale, (L,), f"{name}_global_scale")
 
 
+_Tensor = torch.Tensor
+_ID_DTYPES = (torch.int32, torch.int64)
+
+
+def _plain_inputs(plan: Any, x: Any, prepared: Any, topk_weights: Any, topk_ids: Any, out: Any) -> bool:
+    """Whether every check of :func:`check_apply_inputs` passes, decided in a few direct comparisons
+    (host time on the hot path). Conservative: ``False`` sends the call through the checks one by
+    one, which raise with the precise message (or pass); ``True`` only where each of them passes
+    and no value check applies (``should_check_values``: CPU tensors, ``MOE_CHECK_INPUTS``)."""
+    if plan.__class__ is not MoEPlan or prepared.__class__ is not PreparedWeights:
+        return False
+    if not (isinstance(x, _Tensor) and isinstance(topk_weights, _Tensor) and isinstance(topk_ids, _Tensor)):
+        return False
+    spec = plan.spec
+    shape = x.shape
+    if (
+        prepared.kernel != plan.entry.name
+        or len(shape) != 2
+        or shape[1] != spec.hidden_size
+        or x.dtype != spec.dtype
+        or not x.dtype.is_floating_point
+        or (plan.entry.needs_contiguous and not x.is_contiguous())
+        or plan.device.simulated
+    ):
+        return False
+    pair = (shape[0], spec.top_k)
+    if (
+        topk_ids.shape != pair
+        or topk_weights.shape != pair
+        or topk_ids.dtype not in _ID_DTYPES
+        or not topk_weights.dtype.is_floating_point
+    ):
+        return False
+    if out is not None and not (
+        isinstance(out, _Tensor) and out.shape == shape and out.dtype == spec.dtype and out.is_contiguous()
+    ):
+        return False
+    device = x.device
+    want = _torch_device(plan.device, device)
+    if device.type != want.type or (want.index is not None and device.index != want.index):
+        return False
+    if topk_weights.device != device or topk_ids.device != device:
+        return False
+    if out is not None and out.device != device:
+        return False
+    for t in prepared.tensors.values():
+        if not isinstance(t, _Tensor) or t.device != device:
+            return False
+    return not should_check_values(topk_ids)
+
+
 def check_apply_inputs(
     plan: MoEPlan,
     hidden_states: torch.Tensor,
@@ -510,6 +562,8 @@ def check_apply_inputs(
     out: torch.Tensor | None,
 ) -> None:
     """Every check of :func:`moe_apply`; raises :class:`MoEInputError`."""
+    if _plain_inputs(plan, hidden_states, prepared, topk_weights, topk_ids, out):
+        return  # the common call: every check below would pass
     if not isinstance(plan, MoEPlan):
         raise MoEInputError(f"plan must be a MoEPlan from moe_plan(), got {type(plan).__name__}")
     spec = plan.spec

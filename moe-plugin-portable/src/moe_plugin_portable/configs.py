@@ -19,6 +19,23 @@ Table format (``moe tune`` writes it)::
 where each ``{...}`` is ``MoEConfig.to_json()``. Buckets are upper bounds on
 ``T``: 1, 8, 32, 128, 512, 2048, inf. Quantized layers have keys of their own
 (:func:`layer_key` appends the scheme), so they never take a bf16 layer's tiles.
+
+Decode path (:func:`lookup_decode`). For a few tokens the fused MoE can skip
+the sort and the combine: 2 launches (a GEMV-like GEMM 1 per (entry, N block),
+a GEMM 2 per (token, H block) summing its k slots) instead of 4. It reads an
+expert's weights once per entry routed to it, where the sorted path reads them
+once per expert, so it pays only while the ``n = T * k`` entries hit mostly
+distinct experts. :func:`use_decode` is that rule, a function of ``(T, k, E)``:
+``T <= DECODE_MAX_TOKENS`` and, under uniform routing, the expected weight
+reads ``n`` over the expected distinct experts ``E * (1 - (1 - 1/E)**n)`` at most
+``1 + DECODE_MAX_REREAD`` (``T == 1`` always qualifies: a token's k experts are
+distinct). E.g. E=128, k=8: T <= 3; E=256, k=8: T <= 6; E=32, k=4 and E=8, k=2: T == 1.
+A table entry may override it for its bucket with ``"decode": {"use": true|false,
+"gemm1": {...}, "gemm2": {...}}`` (tiles optional; ``use`` absent: the rule);
+``MOE_PORTABLE_DECODE=0``/``1`` turns the path off/on for every ``T`` (A/B runs).
+On a GPU the rule applies only with ``MOE_PORTABLE_DECODE=rule`` or where a tuned
+entry says ``"use"``: the decode kernels have not been timed on a GPU yet, so by
+default GPUs keep the sorted path (the interpreter, on the CPU, follows the rule).
 """
 
 from __future__ import annotations
@@ -37,19 +54,28 @@ import torch
 from moe_core import MoESpec
 
 __all__ = [
+    "DECODE_MAX_REREAD",
+    "DECODE_MAX_TOKENS",
     "T_BUCKETS",
+    "DecodeConfig",
     "GemmConfig",
     "MoEConfig",
     "config_file_name",
+    "decode_heuristic",
     "heuristic_config",
     "layer_key",
     "lookup_config",
+    "lookup_decode",
     "t_bucket",
     "tuned_tables",
+    "use_decode",
 ]
 
 T_BUCKETS: tuple[float, ...] = (1, 8, 32, 128, 512, 2048, float("inf"))
 _PACKAGE_DIR = Path(__file__).parent / "configs"
+#: the decode path's bounds (module docstring)
+DECODE_MAX_TOKENS = 8
+DECODE_MAX_REREAD = 0.1
 
 
 @dataclass(frozen=True)
@@ -77,6 +103,91 @@ class MoEConfig:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MoEConfig:
         return cls(data["block_m"], GemmConfig(**data["gemm1"]), GemmConfig(**data["gemm2"]))
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """The decode path's two GEMV-like launches: ``block_n`` rows x ``block_k`` of K per step.
+
+    ``gemm1``: programs ``(T * k, cdiv(I, block_n))``; ``gemm2``: ``(T, cdiv(H, block_n))``
+    (``group_m`` unused).
+    """
+
+    gemm1: GemmConfig
+    gemm2: GemmConfig
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DecodeConfig:
+        return cls(GemmConfig(**data["gemm1"]), GemmConfig(**data["gemm2"]))
+
+
+def use_decode(num_tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether ``T`` tokens of ``top_k`` slots over ``num_experts`` take the decode path (module docstring)."""
+    if not 1 <= num_tokens <= DECODE_MAX_TOKENS:
+        return False
+    if num_tokens == 1:
+        return True
+    n = num_tokens * top_k
+    distinct = num_experts * (1.0 - (1.0 - 1.0 / num_experts) ** n)
+    return n <= distinct * (1.0 + DECODE_MAX_REREAD)
+
+
+@functools.lru_cache(maxsize=4096)
+def decode_heuristic(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool) -> DecodeConfig:
+    """Decode tiles from the shape. Long K steps first (``block_k``: ``K`` rounded up to a power
+    of two, within ``[32, 512]``: long contiguous row segments, 16-byte vector loads), then
+    ``block_n`` rows so that a tile holds about 4096 elements (2048 per gated half), halved
+    (down to 4) until a GEMM launches about two programs per SM (decode is weight-bandwidth
+    bound: every SM must stream). fp8_block steps are its K block (one scale per step)."""
+    scheme = spec.quant
+    stages = 2 if is_amd else 3
+
+    def tile(programs: int, n: int, k: int, gated: bool) -> GemmConfig:
+        block_k = max(32, min(512, 1 << max(0, k - 1).bit_length()))
+        if scheme.name == "fp8_block":
+            block_k = scheme.block_shape[1]
+        block_n = max(4, min(64, (2048 if gated else 4096) // block_k))
+        while block_n > 4 and programs * -(-n // block_n) < 2 * num_sms:
+            block_n //= 2
+        return GemmConfig(block_n, block_k, 4, stages, 1)
+
+    return DecodeConfig(
+        tile(num_tokens * spec.top_k, spec.intermediate_size, spec.hidden_size, spec.is_gated),
+        tile(num_tokens, spec.hidden_size, spec.intermediate_size, False),
+    )
+
+
+def lookup_decode(spec: MoESpec, num_tokens: int, device: torch.device) -> DecodeConfig | None:
+    """The decode path's config for ``spec`` at ``num_tokens``, or ``None`` for the sorted path.
+
+    ``MOE_PORTABLE_DECODE`` (``0``/``1``) first, then the tuned entry's ``"decode"`` override,
+    then :func:`use_decode` (on a GPU only with ``MOE_PORTABLE_DECODE=rule``); tiles from the
+    entry, else :func:`decode_heuristic`.
+    """
+    force = os.environ.get("MOE_PORTABLE_DECODE", "")
+    if force == "0":
+        return None
+    override: dict[str, Any] = {}
+    num_sms, is_amd = 8, False
+    if device.type == "cuda":
+        name, num_sms, is_amd = _device_facts(
+            device.index if device.index is not None else torch.cuda.current_device()
+        )
+        entry = _table_entry(spec, num_tokens, name)
+        override = (entry or {}).get("decode") or {}
+    use = override.get("use")
+    if use is None and force == "" and device.type == "cuda":
+        return None  # untimed on GPUs: the sorted path unless asked (module docstring)
+    if force != "1" and not (
+        use if use is not None else use_decode(num_tokens, spec.top_k, spec.num_experts)
+    ):
+        return None
+    if "gemm1" in override and "gemm2" in override:
+        return DecodeConfig.from_json(override)
+    return decode_heuristic(spec, num_tokens, num_sms, is_amd)
 
 
 def t_bucket(num_tokens: int) -> str:
@@ -147,6 +258,16 @@ def _device_facts(index: int) -> tuple[str, int, bool]:
     return props.name, props.multi_processor_count, bool(torch.version.hip)
 
 
+def _table_entry(spec: MoESpec, num_tokens: int, name: str) -> dict[str, Any] | None:
+    """The tuned table's entry of ``spec`` for the bucket of ``num_tokens`` on GPU ``name``, if any."""
+    table = _load_table(name) or {}
+    bucket = t_bucket(num_tokens)
+    entry = table.get(layer_key(spec), {}).get(bucket)
+    if entry is None and spec.dtype in _SAME_WIDTH:  # an fp16 layer tiles like its bf16 twin
+        entry = table.get(layer_key(spec.replace(dtype=_SAME_WIDTH[spec.dtype])), {}).get(bucket)
+    return entry
+
+
 def lookup_config(spec: MoESpec, num_tokens: int, device: torch.device) -> MoEConfig:
     """The tuned config for ``spec`` at ``num_tokens`` on ``device``, else the heuristic's."""
     if device.type != "cuda":
@@ -154,11 +275,7 @@ def lookup_config(spec: MoESpec, num_tokens: int, device: torch.device) -> MoECo
     name, num_sms, is_amd = _device_facts(
         device.index if device.index is not None else torch.cuda.current_device()
     )
-    table = _load_table(name) or {}
-    bucket = t_bucket(num_tokens)
-    entry = table.get(layer_key(spec), {}).get(bucket)
-    if entry is None and spec.dtype in _SAME_WIDTH:  # an fp16 layer tiles like its bf16 twin
-        entry = table.get(layer_key(spec.replace(dtype=_SAME_WIDTH[spec.dtype])), {}).get(bucket)
+    entry = _table_entry(spec, num_tokens, name)
     if entry is not None:
         return MoEConfig.from_json(entry)
     if name not in _warned:

@@ -1,6 +1,14 @@
 """The portable fused MoE (family ``experts``): Triton grouped GEMMs on expert-sorted tokens.
 
-``portable.triton.fused_moe`` runs, for ``T`` tokens and ``k`` slots:
+``portable.triton.fused_moe`` runs, for ``T`` tokens and ``k`` slots, either the decode
+path (few tokens on mostly distinct experts, :func:`moe_plugin_portable.configs.use_decode`):
+
+1. GEMM 1 per (entry, N block), GEMV-like (no sorting), bias and activation fused,
+   into a float32 intermediate ``[T * k, I]``;
+2. GEMM 2 per (token, H block) over the token's k slots in slot order, bias,
+   router weight and the combine fused, written to the output (2 launches);
+
+or the sorted path:
 
 1. ``align_block_size`` (the sorting contract; this plugin's Triton kernel on
    a GPU) with ``block_m`` from the config for ``T``;
@@ -55,6 +63,7 @@ activation scales ``a13_scale``/``a2_scale`` as float32 ``[1]``; biases as given
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, NamedTuple
 
@@ -62,10 +71,12 @@ import torch
 
 from moe_core import DeviceInfo, ExpertWeights, KernelEntry, MoESpec, PreparedWeights, QuantScheme
 from moe_core import quant as mq
-from moe_core.sorting import align_block_size
+from moe_core.registry import dispatch_op
+from moe_core.sorting import SortingRequest, align_block_size, max_padded_len
 
 from ._common import PRIORITY, interpreting, triton_refusal
-from .configs import GemmConfig, MoEConfig, lookup_config
+from ._launch import run_launch
+from .configs import DecodeConfig, GemmConfig, MoEConfig, lookup_config, lookup_decode
 
 __all__ = [
     "QUANT_SCHEMES",
@@ -73,6 +84,7 @@ __all__ = [
     "Launch",
     "SortedBlocks",
     "combine_launch",
+    "decode_launches",
     "fused_moe",
     "fused_moe_launches",
     "gemm1_launch",
@@ -106,6 +118,18 @@ _FP8_AMD = ("gfx942", "gfx950", "gfx1200", "gfx1201")
 #: One kernel launch, described without running it: ``(kernel, grid, args, kwargs)``;
 #: ``kernel[grid](*args, **kwargs)`` runs it (``moe_plugin_portable.profile`` compiles it offline).
 Launch = tuple[Any, tuple[int, ...], tuple[Any, ...], dict[str, Any]]
+
+
+_KERNELS: list[Any] = []
+
+
+def _kernels() -> Any:
+    """The kernel module (imported on first use: importing Triton decides interpreted or compiled)."""
+    if not _KERNELS:
+        from ._details import _fused_moe
+
+        _KERNELS.append(_fused_moe)
+    return _KERNELS[0]
 
 
 def _supports(spec: MoESpec, device: DeviceInfo) -> str | None:
@@ -174,23 +198,32 @@ class SortedBlocks(NamedTuple):
 def sort_tokens(
     spec: MoESpec, topk_ids: torch.Tensor, tensors: dict[str, torch.Tensor], block_m: int
 ) -> SortedBlocks:
-    """Group the (token, slot) entries by local expert in blocks of ``block_m``."""
-    sorted_ids, expert_ids, num_padded = align_block_size(
-        topk_ids, num_experts=spec.num_experts, block_size=block_m, expert_map=tensors.get("expert_map")
-    )
+    """Group the (token, slot) entries by local expert in blocks of ``block_m``.
+
+    ``topk_ids`` as ``moe_apply`` checked them (int32/int64 ``[T, k]``, ``T > 0``) and the
+    prepared expert map: the best ``align_block_size`` kernel is dispatched directly, without
+    ``moe_core.sorting``'s re-validation (host time); anything else goes through it.
+    """
+    emap = tensors.get("expert_map")
+    kwargs = {"num_experts": spec.num_experts, "block_size": block_m, "expert_map": emap}
+    n = topk_ids.numel()
+    impl = None
+    if n and topk_ids.dim() == 2 and max_padded_len(n, spec.num_experts, block_m) < 2**31:
+        request = SortingRequest(
+            "align_block_size", spec.num_experts, topk_ids.shape[1], block_m, topk_ids.dtype, emap is not None
+        )
+        impl = dispatch_op("sorting", "align_block_size", topk_ids.device, request)
+    sorted_ids, expert_ids, num_padded = (impl or align_block_size)(topk_ids, **kwargs)
     return SortedBlocks(sorted_ids, expert_ids, num_padded, block_m)
 
 
 def _a_quant(spec: MoESpec, a: torch.Tensor) -> int:
     """``A_QUANT`` of a GEMM whose input is ``a`` (fp8: quantized per the scheme's activation mode)."""
-    from ._details._fused_moe import A_QUANTS
-
-    return A_QUANTS[spec.quant.activation] if a.dtype == _FP8 else 0
+    return _kernels().A_QUANTS[spec.quant.activation] if a.dtype == _FP8 else 0
 
 
 def _b_quant(spec: MoESpec) -> int:
-    from ._details._fused_moe import B_QUANTS
-
+    B_QUANTS = _kernels().B_QUANTS
     scheme = spec.quant
     if scheme.name == "fp8":
         return B_QUANTS["fp8_channel" if scheme.weight_scale == "per_channel" else "fp8_tensor"]
@@ -270,7 +303,7 @@ def gemm1_launch(
     the static ``a13_scale``); an fp8 ``inter_buf`` is quantized in the epilogue, with the
     static ``a2_scale`` or into the group scales ``inter_scale [rows, cdiv(I, bk)]``.
     """
-    from ._details import _fused_moe as kernels
+    kernels = _kernels()
 
     H, inter = spec.hidden_size, spec.intermediate_size
     w13, b13 = tensors["w13"], tensors.get("b13")
@@ -375,7 +408,7 @@ def gemm2_launch(
     Quantized: ``inter_buf`` fp8 with ``inter_scale`` per sorted row ``[rows]``, per group
     ``[rows, groups]`` or the static ``a2_scale`` (the default for a static scheme).
     """
-    from ._details import _fused_moe as kernels
+    kernels = _kernels()
 
     H, inter = spec.hidden_size, spec.intermediate_size
     w2, b2 = tensors["w2"], tensors.get("b2")
@@ -448,7 +481,7 @@ def quantize_launch(
     ``[rows, groups]`` per group; the static mode reads ``static_scale`` instead.
     ``topk_weights`` (top-1 weights on the input): rows are scaled by them first.
     """
-    from ._details import _fused_moe as kernels
+    kernels = _kernels()
 
     mode = kernels.A_QUANTS[spec.quant.activation]
     rows, K = x.shape
@@ -516,7 +549,7 @@ def combine_launch(
     out: torch.Tensor,
 ) -> Launch:
     """The launch of :func:`launch_combine`."""
-    from ._details import _fused_moe as kernels
+    kernels = _kernels()
 
     T, H = out.shape
     emap = tensors.get("expert_map")
@@ -527,8 +560,145 @@ def combine_launch(
 
 
 def _run(launch: Launch) -> None:
-    kernel, grid, args, kwargs = launch
-    kernel[grid](*args, **kwargs)
+    run_launch(*launch)
+
+
+def decode_launches(
+    spec: MoESpec,
+    hidden_states: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    out: torch.Tensor,
+    cfg: DecodeConfig,
+) -> list[Launch]:
+    """The decode path's two launches into ``out [T, H]`` (allocates the intermediate, runs nothing).
+
+    ``topk_weights``/``topk_ids`` contiguous ``[T, k]``. Every scheme of :data:`QUANT_SCHEMES`:
+    activations are quantized inside the GEMMs (per token over the whole row, static, or per
+    K step of fp8_block's group, which is then the K step), the intermediate stays float32.
+    """
+    kernels = _kernels()
+    T, H = hidden_states.shape
+    inter_size, k = spec.intermediate_size, spec.top_k
+    w13, b13, w2, b2 = tensors["w13"], tensors.get("b13"), tensors["w2"], tensors.get("b2")
+    ws13, ws2 = tensors.get("w13_scale"), tensors.get("w2_scale")
+    emap = tensors.get("expert_map")
+    kw1, kw2 = _decode_kwargs(spec, cfg, b13 is not None, emap is not None)
+    dummy = topk_weights
+    ids_or_map = emap if emap is not None else topk_ids
+    inter = torch.empty(T * k, inter_size, dtype=torch.float32, device=hidden_states.device)
+    gemm1 = (
+        kernels.moe_decode_gemm1,
+        (T * k, triton_cdiv(inter_size, cfg.gemm1.block_n)),
+        (
+            hidden_states,
+            w13,
+            b13 if b13 is not None else w13,
+            inter,
+            topk_ids,
+            ids_or_map,
+            topk_weights,
+            ws13 if ws13 is not None else dummy,
+            tensors.get("a13_scale", dummy),
+            spec.num_experts,
+            H,
+            inter_size,
+            hidden_states.stride(0),
+            w13.stride(0),
+            w13.stride(1),
+            b13.stride(0) if b13 is not None else 0,
+            inter.stride(0),
+            *_scale_strides(ws13),
+            float(spec.swiglu_alpha or 0.0),
+            float(spec.swiglu_limit or 0.0),
+        ),
+        kw1,
+    )
+    gemm2 = (
+        kernels.moe_decode_gemm2,
+        (T, triton_cdiv(H, cfg.gemm2.block_n)),
+        (
+            inter,
+            w2,
+            b2 if b2 is not None else w2,
+            out,
+            topk_ids,
+            ids_or_map,
+            topk_weights,
+            ws2 if ws2 is not None else dummy,
+            tensors.get("a2_scale", dummy),
+            spec.num_experts,
+            inter_size,
+            H,
+            inter.stride(0),
+            w2.stride(0),
+            w2.stride(1),
+            b2.stride(0) if b2 is not None else 0,
+            out.stride(0),
+            *_scale_strides(ws2),
+        ),
+        kw2,
+    )
+    return [gemm1, gemm2]
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_kwargs(
+    spec: MoESpec, cfg: DecodeConfig, has_bias: bool, has_map: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The decode launches' constexprs and options (shared dicts: callers must not modify them)."""
+    kernels = _kernels()
+
+    def block_k(gemm: GemmConfig) -> int:
+        if spec.quant.name == "fp8_block":
+            return spec.quant.block_shape[1]  # one activation group and one weight scale per step
+        return max(gemm.block_k, 32) if spec.quant.name == "mxfp4" else gemm.block_k
+
+    common = dict(
+        HAS_BIAS=has_bias,
+        HAS_MAP=has_map,
+        A_QUANT=kernels.A_QUANTS[spec.quant.activation],
+        B_QUANT=_b_quant(spec),
+        GROUP_N=_groups(spec)[0],
+    )
+    g1, g2 = cfg.gemm1, cfg.gemm2
+    kw1 = dict(
+        TOP_K=spec.top_k,
+        GATED=spec.is_gated,
+        ACTIVATION=kernels.ACTIVATIONS[spec.activation],
+        **common,
+        WEIGHT_ON_INPUT=spec.apply_router_weight_on_input,
+        BLOCK_N=g1.block_n,
+        BLOCK_K=block_k(g1),
+        num_warps=g1.num_warps,
+        num_stages=g1.num_stages,
+    )
+    kw2 = dict(
+        TOP_K=spec.top_k,
+        **common,
+        APPLY_WEIGHT=not spec.apply_router_weight_on_input,
+        BLOCK_N=g2.block_n,
+        BLOCK_K=block_k(g2),
+        num_warps=g2.num_warps,
+        num_stages=g2.num_stages,
+    )
+    return kw1, kw2
+
+
+@functools.lru_cache(maxsize=1024)
+def _configs(
+    spec: MoESpec, num_tokens: int, device: torch.device, _env: tuple[str | None, ...]
+) -> tuple[DecodeConfig | None, MoEConfig | None]:
+    """``(decode config or None, sorted-path config or None)`` for a call (``_env``: the
+    environment variables the lookups read, so that changing them is seen)."""
+    decode = lookup_decode(spec, num_tokens, device)
+    return decode, None if decode is not None else lookup_config(spec, num_tokens, device)
+
+
+def _env_key() -> tuple[str | None, ...]:
+    get = os.environ.get
+    return get("MOE_PORTABLE_DECODE"), get("MOE_PORTABLE_CONFIG_DIR")
 
 
 def fused_moe(
@@ -538,12 +708,21 @@ def fused_moe(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     out: torch.Tensor,
-    config: MoEConfig | None = None,
+    config: MoEConfig | DecodeConfig | None = None,
 ) -> torch.Tensor:
-    """Run the fused MoE into ``out [T, H]``; ``config`` overrides the table/heuristic (tuning)."""
-    cfg = config or lookup_config(spec, hidden_states.shape[0], hidden_states.device)
+    """Run the fused MoE into ``out [T, H]``; ``config`` overrides the table/heuristic (tuning):
+    a :class:`DecodeConfig` runs the decode path, a :class:`MoEConfig` the sorted path."""
     topk_weights = topk_weights.contiguous()
     topk_ids = topk_ids.contiguous()
+    if config is None:
+        decode, cfg = _configs(spec, hidden_states.shape[0], hidden_states.device, _env_key())
+    else:
+        decode, cfg = (config, None) if isinstance(config, DecodeConfig) else (None, config)
+    if decode is not None:
+        for launch in decode_launches(spec, hidden_states, tensors, topk_weights, topk_ids, out, decode):
+            run_launch(*launch)
+        return out
+    assert cfg is not None
     blocks = sort_tokens(spec, topk_ids, tensors, cfg.block_m)
     for launch in fused_moe_launches(spec, hidden_states, tensors, topk_weights, topk_ids, out, cfg, blocks):
         _run(launch)

@@ -18,7 +18,10 @@ How it works:
    (:func:`experts.fused_moe_launches` after :func:`sorting.sorting_launches`,
    :func:`routing.routing_launch`) on ``meta`` tensors, with the config that
    :func:`configs.heuristic_config` (or a shipped tuned table for the target's
-   GPU) gives for the target's CU/SM count. Quantized layers (``--quant``,
+   GPU) gives for the target's CU/SM count, plus the decode path's two launches
+   where ``configs.use_decode`` (or the table) takes it for that ``T`` (the
+   sorted path's launches stay in the set at every ``T``: they run with
+   ``MOE_PORTABLE_DECODE=0`` and wherever a table turns decode off). Quantized layers (``--quant``,
    :data:`experts.QUANT_VARIANTS`; the CLI compiles them all by default, with
    the first of ``--dtypes``) add their pre-pass and GEMM variants. Launches that Triton would compile
    to the same kernel (same constexprs, options, argument types and
@@ -456,6 +459,26 @@ def _moe_config(spec: MoESpec, num_tokens: int, target: Target, tables: list[dic
     return heuristic_config(spec, num_tokens, num_sms, target.is_amd)
 
 
+def _decode_config(
+    spec: MoESpec, num_tokens: int, target: Target, tables: list[dict[str, Any]], num_sms: int
+):
+    """What ``configs.lookup_decode`` picks on the target (``None``: the sorted path only)."""
+    from .configs import DecodeConfig, decode_heuristic, layer_key, t_bucket, use_decode
+
+    override: dict[str, Any] = {}
+    for table in tables:
+        entry = table.get(layer_key(spec), {}).get(t_bucket(num_tokens))
+        if entry is not None:
+            override = entry.get("decode") or {}
+            break
+    use = override.get("use")
+    if not (use if use is not None else use_decode(num_tokens, spec.top_k, spec.num_experts)):
+        return None
+    if "gemm1" in override and "gemm2" in override:
+        return DecodeConfig.from_json(override)
+    return decode_heuristic(spec, num_tokens, num_sms, target.is_amd)
+
+
 def _meta_weights(spec: MoESpec) -> ExpertWeights:
     """Canonical weights of ``spec`` (stored per its quant scheme, with scales) on the meta device."""
     L, H, inter, N1 = spec.num_local_experts, spec.hidden_size, spec.intermediate_size, spec.w13_rows
@@ -483,8 +506,9 @@ def _meta_weights(spec: MoESpec) -> ExpertWeights:
     return w
 
 
-def _expert_launches(spec: MoESpec, T: int, cfg: Any, ops: Sequence[str]) -> list[Any]:
-    """The sorting launches (``ops``) and the fused MoE's, as ``moe_apply`` makes them, on meta tensors."""
+def _expert_launches(spec: MoESpec, T: int, cfg: Any, ops: Sequence[str], decode: Any = None) -> list[Any]:
+    """The sorting launches (``ops``) and the fused MoE's, as ``moe_apply`` makes them, on meta tensors;
+    with ``decode`` (a ``DecodeConfig``) also the decode path's two launches."""
     from . import experts, sorting
 
     weights = _meta_weights(spec)
@@ -504,6 +528,8 @@ def _expert_launches(spec: MoESpec, T: int, cfg: Any, ops: Sequence[str]) -> lis
     launches += experts.fused_moe_launches(
         spec, x, tensors, topk_weights, topk_ids, out, cfg, blocks, interpret=False
     )
+    if decode is not None:
+        launches += experts.decode_launches(spec, x, tensors, topk_weights, topk_ids, out, decode)
     if "moe_sorting" in ops:
         mask = None if emap is None else _meta(spec.num_experts, dtype=torch.bool)
         launches += sorting.sorting_launches(
@@ -584,10 +610,11 @@ def launch_configs(
                         if quant and experts._supports(spec, device):
                             continue
                         cfg = _moe_config(spec, T, tgt, tables, sms)
+                        decode = _decode_config(spec, T, tgt, tables, sms)
                         user = f"{name}/{_TYPE_NAMES[dtype]}/" + (f"{quant}/" if quant else "") + f"T={T}"
                         yield (
                             user + (f"/ep{ep}" if ep > 1 else ""),
-                            _expert_launches(spec, T, cfg, sorting_ops),
+                            _expert_launches(spec, T, cfg, sorting_ops, decode),
                         )
 
     return merge_launches(groups())

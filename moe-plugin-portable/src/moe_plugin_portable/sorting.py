@@ -41,6 +41,7 @@ from moe_core.sorting import (
 )
 
 from ._common import PRIORITY, triton_refusal
+from ._launch import run_launch
 
 __all__ = [
     "FUSED_MAX_ENTRIES",
@@ -270,7 +271,7 @@ def sorting_launches(
 def _run(device: torch.device, launches: list[Launch]) -> None:
     with _device_guard(device):
         for kernel, grid, args, kwargs in launches:
-            kernel[grid](*args, **kwargs)
+            run_launch(kernel, grid, args, kwargs)
 
 
 def align_block_size_triton(

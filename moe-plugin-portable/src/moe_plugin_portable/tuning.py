@@ -7,6 +7,13 @@ fastest (sort + GEMM 1 + GEMM 2 + combine) wins. Candidates that do not
 compile or do not fit the shared memory are skipped. Times are medians of
 CUDA-graph replays (``triton.testing.do_bench_cudagraph``: device time only,
 as an engine running under graphs sees it), on random data.
+
+Where the decode path is taken (:func:`configs.use_decode`; in practice the
+``T=1`` bucket), its two launches are tuned too (GEMM 1 tiles and pipelines,
+then GEMM 2's, from :func:`decode_space`) and the bucket's entry gets
+``"decode": {"use": decode faster than sorted, "gemm1": ..., "gemm2": ...,
+"timing": ...}``, which :func:`configs.lookup_decode` reads (only the ``T=1``
+bucket: the others span token counts the rule treats differently).
 """
 
 from __future__ import annotations
@@ -23,10 +30,11 @@ from moe_core import ExpertWeights, MoESpec
 from moe_core.testing import random_expert_weights
 
 from . import configs
-from .configs import GemmConfig, MoEConfig
-from .experts import _prepare, launch_combine, launch_gemm1, launch_gemm2, sort_tokens
+from ._launch import run_launch
+from .configs import DecodeConfig, GemmConfig, MoEConfig
+from .experts import _prepare, decode_launches, launch_combine, launch_gemm1, launch_gemm2, sort_tokens
 
-__all__ = ["DEFAULT_TOKENS", "SPACES", "gemm_space", "tune_layer", "write_table"]
+__all__ = ["DEFAULT_TOKENS", "SPACES", "decode_space", "gemm_space", "tune_layer", "write_table"]
 
 DEFAULT_TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
 _SMEM_BUDGET = 200 * 1024
@@ -167,6 +175,80 @@ def _time_block_m(
     return total, MoEConfig(block_m, g1, g2), parts
 
 
+def decode_space(base: GemmConfig, space: str = "full") -> list[list[GemmConfig]]:
+    """Config rounds for one decode launch around the heuristic's ``base``: tiles, then pipelines
+    (templates with ``block_n == 0`` as in :func:`gemm_space`); ``small``: ``base`` alone."""
+    if space not in SPACES:
+        raise ValueError(f"unknown tuning space {space!r}; expected one of {SPACES}")
+    if space == "small":
+        return [[base]]
+    tile_n = (4, 8, 16) if space == "quick" else (4, 8, 16, 32)
+    tile_k = (256, 512) if space == "quick" else (128, 256, 512)
+    tiles = [GemmConfig(bn, bk, base.num_warps, base.num_stages, 1) for bn in tile_n for bk in tile_k]
+    warps = (2, 4, 8)
+    stages = (1, 2, 3) if space == "quick" else (1, 2, 3, 4)
+    return [tiles, [GemmConfig(0, 0, w, st, 1) for w in warps for st in stages]]
+
+
+def _best_decode(rounds: list[list[GemmConfig]], run: Callable[[GemmConfig], None], timer) -> tuple:
+    best, best_us = None, float("inf")
+    for round_ in rounds:
+        for cfg in round_:
+            if cfg.block_n == 0:
+                if best is None:
+                    continue
+                cfg = GemmConfig(best.block_n, best.block_k, cfg.num_warps, cfg.num_stages, 1)
+            try:
+                run(cfg)
+                us = timer(lambda cfg=cfg: run(cfg))
+            except Exception:
+                continue
+            if us < best_us:
+                best, best_us = cfg, us
+    if best is None:
+        raise RuntimeError("no decode config compiled and ran for this shape")
+    return best, best_us
+
+
+def _time_decode(
+    spec: MoESpec,
+    tensors: dict[str, torch.Tensor],
+    T: int,
+    device: torch.device,
+    timer: Callable[[Callable[[], None]], float],
+    space: str,
+) -> tuple[DecodeConfig, dict[str, float]]:
+    """The decode path's best tiles at ``T`` (GEMM 1, then GEMM 2 on its output) and their times."""
+    gen = torch.Generator(device=device).manual_seed(T)
+    x = torch.randn(T, spec.hidden_size, generator=gen, device=device).to(spec.dtype)
+    topk_w = torch.rand(T, spec.top_k, generator=gen, device=device)
+    topk_ids = torch.rand(T, spec.num_experts, generator=gen, device=device).argsort(1)[:, : spec.top_k].int()
+    out = torch.empty(T, spec.hidden_size, dtype=spec.dtype, device=device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        base = configs.decode_heuristic(spec, T, props.multi_processor_count, bool(torch.version.hip))
+    else:
+        base = configs.decode_heuristic(spec, T, 8, False)
+
+    def launches(g1: GemmConfig, g2: GemmConfig) -> list:
+        return decode_launches(spec, x, tensors, topk_w, topk_ids, out, DecodeConfig(g1, g2))
+
+    def run1(c: GemmConfig) -> None:
+        run_launch(*launches(c, base.gemm2)[0])
+
+    g1, t1 = _best_decode(decode_space(base.gemm1, space), run1, timer)
+    prepared: dict[GemmConfig, list] = {}
+
+    def run2(c: GemmConfig) -> None:
+        if c not in prepared:  # GEMM 1 once per candidate: GEMM 2 reads its intermediate
+            prepared[c] = launches(g1, c)
+            run_launch(*prepared[c][0])
+        run_launch(*prepared[c][1])
+
+    g2, t2 = _best_decode(decode_space(base.gemm2, space), run2, timer)
+    return DecodeConfig(g1, g2), {"gemm1_us": t1, "gemm2_us": t2, "total_us": t1 + t2}
+
+
 def tune_layer(
     spec: MoESpec,
     device: torch.device | str = "cuda",
@@ -193,7 +275,12 @@ def tune_layer(
             _time_block_m(spec, tensors, T, block_m, device, timer, space) for block_m in _block_ms(spec, T)
         ]
         _, config, parts = min(timings, key=lambda r: r[0])
-        result[configs.t_bucket(T)] = {**config.to_json(), "tuned_at_tokens": T, "timing": parts}
+        entry = {**config.to_json(), "tuned_at_tokens": T, "timing": parts}
+        if T == 1 and configs.use_decode(T, spec.top_k, spec.num_experts):
+            decode, decode_parts = _time_decode(spec, tensors, T, device, timer, space)
+            use = decode_parts["total_us"] < parts["total_us"]
+            entry["decode"] = {"use": use, **decode.to_json(), "timing": decode_parts}
+        result[configs.t_bucket(T)] = entry
     if progress:
         progress(configs.layer_key(spec), len(tokens), len(tokens))
     return result

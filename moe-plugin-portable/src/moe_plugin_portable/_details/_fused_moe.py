@@ -602,3 +602,317 @@ def moe_combine(
         y = tl.load(y_ptr + (token * TOP_K + j) * N + offs_n, mask=n_mask, other=0.0)
         acc += tl.where(valid, y.to(tl.float32), 0.0)  # rows of dropped slots were never written
     tl.store(out_ptr + token * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+# ----------------------------------------------------------------------------- decode (small T)
+#
+# Two launches, no sorting, no combine: GEMM 1 over (entry, N block) programs, GEMM 2 over
+# (token, H block) programs that loop over the token's k slots in slot order. Each program
+# is a GEMV: a ``[BLOCK_N, BLOCK_K]`` weight tile (rows K-contiguous, coalesced for any
+# BLOCK_N) times one activation row, accumulated elementwise in float32 and reduced over K
+# once at the end. Weights are read once per entry that hits them (configs.use_decode says
+# when that pays). Activations are quantized in the kernel, per K step or per row, with the
+# pre-pass's arithmetic (same codes); the intermediate is float32 (never rounded twice).
+
+
+@triton.jit
+def _decode_row_amax(row_ptr, K, route, BLOCK_K: tl.constexpr):
+    """``max |row[:K] * route|`` of one float row (per-token fp8 scale), in float32."""
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        v = tl.load(row_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32) * route
+        amax = tl.maximum(amax, tl.abs(v))
+    return tl.max(amax, axis=0)
+
+
+@triton.jit
+def _decode_a(row_ptr, offs, K, route, a_scale, A_QUANT: tl.constexpr):
+    """One K step of the activation row in float32; fp8-quantized codes (as float32) when
+    ``A_QUANT`` (1 per row, 2 static: ``a_scale`` given; 3 groups: this step is one group,
+    its scale returned second)."""
+    a = tl.load(row_ptr + offs, mask=offs < K, other=0.0).to(tl.float32) * route
+    if A_QUANT == 3:
+        a_scale = _fp8_scale(tl.max(tl.abs(a), axis=0))
+    if A_QUANT != 0:
+        a = _fp8_quantize(a, a_scale).to(tl.float32)
+    return a, a_scale
+
+
+@triton.jit
+def _decode_w(w_row_ptrs, n_mask, offs_k, K):
+    """A ``[BLOCK_N, BLOCK_K]`` float32 weight tile (bf16/fp16/fp8 codes)."""
+    return tl.load(
+        w_row_ptrs[:, None] + offs_k[None, :], mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0
+    ).to(tl.float32)
+
+
+@triton.jit
+def _decode_mxfp4(w_row_ptrs, s_row_ptrs, n_mask, offs_h, k0, K):
+    """The two float32 halves ``[BLOCK_N, BLOCK_K/2]`` of an mxfp4 tile at K offset ``k0``
+    (byte ``j`` of a 32-block: elements ``j``, ``j + 16``)."""
+    mask = n_mask[:, None] & (k0 // 2 + offs_h < K // 2)[None, :]
+    packed = tl.load(w_row_ptrs[:, None] + k0 // 2 + offs_h[None, :], mask=mask, other=0).to(tl.int32)
+    s_ptrs = s_row_ptrs[:, None] + k0 // 32 + offs_h[None, :] // 16
+    scale = (tl.load(s_ptrs, mask=mask, other=0).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+    return _e2m1(packed & 15, scale), _e2m1(packed >> 4, scale)
+
+
+@triton.jit
+def _decode_gemv(
+    a_row_ptr,
+    w_row_ptrs,
+    s_row_ptrs,
+    u_row_ptrs,
+    su_row_ptrs,
+    n_mask,
+    K,
+    route,
+    a_scale,
+    GATED: tl.constexpr,
+    A_QUANT: tl.constexpr,
+    B_QUANT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``sum_k a[k] * w[n, k]`` for one ``BLOCK_N`` slice of rows, float32 ``[BLOCK_N]``, and the
+    same for the ``u`` rows when ``GATED`` (gate and up in one loop: one activation load and
+    twice the weight loads in flight per step; else the first result is returned twice).
+
+    ``w_row_ptrs``: the rows' first elements (bytes for mxfp4); ``s_row_ptrs``: their scale
+    rows (fp8_block: ``[kb]`` per row's block; mxfp4: e8m0 ``[K/32]``). Per-row / per-tensor
+    activation and weight scales are the caller's (applied to the result); fp8 groups
+    (``A_QUANT`` 3 with ``B_QUANT`` 3: ``BLOCK_K`` equals the group) are applied per step.
+    """
+    if B_QUANT == 4:
+        HALF: tl.constexpr = BLOCK_K // 2
+        offs_h = tl.arange(0, HALF)
+        k_lo = (offs_h // 16) * 32 + offs_h % 16
+        acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a_lo, _s = _decode_a(a_row_ptr + k0, k_lo, K - k0, route, a_scale, A_QUANT)
+            a_hi, _s = _decode_a(a_row_ptr + k0 + 16, k_lo, K - k0 - 16, route, a_scale, A_QUANT)
+            w_lo, w_hi = _decode_mxfp4(w_row_ptrs, s_row_ptrs, n_mask, offs_h, k0, K)
+            acc += w_lo * a_lo[None, :] + w_hi * a_hi[None, :]
+            if GATED:
+                u_lo, u_hi = _decode_mxfp4(u_row_ptrs, su_row_ptrs, n_mask, offs_h, k0, K)
+                acc_u += u_lo * a_lo[None, :] + u_hi * a_hi[None, :]
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a, a_s = _decode_a(a_row_ptr + k0, offs_k, K - k0, route, a_scale, A_QUANT)
+            w = _decode_w(w_row_ptrs + k0, n_mask, offs_k, K - k0)
+            if GATED:
+                u = _decode_w(u_row_ptrs + k0, n_mask, offs_k, K - k0)
+            if B_QUANT == 3:
+                b_s = tl.load(s_row_ptrs + k0 // BLOCK_K, mask=n_mask, other=0.0)
+                acc += (w * a[None, :]) * (b_s * a_s)[:, None]
+                if GATED:
+                    bu_s = tl.load(su_row_ptrs + k0 // BLOCK_K, mask=n_mask, other=0.0)
+                    acc_u += (u * a[None, :]) * (bu_s * a_s)[:, None]
+            else:
+                acc += w * a[None, :]
+                if GATED:
+                    acc_u += u * a[None, :]
+    out = tl.sum(acc, axis=1)
+    if GATED:
+        return out, tl.sum(acc_u, axis=1)
+    return out, out
+
+
+@triton.jit
+def _decode_expert(topk_ids_ptr, expert_map_ptr, entry, num_experts, HAS_MAP: tl.constexpr):
+    """The local expert of ``entry`` (int64), ``-1`` unless it is kept (in range and local)."""
+    expert = tl.load(topk_ids_ptr + entry).to(tl.int32)
+    valid = (expert >= 0) & (expert < num_experts)
+    if HAS_MAP:
+        expert = tl.load(expert_map_ptr + tl.where(valid, expert, 0)).to(tl.int32)
+        valid = valid & (expert >= 0)
+    return tl.where(valid, expert, -1).to(tl.int64)
+
+
+@triton.jit
+def moe_decode_gemm1(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    inter_ptr,
+    topk_ids_ptr,
+    expert_map_ptr,
+    topk_weights_ptr,
+    ws_ptr,
+    as_ptr,
+    num_experts,
+    K,
+    INTER,
+    stride_xm,
+    stride_we,
+    stride_wn,
+    stride_be,
+    stride_im,
+    stride_wse,
+    stride_wsn,
+    alpha,
+    limit,
+    TOP_K: tl.constexpr,
+    GATED: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_MAP: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr,
+    A_QUANT: tl.constexpr,
+    B_QUANT: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``inter[entry, n] = act(x[entry // TOP_K] @ w13[e].T + b13[e])`` (float32), grid
+    ``(T * TOP_K, cdiv(INTER, BLOCK_N))``; entries whose expert is not kept are skipped.
+    ``as_ptr``: the static activation scale (``A_QUANT`` 2); ``ws_ptr``: weight scales."""
+    entry = tl.program_id(0)
+    expert = _decode_expert(topk_ids_ptr, expert_map_ptr, entry, num_experts, HAS_MAP)
+    if expert < 0:
+        return
+    token = (entry // TOP_K).to(tl.int64)
+    x_row = x_ptr + token * stride_xm
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < INTER
+    route = 1.0
+    if WEIGHT_ON_INPUT:  # (before the activation's quantization: the reference's order)
+        route = tl.load(topk_weights_ptr + entry).to(tl.float32)
+    a_scale = 1.0
+    if A_QUANT == 1:
+        a_scale = _fp8_scale(_decode_row_amax(x_row, K, route, BLOCK_K))
+    elif A_QUANT == 2:
+        a_scale = tl.load(as_ptr)
+    w_rows = w_ptr + expert * stride_we + offs_n.to(tl.int64) * stride_wn
+    u_rows = w_rows + INTER * stride_wn
+    if B_QUANT == 3:  # fp8 blocks: the scale row of each weight row's block
+        s_rows = ws_ptr + expert * stride_wse + (offs_n // GROUP_N) * stride_wsn
+        su_rows = ws_ptr + expert * stride_wse + ((INTER + offs_n) // GROUP_N) * stride_wsn
+    elif B_QUANT == 4:  # mxfp4: e8m0 rows [K/32]
+        s_rows = ws_ptr + expert * stride_wse + offs_n.to(tl.int64) * stride_wsn
+        su_rows = s_rows + INTER * stride_wsn
+    else:
+        s_rows = ws_ptr
+        su_rows = ws_ptr
+    gate, up = _decode_gemv(
+        x_row,
+        w_rows,
+        s_rows,
+        u_rows,
+        su_rows,
+        n_mask,
+        K,
+        route,
+        a_scale,
+        GATED,
+        A_QUANT,
+        B_QUANT,
+        BLOCK_N,
+        BLOCK_K,
+    )
+    if A_QUANT == 1 or A_QUANT == 2:
+        gate = gate * a_scale
+        up = up * a_scale
+    if B_QUANT == 1:
+        gate = gate * tl.load(ws_ptr + expert * stride_wse + offs_n, mask=n_mask, other=0.0)
+        up = up * tl.load(ws_ptr + expert * stride_wse + INTER + offs_n, mask=n_mask, other=0.0)
+    elif B_QUANT == 2:
+        w_s = tl.load(ws_ptr + expert * stride_wse)
+        gate = gate * w_s
+        up = up * w_s
+    if HAS_BIAS:
+        gate += tl.load(b_ptr + expert * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if GATED:
+            up += tl.load(b_ptr + expert * stride_be + INTER + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    h = _activation(gate, up, ACTIVATION, alpha, limit)
+    tl.store(inter_ptr + entry.to(tl.int64) * stride_im + offs_n, h, mask=n_mask)
+
+
+@triton.jit
+def moe_decode_gemm2(
+    inter_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    topk_ids_ptr,
+    expert_map_ptr,
+    topk_weights_ptr,
+    ws_ptr,
+    as_ptr,
+    num_experts,
+    K,
+    N,
+    stride_im,
+    stride_we,
+    stride_wn,
+    stride_be,
+    stride_om,
+    stride_wse,
+    stride_wsn,
+    TOP_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_MAP: tl.constexpr,
+    APPLY_WEIGHT: tl.constexpr,
+    A_QUANT: tl.constexpr,
+    B_QUANT: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``out[t, n] = sum_j w[t, j] * (inter[t * TOP_K + j] @ w2[e_j].T + b2[e_j])`` over the kept
+    slots ``j`` in slot order (deterministic), grid ``(T, cdiv(N, BLOCK_N))``; a token with no
+    kept slot gets zeros. ``as_ptr``: the static scale of the intermediate (``A_QUANT`` 2)."""
+    token = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        entry = token * TOP_K + j
+        expert = _decode_expert(topk_ids_ptr, expert_map_ptr, entry, num_experts, HAS_MAP)
+        if expert >= 0:
+            a_row = inter_ptr + entry * stride_im
+            a_scale = 1.0
+            if A_QUANT == 1:
+                a_scale = _fp8_scale(_decode_row_amax(a_row, K, 1.0, BLOCK_K))
+            elif A_QUANT == 2:
+                a_scale = tl.load(as_ptr)
+            w_rows = w_ptr + expert * stride_we + offs_n.to(tl.int64) * stride_wn
+            if B_QUANT == 3:
+                s_rows = ws_ptr + expert * stride_wse + (offs_n // GROUP_N) * stride_wsn
+            elif B_QUANT == 4:
+                s_rows = ws_ptr + expert * stride_wse + offs_n.to(tl.int64) * stride_wsn
+            else:
+                s_rows = ws_ptr
+            y, _y = _decode_gemv(
+                a_row,
+                w_rows,
+                s_rows,
+                w_rows,
+                s_rows,
+                n_mask,
+                K,
+                1.0,
+                a_scale,
+                False,
+                A_QUANT,
+                B_QUANT,
+                BLOCK_N,
+                BLOCK_K,
+            )
+            if A_QUANT == 1 or A_QUANT == 2:
+                y = y * a_scale
+            if B_QUANT == 1:
+                y = y * tl.load(ws_ptr + expert * stride_wse + offs_n, mask=n_mask, other=0.0)
+            elif B_QUANT == 2:
+                y = y * tl.load(ws_ptr + expert * stride_wse)
+            if HAS_BIAS:
+                y += tl.load(b_ptr + expert * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if APPLY_WEIGHT:
+                y = y * tl.load(topk_weights_ptr + entry).to(tl.float32)
+            total += y
+    tl.store(out_ptr + token * stride_om + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)

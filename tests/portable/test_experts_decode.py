@@ -1,0 +1,454 @@
+"""The decode path of portable.triton.fused_moe (2 launches, no sort, no combine) against the reference.
+
+Forced with ``MOE_PORTABLE_DECODE=1`` so every T here runs it (the rule alone would send
+most of these small-E shapes to the sorted path); outputs are poisoned with NaN, so a row
+that is never written (a token whose slots all go to other ranks must get zeros) fails.
+Bounds: ``tolerance(spec)`` as for the sorted path (the quantized cases: the unquantized
+kernel's bound, as in test_experts_quant.py: the activation quantization is bit-exact).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moe_core import MoESpec, moe_apply, moe_plan
+from moe_core.reference import fused_experts_reference
+from moe_core.testing import random_expert_weights, relative_error, tolerance
+from moe_plugin_portable import _launch, configs, experts
+
+from ..gpu_checks import no_host_sync
+from . import test_experts_quant as tq
+from .helpers import DEVICE, assert_graph_replay_matches_eager, gpu, needs_triton
+
+KERNEL = "portable.triton.fused_moe"
+BASE = {"num_experts": 7, "top_k": 3, "hidden_size": 72, "intermediate_size": 40}
+CASES = {
+    "silu": ({}, (1, 8)),
+    "gelu-fp16": ({"activation": "gelu", "dtype": torch.float16}, (2,)),
+    "swiglu_oai-alpha-limit-bias": (
+        {"activation": "swiglu_oai", "has_bias": True, "swiglu_alpha": 1.3, "swiglu_limit": 1.5},
+        (3,),
+    ),
+    "relu2-bias": ({"activation": "relu2", "has_bias": True}, (5,)),
+    "even-k": ({"hidden_size": 128, "intermediate_size": 64}, (4,)),
+    "ep": ({"ep_size": 3, "ep_rank": 2}, (7,)),
+    "expert_map": ({"expert_map": (2, -1, 0, -1, 1, -1, -1)}, (6,)),
+    "k1": ({"top_k": 1}, (1, 3)),
+    "weight-on-input": ({"top_k": 1, "apply_router_weight_on_input": True, "has_bias": True}, (2,)),
+}
+
+
+def _run(spec: MoESpec, T: int, seed: int, weights=None, x=None, topk_w=None, ids=None):
+    plan = moe_plan(spec, DEVICE)
+    assert plan.kernel == KERNEL, plan.explain()
+    weights = weights if weights is not None else random_expert_weights(spec, device=DEVICE, seed=seed)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed + 1)
+    if x is None:
+        x = (torch.randn(T, spec.hidden_size, generator=gen, device=DEVICE) * 1.5).to(spec.dtype)
+        topk_w = torch.rand(T, spec.top_k, generator=gen, device=DEVICE) + 0.05
+        ids = torch.rand(T, spec.num_experts, generator=gen, device=DEVICE).argsort(dim=1)[:, : spec.top_k]
+        ids = ids.int()
+    out = torch.full((T, spec.hidden_size), float("nan"), dtype=spec.dtype, device=DEVICE)
+    moe_apply(plan, x, plan.prepare(weights), topk_w, ids, out=out)
+    want = fused_experts_reference(spec, x, weights, topk_w, ids, compute_dtype=torch.float64)
+    return out, want
+
+
+@needs_triton
+@pytest.mark.parametrize(("case", "T"), [(c, T) for c, (_, ts) in sorted(CASES.items()) for T in ts])
+def test_decode_matches_reference(case, T, monkeypatch):
+    monkeypatch.setenv("MOE_PORTABLE_DECODE", "1")
+    spec = MoESpec(**{**BASE, **CASES[case][0]})
+    out, want = _run(spec, T, seed=T + len(case))
+    err = relative_error(out, want)
+    assert err <= tolerance(spec), f"relative error {err:.3e} > {tolerance(spec):.1e} for {spec.describe()}"
+
+
+@needs_triton
+def test_decode_dropped_tokens_are_zero(monkeypatch):
+    """Under expert parallelism a token whose every slot is on another rank gets exact zeros."""
+    monkeypatch.setenv("MOE_PORTABLE_DECODE", "1")
+    spec = MoESpec(**BASE, expert_map=(2, -1, 0, -1, 1, -1, -1))
+    ids = torch.tensor([[1, 3, 5], [0, 1, 2], [6, 5, 3]], dtype=torch.int32, device=DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(3, spec.hidden_size, generator=gen, device=DEVICE).to(spec.dtype)
+    out, want = _run(spec, 3, 0, x=x, topk_w=torch.rand(3, 3, device=DEVICE), ids=ids)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], out[0])
+    assert relative_error(out, want) <= tolerance(spec)
+
+
+#: every quantized scheme through the decode kernels (T=2: two tokens, six entries)
+QUANT_CASES = [
+    ("fp8-channel-token", {}),
+    ("fp8-channel-token", {"top_k": 1, "apply_router_weight_on_input": True, "has_bias": True}),
+    ("fp8-tensor-static", tq.SWIGLU),
+    ("fp8-channel-static", {"top_k": 1, "apply_router_weight_on_input": True}),
+    ("fp8-tensor-token", {"ep_size": 3, "ep_rank": 1}),
+    ("fp8_block", {}),
+    ("fp8_block-32x32", tq.SWIGLU),
+    ("mxfp4-w4a16", tq.SWIGLU),
+    ("mxfp4-w4a8", {"expert_map": (-1, 1, -1, 0, -1, -1, 2)}),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("name", "changes"), QUANT_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(QUANT_CASES)]
+)
+def test_decode_quantized(name, changes, monkeypatch):
+    monkeypatch.setenv("MOE_PORTABLE_DECODE", "1")
+    spec = tq._spec(name, **changes)
+    _, weights = tq._weights(spec, seed=4)
+    x, topk_w, ids = tq._inputs(spec, 2, seed=4)
+    out, want = _run(spec, 2, 4, weights=weights, x=x, topk_w=topk_w, ids=ids)
+    err = relative_error(out, want)
+    assert err <= tq.bound(spec), f"relative error {err:.3e} > {tq.bound(spec):.1e} for {spec.describe()}"
+
+
+@needs_triton
+@pytest.mark.parametrize("name", sorted(tq.MUTATIONS))
+def test_decode_wrong_scale_is_caught(name, monkeypatch):
+    """The decode kernels read every scale: one in the wrong order fails the bound by far."""
+    monkeypatch.setenv("MOE_PORTABLE_DECODE", "1")
+    spec = tq._spec(name)
+    plan = moe_plan(spec, DEVICE)
+    weights = tq._weights(spec, seed=2)[1]
+    x, topk_w, ids = tq._inputs(spec, 3, seed=2)
+    prepared = plan.prepare(weights)
+    key, mutate = tq.MUTATIONS[name]
+    prepared.tensors[key] = mutate(prepared.tensors[key])
+    out = moe_apply(plan, x, prepared, topk_w, ids)
+    want = fused_experts_reference(spec, x, weights, topk_w, ids, compute_dtype=torch.float64)
+    assert relative_error(out, want) > 4 * tq.bound(spec)
+
+
+@needs_triton
+def test_decode_is_two_launches_without_sorting(monkeypatch):
+    spec = MoESpec(**BASE)
+    prepared = moe_plan(spec, DEVICE).prepare(random_expert_weights(spec, device=DEVICE))
+
+    def no_sort(*args, **kwargs):
+        raise AssertionError("the decode path must not sort")
+
+    monkeypatch.setattr(experts, "sort_tokens", no_sort)
+    launched = []
+    monkeypatch.setattr(experts, "run_launch", lambda k, g, a, kw: launched.append((k.__name__, g)))
+    x = torch.randn(1, spec.hidden_size, device=DEVICE).to(spec.dtype)
+    ids = torch.tensor([[0, 4, 6]], dtype=torch.int32, device=DEVICE)
+    out = torch.empty_like(x)
+    experts.fused_moe(spec, x, prepared.tensors, torch.rand(1, 3, device=DEVICE), ids, out)  # T=1: the rule
+    cfg = configs.decode_heuristic(spec, 1, 8, False)
+    assert launched == [
+        ("moe_decode_gemm1", (3, -(-40 // cfg.gemm1.block_n))),
+        ("moe_decode_gemm2", (1, -(-72 // cfg.gemm2.block_n))),
+    ]
+
+
+def test_use_decode_rule():
+    assert configs.use_decode(1, 8, 8) and configs.use_decode(1, 1, 2)
+    assert not configs.use_decode(0, 8, 128) and not configs.use_decode(9, 1, 4096)
+    # E=128, k=8 (qwen3): T <= 3; E=256, k=8 (deepseek): T <= 6; E=8, k=2 (mixtral): T == 1
+    assert [t for t in range(1, 9) if configs.use_decode(t, 8, 128)] == [1, 2, 3]
+    assert [t for t in range(1, 9) if configs.use_decode(t, 8, 256)] == [1, 2, 3, 4, 5, 6]
+    assert [t for t in range(1, 9) if configs.use_decode(t, 2, 8)] == [1]
+
+
+def test_lookup_decode_env_and_table(tmp_path, monkeypatch):
+    spec = MoESpec(**BASE)
+    cpu = torch.device("cpu")
+    assert configs.lookup_decode(spec, 1, cpu) == configs.decode_heuristic(spec, 1, 8, False)
+    assert configs.lookup_decode(spec, 8, cpu) is None  # 24 entries on 7 experts: the sorted path
+    monkeypatch.setenv("MOE_PORTABLE_DECODE", "1")
+    assert configs.lookup_decode(spec, 8, cpu) is not None
+    monkeypatch.setenv("MOE_PORTABLE_DECODE", "0")
+    assert configs.lookup_decode(spec, 1, cpu) is None
+    # a tuned entry's override, on a (faked) GPU
+    monkeypatch.delenv("MOE_PORTABLE_DECODE")
+    tiles = configs.DecodeConfig(configs.GemmConfig(8, 64, 2, 1, 1), configs.GemmConfig(4, 128, 2, 1, 1))
+    sorted_cfg = configs.heuristic_config(spec, 8, 132, False).to_json()
+    table = {
+        "device": "Fake GPU",
+        "configs": {
+            configs.layer_key(spec): {
+                "1": {**sorted_cfg, "decode": {"use": False}},
+                "8": {**sorted_cfg, "decode": {"use": True, **tiles.to_json()}},
+            }
+        },
+    }
+    (tmp_path / "Fake_GPU.json").write_text(json.dumps(table))
+    monkeypatch.setenv("MOE_PORTABLE_CONFIG_DIR", str(tmp_path))
+    monkeypatch.setattr(configs, "_device_facts", lambda index: ("Fake GPU", 132, False))
+    configs._load_table.cache_clear()
+    try:
+        gpu = torch.device("cuda", 0)
+        assert configs.lookup_decode(spec, 1, gpu) is None
+        assert configs.lookup_decode(spec, 5, gpu) == tiles
+        assert configs.MoEConfig.from_json(table["configs"][configs.layer_key(spec)]["8"]).block_m > 0
+        # no entry: GPUs keep the sorted path until the decode path is timed, unless asked for the rule
+        monkeypatch.setattr(configs, "_table_entry", lambda *args: None)
+        assert configs.lookup_decode(spec, 1, gpu) is None
+        monkeypatch.setenv("MOE_PORTABLE_DECODE", "rule")
+        assert configs.lookup_decode(spec, 1, gpu) == configs.decode_heuristic(spec, 1, 132, False)
+        assert configs.lookup_decode(spec, 8, gpu) is None
+    finally:
+        configs._load_table.cache_clear()
+
+
+def test_decode_heuristic_fills_the_gpu():
+    from moe_core.presets import get_preset
+
+    spec = get_preset("qwen3-30b-a3b").moe_spec()
+    cfg = configs.decode_heuristic(spec, 1, 132, False)
+    # T=1: 8 entries x I/bn programs and H/bn programs, each >= 2 per SM unless at the smallest tile
+    assert 8 * -(-spec.intermediate_size // cfg.gemm1.block_n) >= 264 or cfg.gemm1.block_n == 4
+    assert -(-spec.hidden_size // cfg.gemm2.block_n) >= 264 or cfg.gemm2.block_n == 4
+    assert 32 <= cfg.gemm1.block_k <= 512 and 32 <= cfg.gemm2.block_k <= 512
+    block = get_preset("deepseek-v3-tp8").moe_spec(quant="fp8_block")
+    assert configs.decode_heuristic(block, 1, 132, False).gemm2.block_k == 128
+
+
+# ----------------------------------------------------------------------------- fast launch
+
+
+def test_specialization_key_separates_what_triton_specialises():
+    key = _launch.specialization_key
+    base = torch.empty(64, dtype=torch.bfloat16)
+    assert key((base,)) == key((torch.empty(64, dtype=torch.bfloat16),))
+    assert key((base,)) != key((base[1:],))  # 2-byte offset: not 16-byte aligned
+    assert key((base,)) != key((base.view(torch.float16),))
+    assert key((1,)) != key((2,)) and key((16,)) != key((17,)) and key((32,)) == key((48,))
+    assert key((2**31,)) != key((2**31 - 16,)) and key((2**63,)) != key((2**62,))
+    assert key((-(2**40),)) == key((-(2**41),)) != key((2**64,))  # i64 vs u64, as Triton types them
+    assert key((1.0,)) == key((2.5,)) and key((None,)) != key((0,)) and key((True,)) != key((False,))
+    assert key(("text",)) is None  # unknown argument types take the normal launch
+
+
+def test_run_launch_takes_the_normal_launch_when_it_must(monkeypatch):
+    calls = []
+
+    class Kernel:  # not a JITFunction (the interpreter's kernels are not either)
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, args, kwargs))
+
+    before = _launch.fast_launch_stats()["slow"]
+    _launch.run_launch(Kernel(), (3,), (1, 2), {"BLOCK": 4})
+    monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "0")
+    _launch.run_launch(Kernel(), (1, 2), (), {})
+    assert calls == [((3,), (1, 2), {"BLOCK": 4}), ((1, 2), (), {})]
+    assert _launch.fast_launch_stats()["slow"] == before + 2
+
+
+# ----------------------------------------------------------------------------- GPU
+
+GPU_CASES = [
+    ("qwen3-30b-a3b", torch.bfloat16, None, None),
+    ("deepseek-v3-tp8", torch.bfloat16, None, None),
+    ("gpt-oss-20b", torch.bfloat16, None, None),
+    ("mixtral-8x7b", torch.float16, None, None),
+    ("qwen3-30b-a3b", torch.bfloat16, 4, None),  # expert parallel, rank 1 of 4
+    ("deepseek-v3-tp8", torch.bfloat16, None, "fp8_block"),
+    ("qwen3-30b-a3b", torch.bfloat16, None, "fp8"),
+    ("gpt-oss-20b", torch.bfloat16, None, "mxfp4"),
+]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(("model", "dtype", "ep", "quant"), GPU_CASES)
+@pytest.mark.parametrize("T", [1, 4, 8])
+def test_gpu_decode_real_shapes(model, dtype, ep, quant, T, monkeypatch):
+    """The decode path (forced) at real shapes: reference, no host sync, graph replay == eager,
+    and the fast launch checked against Triton's own kernel choice."""
+    from moe_core.presets import get_preset
+    from moe_core.testing import random_routing
+
+    monkeypatch.setenv("MOE_PORTABLE_DECODE", "1")
+    monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "check")
+    preset = get_preset(model)
+    spec = preset.moe_spec(dtype, experts.QUANT_VARIANTS.get(quant), ep_size=ep or 1, ep_rank=1 if ep else 0)
+    plan = moe_plan(spec, "cuda")
+    weights = random_expert_weights(spec, device="cuda", seed=T)
+    prepared = plan.prepare(weights)
+    x = torch.randn(T, spec.hidden_size, device="cuda").to(dtype)
+    topk_w, topk_ids = random_routing(preset.routing, T, preset.num_experts, device="cuda", seed=T)
+    out = torch.full((T, spec.hidden_size), float("nan"), dtype=dtype, device="cuda")
+    moe_apply(plan, x, prepared, topk_w, topk_ids, out=out)
+    out.fill_(float("nan"))
+    with no_host_sync():
+        moe_apply(plan, x, prepared, topk_w, topk_ids, out=out)  # a cache hit, checked
+    want = fused_experts_reference(spec, x, weights, topk_w, topk_ids, compute_dtype=torch.float64)
+    assert relative_error(out, want) <= tolerance(spec)
+    monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "1")
+    assert torch.equal(moe_apply(plan, x, prepared, topk_w, topk_ids), out)  # the fast launch: same bits
+    assert_graph_replay_matches_eager(plan, prepared, preset, x, topk_w, topk_ids, seed=T + 100)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["0", "1"])
+def test_gpu_fast_launch_follows_specialization(path, monkeypatch):
+    """Misaligned inputs and token counts that change Triton's specialization (1, multiples of
+    16, others) never reuse a kernel compiled for other arguments (``check`` asserts it)."""
+    from moe_core.presets import get_preset
+    from moe_core.testing import random_routing
+
+    monkeypatch.setenv("MOE_PORTABLE_DECODE", path)
+    monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "check")
+    preset = get_preset("qwen3-30b-a3b")
+    spec = preset.moe_spec(torch.bfloat16)
+    plan = moe_plan(spec, "cuda")
+    weights = random_expert_weights(spec, device="cuda", seed=0)
+    prepared = plan.prepare(weights)
+    H = spec.hidden_size
+    for T in (1, 2, 16, 3, 1, 16):
+        for offset in (0, 1):  # 1: x starts 2 bytes into its buffer (not 16-byte aligned)
+            x = torch.randn(T * H + offset, device="cuda").to(spec.dtype)[offset:].view(T, H)
+            w, ids = random_routing(preset.routing, T, preset.num_experts, device="cuda", seed=T)
+            out = moe_apply(plan, x, prepared, w, ids)
+            want = fused_experts_reference(spec, x, weights, w, ids, compute_dtype=torch.float64)
+            assert relative_error(out, want) <= tolerance(spec), (T, offset)
+    assert _launch.fast_launch_stats()["checked"] > 0
+
+
+class _Param:
+    def __init__(self, name: str, constexpr: bool):
+        self.name, self.is_constexpr = name, constexpr
+
+
+class _Compiled:
+    """Stands for a CompiledKernel: ``run`` records the launcher calls."""
+
+    def __init__(self, calls: list):
+        self.function, self.packed_metadata = "fn", "meta"
+        self.run = lambda *a: calls.append(("fast", a))
+
+
+class _FakeJIT:
+    """Stands for a JITFunction ``k(x_ptr, n, BLOCK: constexpr, ACT: constexpr)``: ``[grid](...)``
+    is the normal launch, compiling one kernel per (n == 1, n % 16 == 0, kwargs)."""
+
+    def __init__(self):
+        self.arg_names = ["x_ptr", "n", "BLOCK", "ACT"]
+        self.params = [_Param("x_ptr", False), _Param("n", False), _Param("BLOCK", True), _Param("ACT", True)]
+        self.pre_run_hooks: list = []
+        self.calls: list = []
+        self.kernels: dict = {}
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(("normal", grid, args, kwargs))
+            key = (args[1] == 1, args[1] % 16 == 0, tuple(kwargs.items()))
+            return self.kernels.setdefault(key, _Compiled(self.calls))
+
+        return launch
+
+
+class _Knobs:
+    class runtime:
+        launch_enter_hook = None
+        launch_exit_hook = None
+        debug = False
+        add_stages_inspection_hook = None
+
+    class compilation:
+        instrumentation_mode = ""
+
+
+def test_fast_launch_caches_per_specialization(monkeypatch):
+    """The launcher gets what JITFunction.run would pass (grid padded to 3, the stream, every
+    parameter in order with the constexprs last); another specialization launches normally."""
+    monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "1")  # opt-in until measured on a GPU
+    monkeypatch.setattr(_launch, "_RUNTIME", [_FakeJIT, _Knobs, lambda: 0, lambda dev: 77, False])
+    _launch.clear_cache()
+    kernel = _FakeJIT()
+    x = torch.empty(64, dtype=torch.bfloat16)
+    kw = {"BLOCK": 32, "ACT": 1, "num_warps": 4}
+    try:
+        _launch.run_launch(kernel, (5,), (x, 40), kw)  # compiles: normal launch
+        _launch.run_launch(kernel, (6, 2), (x, 40), kw)  # cached
+        assert [c[0] for c in kernel.calls] == ["normal", "fast"]
+        assert kernel.calls[1][1] == (6, 2, 1, 77, "fn", "meta", None, None, None, x, 40, 32, 1)
+        for args, kwargs in (((x, 1), kw), ((x, 48), kw), ((x[1:], 40), kw), ((x, 40), {**kw, "ACT": 2})):
+            kernel.calls.clear()
+            _launch.run_launch(kernel, (1,), args, kwargs)  # a new specialization: normal
+            assert [c[0] for c in kernel.calls] == ["normal"], (args[1], kwargs)
+        kernel.calls.clear()
+        _launch.run_launch(kernel, (1,), (x, 56), kw)  # 56: same specialization as 40 (not 1, not %16)
+        assert [c[0] for c in kernel.calls] == ["fast"]
+        # check mode: the normal launch, and Triton's kernel must be the cached one
+        monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "check")
+        kernel.calls.clear()
+        _launch.run_launch(kernel, (1,), (x, 40), kw)
+        assert [c[0] for c in kernel.calls] == ["normal"]
+        kernel.kernels.clear()  # Triton would now pick another kernel: check mode catches it
+        with pytest.raises(AssertionError, match="another kernel"):
+            _launch.run_launch(kernel, (1,), (x, 40), kw)
+        monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "1")
+        # an active launch hook needs launch_metadata: normal launch
+        monkeypatch.setattr(_Knobs.runtime, "launch_enter_hook", lambda meta: None)
+        kernel.calls.clear()
+        _launch.run_launch(kernel, (1,), (x, 40), kw)
+        assert [c[0] for c in kernel.calls] == ["normal"]
+    finally:
+        _launch.clear_cache()
+
+
+def test_fast_launch_refuses_unexpected_signatures(monkeypatch):
+    """A constexpr passed positionally (or one left to its default) cannot be replayed: slow forever."""
+    monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "1")  # opt-in until measured on a GPU
+    monkeypatch.setattr(_launch, "_RUNTIME", [_FakeJIT, _Knobs, lambda: 0, lambda dev: 77, False])
+    _launch.clear_cache()
+    kernel = _FakeJIT()
+    x = torch.empty(64, dtype=torch.bfloat16)
+    try:
+        for _ in range(2):
+            _launch.run_launch(kernel, (1,), (x, 40), {"BLOCK": 32})  # ACT missing
+        assert [c[0] for c in kernel.calls] == ["normal", "normal"]
+    finally:
+        _launch.clear_cache()
+
+
+@needs_triton
+def test_tuner_tunes_the_decode_path(tmp_path):
+    """At T=1 the tuner times the decode path too and records whether it beats the sorted one,
+    in the entry lookup_decode reads (the small space: the heuristic's tiles)."""
+    from moe_plugin_portable import tuning
+
+    spec = MoESpec(**BASE)
+    found = tuning.tune_layer(spec, DEVICE, tokens=(1,), space="small")
+    decode = found["1"]["decode"]
+    assert isinstance(decode["use"], bool) and decode["timing"]["total_us"] > 0
+    cfg = configs.DecodeConfig.from_json(decode)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 8
+    assert cfg == configs.decode_heuristic(spec, 1, sms, False)
+    path = tuning.write_table("Fake GPU", {configs.layer_key(spec): found}, tmp_path, "3.x")
+    entry = json.loads(path.read_text())["configs"][configs.layer_key(spec)]["1"]
+    assert configs.DecodeConfig.from_json(entry["decode"]) == cfg
+    assert configs.MoEConfig.from_json(entry).block_m == found["1"]["block_m"]
+    assert [len(r) for r in tuning.decode_space(cfg.gemm1, "quick")] == [6, 9]
+
+
+def test_fast_launch_falls_back_when_the_launcher_rejects_its_arguments(monkeypatch):
+    monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "1")  # opt-in until measured on a GPU
+    monkeypatch.setattr(_launch, "_RUNTIME", [_FakeJIT, _Knobs, lambda: 0, lambda dev: 77, False])
+    _launch.clear_cache()
+    kernel = _FakeJIT()
+    x = torch.empty(64, dtype=torch.bfloat16)
+    kw = {"BLOCK": 32, "ACT": 1}
+    try:
+        _launch.run_launch(kernel, (1,), (x, 40), kw)
+
+        def reject(*args):
+            raise TypeError("function takes exactly 14 arguments")
+
+        for key, entry in list(_launch._CACHE.items()):
+            _launch._CACHE[key] = (reject, *entry[1:])
+        kernel.calls.clear()
+        for _ in range(2):
+            _launch.run_launch(kernel, (1,), (x, 40), kw)
+        assert [c[0] for c in kernel.calls] == ["normal", "normal"]  # and never the fast path again
+    finally:
+        _launch.clear_cache()
