@@ -145,3 +145,15 @@ def test_launches_on_meta(T):
     assert blocks <= min(T * k, E) + T * k // tiles.block_m
     assert grid3 == (T, -(-H // gluon_moe.SLOT_SUM_BLOCK))
     assert kw1["K_PAD"] == kw2["N_PAD"] == 2944 and kw1["ACTIVATION"] == 1 and kw1["BLOCK_K"] == 128
+
+
+def test_cli_plans_gluon_for_gpt_oss_on_gfx950(capsys):
+    """The issue's command: ``moe plan --device-override hip:gfx950 --model gpt-oss-120b --quant mxfp4``."""
+    from moe_core.cli import main
+
+    assert (
+        main(["plan", "--device-override", "hip:gfx950", "--model", "gpt-oss-120b", "--quant", "mxfp4"]) == 0
+    )
+    text = capsys.readouterr().out
+    assert "chosen: amd.gluon.mxfp4" in text and "amd:gfx950" in text
+    assert "refused:" in text  # the others are explained

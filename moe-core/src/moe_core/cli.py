@@ -356,7 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="the kernel chosen for a model's MoE layer, and why")
     _add_layer_args(p, model_required=True)
     p.add_argument(
-        "--device", default=None, help="torch device (cuda:0) or an arch to plan for (sm_90, gfx950)"
+        "--device",
+        "--device-override",
+        dest="device",
+        default=None,
+        help="torch device (cuda:0) or an arch to plan for (sm_90, gfx950, hip:gfx950; as MOE_DEVICE_OVERRIDE)",
     )
     p.set_defaults(func=_cmd_plan)
 
