@@ -13,6 +13,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +69,10 @@ def version_tuple(version: str | None) -> tuple[int, ...]:
         return ()
     out: list[int] = []
     for part in version.split("+")[0].split(".")[:3]:
-        digits = "".join(c for c in part if c.isdigit()) if not part.isdigit() else part
-        if not digits:
+        m = re.match(r"\d+", part)
+        if m is None:
             break
-        out.append(int(digits))
+        out.append(int(m.group()))
     return tuple(out)
 
 
