@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             torch.cuda.empty_cache()
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+            with open(args.out, "w") as f:  # after every case: a time limit keeps what was measured
+                json.dump(report, f, indent=1)
     bad = [c for c in report["cases"] if "error" in c or not c.get("overhead_ok")]
     return 1 if bad else 0
 
