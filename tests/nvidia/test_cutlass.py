@@ -232,3 +232,31 @@ def test_recorded_call_through_flashinfers_wrapper(monkeypatch, kw):
     assert kwargs["activation_type"] == ActivationType(p.meta["activation"])
     assert kwargs["profile_ids"] == [1, 2] and kwargs["enable_pdl"] is False
     assert kwargs["use_deepseek_fp8_block_scale"] is False and kwargs["use_fused_finalize"] is True
+
+
+def test_apply_takes_tactics_from_the_tune_cache_once_per_layer(tmp_path, monkeypatch):
+    from moe_plugin_nvidia import tuning
+
+    monkeypatch.setenv("MOE_NVIDIA_TUNE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_PACKAGE_DIR", tmp_path / "none")
+    tuning.clear_cache()
+    calls = []
+    monkeypatch.setattr(cutlass, "_flashinfer", lambda: (lambda **kw: calls.append(kw), None))
+    monkeypatch.setattr(cutlass, "_ACT", {v: f"act{v}" for v in cutlass.ACTIVATION_TYPES.values()})
+    spec = _spec()
+    p, x, tw, ids, out = _call(spec, T=40)
+    p.meta["device_name"] = "NVIDIA H200"
+    with pytest.warns(UserWarning, match="moe tune"):
+        cutlass.apply(spec, x, p, tw, ids, out)
+    assert calls[-1]["profile_ids"] is None and calls[-1]["activation_type"] == "act3"
+    name = tuning.table_name("NVIDIA H200")
+    entry = {"buckets": {"1": [1, 11], "32": [2, 22]}}
+    tuning.merge_table(tmp_path / name, "NVIDIA H200", "0.7.2", {tuning.layer_key(spec): entry})
+    cutlass.apply(spec, x, p, tw, ids, out)  # resolved once per prepared layer: still untuned
+    assert calls[-1]["profile_ids"] is None
+    p2 = prepare(spec, random_expert_weights(spec), SM90)
+    p2.meta["device_name"] = "NVIDIA H200"
+    cutlass.apply(spec, x, p2, tw, ids, out)
+    assert calls[-1]["profile_ids"] == [2, 22]
+    cutlass.apply(spec, x[:3], p2, tw[:3], ids[:3], out[:3])
+    assert calls[-1]["profile_ids"] == [1, 11]

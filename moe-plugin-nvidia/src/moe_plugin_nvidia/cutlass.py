@@ -49,6 +49,7 @@ from moe_core import DeviceInfo, ExpertWeights, KernelEntry, MoESpec, PreparedWe
 from moe_core import quant as mq
 from moe_core.errors import UnsupportedError
 
+from . import tuning
 from ._common import PRIORITY_CUTLASS, cutlass_module_name, flashinfer_refusal, module_refusal
 
 __all__ = [
@@ -248,33 +249,34 @@ def flashinfer_kwargs(
     return kw
 
 
+_ACT: dict[int, Any] = {}
+
+
 @functools.cache
 def _flashinfer() -> tuple[Callable[..., Any], Any]:
     """``(cutlass_fused_moe, ActivationType)`` (imports FlashInfer on first use)."""
     from flashinfer.fused_moe import ActivationType, cutlass_fused_moe
 
+    _ACT.update({v: ActivationType(v) for v in ACTIVATION_TYPES.values()})
     return cutlass_fused_moe, ActivationType
 
 
-_WARNED: set[Any] = set()
+_UNRESOLVED = object()
 
 
 def _profile_ids(spec: MoESpec, prepared: PreparedWeights, tokens: int) -> list[int] | None:
-    from .tuning import lookup
-
-    ids = lookup(spec, prepared.meta.get("device_name", ""), tokens)
-    if ids is None:
-        key = (spec, prepared.meta.get("device_name", ""))
-        if key not in _WARNED:
-            _WARNED.add(key)
-            from .tuning import cache_path
-
+    """Tactics from the tune cache, resolved once per prepared layer (kept in ``prepared.meta``)."""
+    resolved = prepared.meta.get("_tactics", _UNRESOLVED)
+    if resolved is _UNRESOLVED:
+        device_name = prepared.meta.get("device_name", "")
+        resolved = prepared.meta["_tactics"] = tuning.resolve(spec, device_name)
+        if resolved is None:
             warnings.warn(
-                f"{KERNEL}: no tuned tactics for {spec.describe()} on this GPU in {cache_path()}; "
-                "FlashInfer's default tactic can be 4-5x slower at T >= 32. Run `moe tune` for this layer.",
+                f"{KERNEL}: no tuned tactics for {spec.describe()} in {tuning.cache_path(device_name)}; "
+                "FlashInfer's default tactic can be 4-5x slower at T >= 32: run `moe tune` for this layer",
                 stacklevel=3,
             )
-    return ids
+    return None if resolved is None else tuning.pick(resolved, tokens)
 
 
 def apply(
@@ -286,13 +288,13 @@ def apply(
     out: torch.Tensor,
 ) -> None:
     """Run FlashInfer's cutlass fused MoE into ``out [T, H]`` (no host synchronisation)."""
-    fn, act = _flashinfer()
+    fn, _ = _flashinfer()
     x = hidden_states
     if spec.quant.name == "fp8":
         x = (x.float() / prepared.tensors["fc1_input_scale"]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
     ids = _profile_ids(spec, prepared, x.shape[0])
     kw = flashinfer_kwargs(
-        spec, x, prepared, topk_weights, topk_ids, out, act(prepared.meta["activation"]), ids
+        spec, x, prepared, topk_weights, topk_ids, out, _ACT[prepared.meta["activation"]], ids
     )
     fn(**kw)
 

@@ -41,8 +41,10 @@ __all__ = [
     "layer_key",
     "lookup",
     "merge_table",
+    "pick",
     "read_table",
     "record_tactics",
+    "resolve",
     "table_name",
     "tune_layer",
 ]
@@ -100,7 +102,7 @@ def read_table(path: Path) -> dict[str, Any] | None:
 
 
 _TABLES: dict[str, list[dict[str, Any]]] = {}
-_RESOLVED: dict[tuple[str, str], tuple[list[int], list[list[int]]] | None] = {}
+_RESOLVED: dict[tuple[str, str], Any] = {}
 
 
 def clear_cache() -> None:
@@ -116,11 +118,13 @@ def _tables(device_name: str) -> list[dict[str, Any]]:
     return _TABLES[device_name]
 
 
-def lookup(spec: MoESpec, device_name: str, tokens: int) -> list[int] | None:
-    """``[gemm1, gemm2]`` tactics for ``tokens`` rows of ``spec`` on ``device_name``, or ``None`` (untuned)."""
+Resolved = tuple[list[int], list[list[int]]]
+
+
+def resolve(spec: MoESpec, device_name: str) -> Resolved | None:
+    """The tuned buckets of ``spec`` on ``device_name``: ``(sorted token counts, [gemm1, gemm2] each)``."""
     key = (device_name, layer_key(spec))
-    resolved = _RESOLVED.get(key, 0)
-    if resolved == 0:
+    if key not in _RESOLVED:
         resolved = None
         for table in _tables(device_name):
             entry = table["layers"].get(key[1])
@@ -129,11 +133,19 @@ def lookup(spec: MoESpec, device_name: str, tokens: int) -> list[int] | None:
                 resolved = ([t for t, _ in pairs], [ids for _, ids in pairs])
                 break
         _RESOLVED[key] = resolved
-    if resolved is None:
-        return None
+    return _RESOLVED[key]
+
+
+def pick(resolved: Resolved, tokens: int) -> list[int]:
+    """The tactics of the largest tuned bucket not above ``tokens`` (the smallest bucket below all)."""
     buckets, ids = resolved
-    i = bisect.bisect_right(buckets, tokens) - 1
-    return ids[max(i, 0)]
+    return ids[max(bisect.bisect_right(buckets, tokens) - 1, 0)]
+
+
+def lookup(spec: MoESpec, device_name: str, tokens: int) -> list[int] | None:
+    """``[gemm1, gemm2]`` tactics for ``tokens`` rows of ``spec`` on ``device_name``, or ``None`` (untuned)."""
+    resolved = resolve(spec, device_name)
+    return None if resolved is None else pick(resolved, tokens)
 
 
 def merge_table(path: Path, device_name: str, flashinfer: str, layers: dict[str, dict[str, Any]]) -> Path:
