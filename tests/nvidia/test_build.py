@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 
 from moe_plugin_nvidia import flashinfer_env
@@ -90,3 +93,80 @@ def test_build_refuses_unknown_arch_and_scheme(tmp_path):
         build.build_module("8.0", ["bf16"], output=tmp_path)
     with pytest.raises(ValueError, match="mxfp4"):
         build.build_module("9.0a", "mxfp4", output=tmp_path)
+
+
+FAKE_NINJA = """ninja_required_version = 1.3
+cxx = c++
+cflags = -fPIC -std=c++17
+ldflags = -shared -L{home}/lib64 -lcuda
+
+rule compile
+  command = $cxx -MMD -MF $out.d $cflags -c $in -o $out
+  depfile = $out.d
+  deps = gcc
+
+rule link
+  command = $cxx $in $ldflags -o $out
+
+build {obj}/core.o: compile {src}/core.cpp
+build {obj}/bf16.o: compile {src}/moe_gemm_kernels_bf16_bf16.cpp
+build {obj}/fp8.o: compile {src}/moe_gemm_kernels_fp8_fp8.cpp
+
+build {obj}/fused_moe_90.so: link {obj}/core.o {obj}/bf16.o {obj}/fp8.o
+default {obj}/fused_moe_90.so
+"""
+CORE = """namespace tensorrt_llm { int bf16_gemm(int); int fp8_gemm(int); }
+extern "C" int cuInit(unsigned);
+extern "C" int run(int fp8) { cuInit(0); return fp8 ? tensorrt_llm::fp8_gemm(1) : tensorrt_llm::bf16_gemm(1); }
+"""
+
+
+@pytest.mark.skipif(
+    not (shutil.which("ninja") and shutil.which("c++") and shutil.which("nm")), reason="needs ninja"
+)
+def test_build_module_end_to_end_with_a_fake_flashinfer(tmp_path, monkeypatch):
+    """The whole driver on a tiny FlashInfer-shaped project: subset, link stand-in for libcuda,
+    probe link, stubs for the omitted fp8 symbol (throwing), final link, manifest, install."""
+    home = _toolkit(tmp_path)
+    src, obj, fi = tmp_path / "src", tmp_path / "obj", tmp_path / "site" / "flashinfer"
+    src.mkdir(), obj.mkdir(), fi.mkdir(parents=True)
+    (src / "core.cpp").write_text(CORE)
+    (src / "moe_gemm_kernels_bf16_bf16.cpp").write_text(
+        "namespace tensorrt_llm { int bf16_gemm(int x) { return x + 41; } }\n"
+    )
+    (src / "moe_gemm_kernels_fp8_fp8.cpp").write_text("#error fp8 must not be compiled for --quant bf16\n")
+    (obj / "build.ninja").write_text(FAKE_NINJA.format(home=home, obj=obj, src=src))
+    sources = [
+        str(src / n) for n in ("core.cpp", "moe_gemm_kernels_bf16_bf16.cpp", "moe_gemm_kernels_fp8_fp8.cpp")
+    ]
+    info = {
+        "name": "fused_moe_90",
+        "ninja": str(obj / "build.ninja"),
+        "sources": sources,
+        "flashinfer_version": "0.7.2",
+        "flashinfer_dir": str(fi),
+    }
+    monkeypatch.setattr(build, "_generate", lambda *a: info)
+    monkeypatch.setattr(build, "find_cuda_home", lambda: home)
+    monkeypatch.setattr(build, "nvcc_version", lambda h: "13.0")
+    monkeypatch.setattr(build, "find_extra_includes", lambda h, extra=(): [])
+    seen = []
+    res = build.build_module(
+        "9.0a",
+        "bf16",
+        output=tmp_path / "out",
+        jobs=2,
+        progress=lambda *a: seen.append(a),
+        echo=lambda s: None,
+    )
+    assert res.manifest.quants == ["bf16"] and res.manifest.units == 2 and res.manifest.omitted == 1
+    assert res.manifest.stubs == 1 and set(res.manifest.seconds) == {"wall", "core", "bf16"}
+    assert res.installed == fi / "data" / "aot" / "fused_moe_90" / "fused_moe_90.so"
+    assert read_manifest(res.installed.parent).quants == ["bf16"]
+    assert seen and seen[-1][1] == seen[-1][2]  # progress reached its total
+    nm = subprocess.run(
+        ["nm", "-D", "--defined-only", str(res.library)], capture_output=True, text=True
+    ).stdout
+    assert "_ZN12tensorrt_llm8fp8_gemmEi" in nm  # the stub
+    assert "moe nvidia build" in (res.library.parent / "moe_stubs.cpp").read_text()
+    assert not (res.library.parent / "fused_moe_90.probe.so").exists()
