@@ -46,6 +46,7 @@ def test_planner_picks_cutlass_on_sm90_when_built(monkeypatch):
         ({}, {"dtype": torch.float32}, SM90, "bf16 or fp16"),
         ({}, {"quant": "fp8"}, SM90, "per-tensor weight scales and static per-tensor activation"),
         ({}, {"quant": "mxfp4", "intermediate_size": 64}, SM90, "quant mxfp4"),
+        ({}, {"quant": "fp8_block", "hidden_size": 128, "intermediate_size": 128}, SM90, "DeepGEMM"),
         ({}, {"hidden_size": 60}, SM90, "multiples of 8"),
         ({}, {"quant": FP8_PT, "intermediate_size": 40}, SM90, "multiples of 16"),
         ({}, {"ep_size": 3}, SM90, "equal slices"),

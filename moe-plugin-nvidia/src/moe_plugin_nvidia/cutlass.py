@@ -87,6 +87,11 @@ def supports(spec: MoESpec, device: DeviceInfo) -> str | None:
     if spec.dtype not in _DTYPES:
         return f"activations must be bf16 or fp16, got {str(spec.dtype).removeprefix('torch.')}"
     q = spec.quant
+    if q.name == "fp8_block":
+        return (
+            "fp8_block: FlashInfer's SM90 block-scale path JIT-compiles DeepGEMM kernels with NVRTC at run "
+            "time (needs its C++ headers on the GPU host); not wired in this plugin yet"
+        )
     if q.name not in _QUANTS:
         return f"quant {q.name} is not wired to FlashInfer's cutlass MoE in this plugin (has {', '.join(_QUANTS)})"
     if not q.is_quantized and q.weight_dtype != spec.dtype:
@@ -315,7 +320,7 @@ def kernel_entries() -> list[KernelEntry]:
             apply=apply,
             prepare=_prepare_entry,
             supports=supports,
-            quant=frozenset(_QUANTS),
+            quant=frozenset((*_QUANTS, "fp8_block")),  # fp8_block: refused by supports(), with the reason
             activations=frozenset(ACTIVATION_TYPES),
             features=frozenset({"bias", "expert_parallel"}),
             capability="cuda>=9.0",
