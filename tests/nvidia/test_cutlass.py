@@ -231,7 +231,7 @@ def test_recorded_call_through_flashinfers_wrapper(monkeypatch, kw):
     assert args[11] is t.get("swiglu_alpha") and args[13] is t.get("swiglu_limit")
     assert (args[18], args[19], args[20], args[21]) == (1, 0, spec.ep_size, spec.ep_rank)  # tp, ep
     assert kwargs["activation_type"] == ActivationType(p.meta["activation"])
-    assert kwargs["profile_ids"] == [1, 2] and kwargs["enable_pdl"] is False
+    assert kwargs["profile_ids"] == [1, 2] and kwargs["enable_pdl"] is True  # FlashInfer's SM90 default
     assert kwargs["use_deepseek_fp8_block_scale"] is False and kwargs["use_fused_finalize"] is True
 
 

@@ -26,7 +26,9 @@ name                shape / dtype              meaning
 ==================  =========================  =======================================
 
 ``meta``: ``activation`` (FlashInfer ``ActivationType`` value), ``ep_size``,
-``ep_rank``, ``module`` (FlashInfer module name).
+``ep_rank``, ``module`` (FlashInfer module name), ``enable_pdl`` (FlashInfer's
+default: SM90+), ``device_name`` (for the tune cache) and, after the first
+call, ``_tactics`` (the layer's tuned buckets).
 
 Quant schemes: ``bf16``/``fp16`` (weights of ``spec.dtype``) and ``fp8`` with
 per-tensor weight scales and static per-tensor activation scales
@@ -189,6 +191,8 @@ def prepare(spec: MoESpec, weights: ExpertWeights, device: DeviceInfo) -> Prepar
         "ep_size": ep_size,
         "ep_rank": ep_rank,
         "module": cutlass_module_name(device.capability) if device.capability else None,
+        # Programmatic dependent launch, as FlashInfer's own default (device_support_pdl: SM90+).
+        "enable_pdl": bool(device.capability and device.capability >= (9, 0)),
     }
     return PreparedWeights(KERNEL, t, meta)
 
@@ -208,6 +212,10 @@ def to_canonical(spec: MoESpec, prepared: PreparedWeights) -> ExpertWeights:
         out.a13_scale = t["fc1_input_scale"]
         out.a2_scale = 1.0 / t["fc2_quant"]
     return out
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
 def flashinfer_kwargs(
@@ -233,8 +241,8 @@ def flashinfer_kwargs(
         quant_scales = [t["fc1_dequant"], t["fc2_quant"], t["fc2_dequant"], t["fc1_input_scale"]]
     kw: dict[str, Any] = {
         "input": x,
-        "token_selected_experts": topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32),
-        "token_final_scales": topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float(),
+        "token_selected_experts": _as(topk_ids, torch.int32),
+        "token_final_scales": _as(topk_weights, torch.float32),
         "fc1_expert_weights": t["fc1"],
         "fc2_expert_weights": t["fc2"],
         "output_dtype": spec.dtype,
@@ -249,7 +257,7 @@ def flashinfer_kwargs(
         "output": out,
         "activation_type": activation_type,
         "profile_ids": profile_ids,
-        "enable_pdl": False,
+        "enable_pdl": prepared.meta.get("enable_pdl", False),
     }
     return kw
 
