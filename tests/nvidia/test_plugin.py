@@ -64,3 +64,14 @@ def test_moe_nvidia_build_command(monkeypatch, capsys):
 def test_doctor_reports_flashinfer_state():
     report = plugin_manager().environment_reports()["nvidia"]
     assert {"flashinfer", "prebuilt_modules", "tune_tables", "flashinfer_jit_cache"} <= set(report)
+
+
+def test_tune_hook_declines_without_an_nvidia_gpu():
+    from moe_core import MoESpec
+    from moe_plugin_nvidia import plugin
+
+    spec = MoESpec(8, 2, 64, 64)
+    assert plugin.tune(spec=spec, device="cpu", tokens=[1], output_dir=None, progress=lambda *a: None) is None
+    assert (
+        plugin.tune(spec=spec, device="sm_90", tokens=[1], output_dir=None, progress=lambda *a: None) is None
+    )
