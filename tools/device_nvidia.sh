@@ -19,7 +19,8 @@ mkdir -p "$L" "$S"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$S" .whl/*.whl || exit 1
 python3 -c "import tarfile, sys; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$D/flashinfer.tar.xz" "$S" || exit 1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$S" "$D"/wheels/apache_tvm_ffi-*.whl || exit 1
-for pair in einops:einops tabulate:tabulate pynvml:nvidia_ml_py filelock:filelock; do  # only what is missing
+for pair in pynvml:nvidia_ml_py filelock:filelock requests:requests urllib3:urllib3 idna:idna certifi:certifi \
+    charset_normalizer:charset_normalizer packaging:packaging tqdm:tqdm; do  # only what is missing there
   python3 -c "import ${pair%%:*}" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
     --no-cache-dir --target "$S" "$D"/wheels/${pair#*:}-*.whl
 done

@@ -4,7 +4,8 @@
 #   flashinfer.tar.xz  the installed flashinfer package and its dist-info WITHOUT the C++ sources and
 #                      headers (data/csrc, include, cutlass, cccl, spdlog: only needed to compile) and
 #                      __pycache__, WITH data/aot/fused_moe_90/ (the module `moe nvidia build` installed)
-#   wheels/            apache-tvm-ffi (CPython 3.12 manylinux) and FlashInfer's small pure-Python deps
+#   wheels/            apache-tvm-ffi (CPython 3.12 manylinux) and the small deps `import flashinfer` needs
+#                      (installed on the device only when missing there; numpy and torch's deps are assumed)
 # Run here after `moe nvidia build`:  FI_SITE=<folder holding flashinfer/> bash tools/nvidia_bundle.sh
 # FI_SITE defaults to where `python3 -c 'import flashinfer'` finds it (needs no GPU).
 set -euo pipefail
@@ -24,6 +25,7 @@ plats=()
 for n in 17 24 27 28 31 34; do plats+=(--platform "manylinux_2_${n}_x86_64"); done
 $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${plats[@]}" --platform manylinux2014_x86_64 -d "$out/wheels" \
-  'apache-tvm-ffi>=0.1.11,<0.2' einops tabulate nvidia-ml-py filelock 2>&1 | grep -v WARNING || true
+  'apache-tvm-ffi>=0.1.11,<0.2' nvidia-ml-py filelock requests urllib3 idna certifi charset-normalizer \
+  packaging tqdm 2>&1 | grep -v WARNING || true
 cp "$FI_SITE/flashinfer/data/aot/fused_moe_90/moe_build.json" "$out/" 2>/dev/null || true
 du -sh "$out" "$out"/*
