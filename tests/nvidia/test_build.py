@@ -111,8 +111,9 @@ rule link
 build {obj}/core.o: compile {src}/core.cpp
 build {obj}/bf16.o: compile {src}/moe_gemm_kernels_bf16_bf16.cpp
 build {obj}/fp8.o: compile {src}/moe_gemm_kernels_fp8_fp8.cpp
+build {obj}/fp16.o: compile {src}/moe_gemm_kernels_fp16_fp16.cpp
 
-build {obj}/fused_moe_90.so: link {obj}/core.o {obj}/bf16.o {obj}/fp8.o
+build {obj}/fused_moe_90.so: link {obj}/core.o {obj}/bf16.o {obj}/fp8.o {obj}/fp16.o
 default {obj}/fused_moe_90.so
 """
 CORE = """namespace tensorrt_llm { int bf16_gemm(int); int fp8_gemm(int); }
@@ -135,10 +136,17 @@ def test_build_module_end_to_end_with_a_fake_flashinfer(tmp_path, monkeypatch):
         "namespace tensorrt_llm { int bf16_gemm(int x) { return x + 41; } }\n"
     )
     (src / "moe_gemm_kernels_fp8_fp8.cpp").write_text("#error fp8 must not be compiled for --quant bf16\n")
+    (src / "moe_gemm_kernels_fp16_fp16.cpp").write_text(
+        "namespace tensorrt_llm { int fp16_gemm(int x) { return x; } }\n"
+    )
     (obj / "build.ninja").write_text(FAKE_NINJA.format(home=home, obj=obj, src=src))
-    sources = [
-        str(src / n) for n in ("core.cpp", "moe_gemm_kernels_bf16_bf16.cpp", "moe_gemm_kernels_fp8_fp8.cpp")
-    ]
+    names = (
+        "core.cpp",
+        "moe_gemm_kernels_bf16_bf16.cpp",
+        "moe_gemm_kernels_fp8_fp8.cpp",
+        "moe_gemm_kernels_fp16_fp16.cpp",
+    )
+    sources = [str(src / n) for n in names]
     info = {
         "name": "fused_moe_90",
         "ninja": str(obj / "build.ninja"),
@@ -159,7 +167,7 @@ def test_build_module_end_to_end_with_a_fake_flashinfer(tmp_path, monkeypatch):
         progress=lambda *a: seen.append(a),
         echo=lambda s: None,
     )
-    assert res.manifest.quants == ["bf16"] and res.manifest.units == 2 and res.manifest.omitted == 1
+    assert res.manifest.quants == ["bf16"] and res.manifest.units == 2 and res.manifest.omitted == 2
     assert res.manifest.stubs == 1 and set(res.manifest.seconds) == {"wall", "core", "bf16"}
     assert res.installed == fi / "data" / "aot" / "fused_moe_90" / "fused_moe_90.so"
     assert read_manifest(res.installed.parent).quants == ["bf16"]
@@ -170,3 +178,11 @@ def test_build_module_end_to_end_with_a_fake_flashinfer(tmp_path, monkeypatch):
     assert "_ZN12tensorrt_llm8fp8_gemmEi" in nm  # the stub
     assert "moe nvidia build" in (res.library.parent / "moe_stubs.cpp").read_text()
     assert not (res.library.parent / "fused_moe_90.probe.so").exists()
+    # A second subset reuses the first one's objects (one .ninja_log for every subset).
+    before = {p.name: p.stat().st_mtime_ns for p in obj.glob("*.o")}
+    more = build.build_module(
+        "9.0a", "bf16,fp16", output=tmp_path / "out", jobs=2, install=False, echo=lambda s: None
+    )
+    after = {p.name: p.stat().st_mtime_ns for p in obj.glob("*.o")}
+    assert after["core.o"] == before["core.o"] and after["bf16.o"] == before["bf16.o"] and "fp16.o" in after
+    assert more.manifest.units == 3 and more.library != res.library and more.installed is None

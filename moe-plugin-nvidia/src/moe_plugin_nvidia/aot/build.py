@@ -165,10 +165,12 @@ def _generate(
 
 
 def _run_ninja(
-    build_dir: Path, target: str, jobs: int, total_hint: int, progress: Progress, log, nice: int
+    build_dir: Path, ninja_file: Path, target: str, jobs: int, progress: Progress, log, nice: int
 ) -> None:
+    """``ninja -C build_dir -f ninja_file target``; ``build_dir`` holds the one ``.ninja_log`` of all
+    subsets, so an object compiled for one set of schemes is up to date for the next."""
     env = dict(os.environ, NINJA_STATUS="[%f/%t] ")
-    cmd = ["ninja", "-C", str(build_dir), "-j", str(jobs), target]
+    cmd = ["ninja", "-C", str(build_dir), "-f", str(ninja_file), "-j", str(jobs), target]
 
     def lower() -> None:  # pragma: no cover - runs in the child
         if nice:
@@ -290,7 +292,9 @@ def build_module(
         stub_obj = out_dir / "moe_stubs.o"
         if not stub_src.exists():
             stub_src.write_text("// placeholder, rewritten after the probe link\n")
-        ninja_path = out_dir / "build.ninja"
+        ninja_dir = output / module / "ninja"  # shared by every subset: one .ninja_log
+        ninja_dir.mkdir(parents=True, exist_ok=True)
+        ninja_path = ninja_dir / f"build-{key}.ninja"
 
         def write(extra_ld: list[str]) -> None:
             ninja_path.write_text(
@@ -312,26 +316,25 @@ def build_module(
             f"with {jobs} jobs into {out_dir}"
         )
         # Compile every object first (the link stand-ins need their undefined symbols).
-        _run_objects(out_dir, objs, jobs, progress, log, nice)
+        _run_objects(ninja_dir, ninja_path, objs, jobs, progress, log, nice)
         extra_ld = _link_standins(cuda_home, objs, out_dir / "link-standins", nvcc.split(".")[0], log)
         write(extra_ld)
-        _run_ninja(out_dir, str(probe), jobs, 1, progress, log, nice)
+        _run_ninja(ninja_dir, ninja_path, str(probe), jobs, progress, log, nice)
         undefined = _undefined_symbols(probe)
         stubs = {m: d for m, d in undefined.items() if needs_stub(m, d)}
         hint = f"rebuild with `moe nvidia build --arch {arch} --quant <schemes>` (built: {','.join(quants)})"
         new_src = stub_source(stubs, hint)
         if not stub_src.exists() or stub_src.read_text() != new_src:
             stub_src.write_text(new_src)
-        _run_ninja(out_dir, str(final), jobs, 1, progress, log, nice)
+        _run_ninja(ninja_dir, ninja_path, str(final), jobs, progress, log, nice)
         left = {m: d for m, d in _undefined_symbols(final).items() if needs_stub(m, d)}
         if left:
             raise BuildError(
                 f"{len(left)} symbols still undefined after stubbing, e.g. {next(iter(left.values()))}"
             )
         wall = time.monotonic() - t0
-        times = (
-            parse_ninja_log((out_dir / ".ninja_log").read_text()) if (out_dir / ".ninja_log").exists() else {}
-        )
+        ninja_log = ninja_dir / ".ninja_log"
+        times = parse_ninja_log(ninja_log.read_text()) if ninja_log.exists() else {}
         obj_of = {s: nf.edge_for(s).obj for s in sel.kept}
         seconds = {"wall": round(wall, 1)}
         for scheme, srcs in sel.by_scheme.items():
@@ -355,14 +358,15 @@ def build_module(
     return BuildResult(final, installed, manifest, log_path)
 
 
-def _run_objects(out_dir: Path, objs: Sequence[str], jobs: int, progress: Progress, log, nice: int) -> None:
+def _run_objects(
+    ninja_dir: Path, ninja_path: Path, objs: Sequence[str], jobs: int, progress: Progress, log, nice: int
+) -> None:
     # ninja accepts several targets; pass them through a phony target to keep the command line short.
-    ninja_path = out_dir / "build.ninja"
     text = ninja_path.read_text()
     if "build moe_objects: phony" not in text:
         text = text.replace("\ndefault ", "\nbuild moe_objects: phony " + " ".join(objs) + "\ndefault ", 1)
         ninja_path.write_text(text)
-    _run_ninja(out_dir, "moe_objects", jobs, len(objs), progress, log, nice)
+    _run_ninja(ninja_dir, ninja_path, "moe_objects", jobs, progress, log, nice)
 
 
 def install_module(library: Path, flashinfer_dir: Path, echo: Callable[[str], None] = print) -> Path:
