@@ -1,0 +1,180 @@
+"""nvidia.flashinfer.cutlass vs a direct FlashInfer call, in one run (GPU; tools/device_nvidia.sh).
+
+For each model and T, on the same prepared weights and inputs:
+
+- ``plugin``: ``moe_apply`` through the plan (tactics from the tune cache when present);
+- ``direct``: ``flashinfer.fused_moe.cutlass_fused_moe`` called by hand with the same
+  tensors and the same ``profile_ids`` (the plugin's overhead is ``plugin - direct``);
+- ``autotuned``: the direct call after FlashInfer's own autotuner ran for this T in
+  this process (``profile_ids=None``; the target is plugin <= 1.05x of it);
+- ``untuned``: the direct call with FlashInfer's default tactic (no cache, no tuner).
+
+Eager medians from CUDA events; decode cases (T <= 128) also from CUDA-graph replay.
+Writes one JSON (``--out``) with every time, the floor (moe_core.bench.floors) and
+the ratios. Targets: overhead <= max(3%, 5 us) on every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from moe_core import moe_apply, moe_plan
+from moe_core.bench.floors import floor_us, measure_ceilings
+from moe_core.bench.suite import uniform_routing
+from moe_core.bench.timing import graph_times, median_us, rotating
+from moe_core.presets import get_preset
+from moe_core.testing import random_expert_weights
+
+KERNEL = "nvidia.flashinfer.cutlass"
+
+
+def bench_case(model: str, T: int, iters: int, ceilings: dict, autotune_direct: bool) -> dict:
+    from flashinfer import autotune
+    from flashinfer.fused_moe import ActivationType, cutlass_fused_moe
+
+    from moe_plugin_nvidia import cutlass, tuning
+
+    preset = get_preset(model)
+    spec = preset.moe_spec(torch.bfloat16, None)
+    plan = moe_plan(spec, "cuda", backend=KERNEL)
+    prepared = plan.prepare(random_expert_weights(spec, device="cuda", seed=1))
+    copies = 2
+    inputs = []
+    for i in range(copies):
+        x = torch.randn(T, spec.hidden_size, device="cuda").to(spec.dtype)
+        w, ids = uniform_routing(preset.routing, T, preset.num_experts, device="cuda", seed=100 + i)
+        inputs.append((x, w.float().contiguous(), ids.int().contiguous()))
+    out = torch.empty(T, spec.hidden_size, dtype=spec.dtype, device="cuda")
+    act = ActivationType(prepared.meta["activation"])
+    name = torch.cuda.get_device_name()
+    ids_tuned = tuning.lookup(spec, name, T)
+    kws = [cutlass.flashinfer_kwargs(spec, x, prepared, w, ids, out, act, ids_tuned) for x, w, ids in inputs]
+
+    def plugin(i):
+        x, w, ids = inputs[i]
+        moe_apply(plan, x, prepared, w, ids, out=out)
+
+    def direct(i):
+        cutlass_fused_moe(**kws[i])
+
+    untuned_kws = [dict(kw, profile_ids=[-1, -1]) for kw in kws]
+
+    def untuned(i):
+        cutlass_fused_moe(**untuned_kws[i])
+
+    case = {
+        "model": model,
+        "T": T,
+        "spec": spec.describe(),
+        "tuned": ids_tuned,
+        "floor_us": floor_us(
+            spec,
+            T,
+            ceilings,
+            num_routed=preset.num_experts,
+            num_shared=preset.routing.num_fused_shared_experts,
+        ),
+    }
+
+    def timed(label, fn, graphs):
+        call = rotating(fn, copies)
+        for _ in range(5):
+            call()
+        torch.cuda.synchronize()
+        r = {"us": median_us(call, iters, "cuda")[0]}
+        if graphs and T <= 128:
+            try:
+                r["graph_us"], _ = graph_times([lambda i=i, fn=fn: fn(i) for i in range(copies)], iters)
+            except Exception as exc:  # report, do not hide
+                r["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        case[label] = r
+
+    # Before FlashInfer's own autotuner runs in this process (its in-memory cache would leak into
+    # the calls that pass profile_ids=None).
+    for label, fn in (("plugin", plugin), ("direct", direct), ("untuned", untuned)):
+        timed(label, fn, True)
+    if autotune_direct:
+        auto_kws = [dict(kw, profile_ids=None) for kw in kws]
+        t0 = time.monotonic()
+        with autotune(True, tuning_buckets=(T,)):
+            cutlass_fused_moe(**auto_kws[0])
+        torch.cuda.synchronize()
+        case["autotune_s"] = round(time.monotonic() - t0, 1)
+
+        def autotuned(i):
+            with autotune(False, tuning_buckets=(T,)):
+                cutlass_fused_moe(**auto_kws[i])
+
+        timed("autotuned", autotuned, False)  # the autotune context is Python-side state: no graphs
+    p, d = case["plugin"]["us"], case["direct"]["us"]
+    case["overhead_us"] = p - d
+    case["overhead_pct"] = 100.0 * (p - d) / d
+    case["overhead_ok"] = (p - d) <= max(0.03 * d, 5.0)
+    if "graph_us" in case["plugin"] and "graph_us" in case["direct"]:
+        case["graph_overhead_us"] = case["plugin"]["graph_us"] - case["direct"]["graph_us"]
+    if "autotuned" in case:
+        case["plugin_over_autotuned"] = p / case["autotuned"]["us"]
+    case["plugin_over_floor"] = min(p, case["plugin"].get("graph_us", p)) / case["floor_us"]
+    case["untuned_over_plugin"] = case["untuned"]["us"] / p
+    return case
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="mixtral-8x7b,qwen3-30b-a3b")
+    ap.add_argument("--tokens", default="1,32,512,4096")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--no-autotune", action="store_true", help="skip the directly autotuned FlashInfer call")
+    ap.add_argument("--out", default="nvidia-overhead.json")
+    args = ap.parse_args(argv)
+    ceilings = measure_ceilings("cuda")
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "ceilings": ceilings,
+        "cases": [],
+    }
+    try:
+        import flashinfer
+
+        report["flashinfer"] = flashinfer.__version__
+    except ImportError:
+        print("flashinfer is not installed", file=sys.stderr)
+        return 2
+    for model in args.models.split(","):
+        for T in (int(t) for t in args.tokens.split(",")):
+            try:
+                case = bench_case(model, T, args.iters, ceilings, not args.no_autotune)
+            except Exception as exc:  # report, do not stop the run
+                case = {"model": model, "T": T, "error": f"{type(exc).__name__}: {exc}"[:500]}
+            report["cases"].append(case)
+            keys = ("overhead_us", "overhead_pct", "plugin_over_autotuned", "plugin_over_floor", "error")
+            print(
+                json.dumps(
+                    {
+                        "model": model,
+                        "T": T,
+                        **{k: case.get(k) for k in keys},
+                        **{
+                            k: case[k]["us"]
+                            for k in ("plugin", "direct", "autotuned", "untuned")
+                            if k in case
+                        },
+                    }
+                ),
+                flush=True,
+            )
+            torch.cuda.empty_cache()
+            with open(args.out, "w") as f:  # after every case: a time limit keeps what was measured
+                json.dump(report, f, indent=1)
+    bad = [c for c in report["cases"] if "error" in c or not c.get("overhead_ok")]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""``nvidia.flashinfer.cutlass``: FlashInfer's cutlass fused MoE (``flashinfer.fused_moe.cutlass_fused_moe``).
+
+One call does routing permutation, GEMM 1 (+bias), the activation, GEMM 2
+(+bias) and the weighted top-k combine. This module holds the kernel's
+``supports``/``prepare``/``apply`` and the translation of a planned call into
+FlashInfer's keyword arguments (:func:`flashinfer_kwargs`, pure, tested on the
+CPU against FlashInfer's real signature).
+
+Prepared layout (``PreparedWeights.tensors``; ``E`` = local experts):
+
+==================  =========================  =======================================
+name                shape / dtype              meaning
+==================  =========================  =======================================
+``fc1``             ``[E, 2I, H]`` (``[E, I, H]`` relu2)  **up rows first, then gate**
+                    ``spec.dtype`` / e4m3      (FlashInfer's order; canonical is gate, up)
+``fc2``             ``[E, H, I]``              = canonical ``w2``
+``fc1_bias``        ``[E, 2I]`` ``spec.dtype`` ``b13`` with the same row swap (bias only)
+``fc2_bias``        ``[E, H]`` ``spec.dtype``  ``b2`` (bias only)
+``swiglu_alpha``    ``[E]`` float32            swiglu_oai: alpha
+``swiglu_beta``     ``[E]`` float32            swiglu_oai: 1.0 (the ``up + 1``)
+``swiglu_limit``    ``[E]`` float32            swiglu_oai: limit
+``fc1_dequant``     ``[E]`` float32            fp8: ``a13_scale * w13_scale``
+``fc2_quant``       ``[]`` float32             fp8: ``1 / a2_scale``
+``fc2_dequant``     ``[E]`` float32            fp8: ``a2_scale * w2_scale``
+``fc1_input_scale`` ``[]`` float32             fp8: ``a13_scale`` (input quantization)
+==================  =========================  =======================================
+
+``meta``: ``activation`` (FlashInfer ``ActivationType`` value), ``ep_size``,
+``ep_rank``, ``module`` (FlashInfer module name), ``enable_pdl`` (FlashInfer's
+default: SM90+), ``device_name`` (for the tune cache) and, after the first
+call, ``_tactics`` (the layer's tuned buckets).
+
+Quant schemes: ``bf16``/``fp16`` (weights of ``spec.dtype``) and ``fp8`` with
+per-tensor weight scales and static per-tensor activation scales
+(``QuantScheme("fp8", activation="fp8_per_tensor", weight_scale="per_tensor")``,
+``a13_scale``/``a2_scale`` given): FlashInfer's SM90 fp8 path takes exactly
+these. Expert parallelism: equal contiguous slices (``E % ep_size == 0``),
+which is how FlashInfer maps global ids (``ep_rank * E_local`` first).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from moe_core import DeviceInfo, ExpertWeights, KernelEntry, MoESpec, PreparedWeights
+from moe_core import quant as mq
+from moe_core.errors import UnsupportedError
+
+from . import tuning
+from ._common import PRIORITY_CUTLASS, cutlass_module_name, flashinfer_refusal, module_refusal
+
+__all__ = [
+    "ACTIVATION_TYPES",
+    "KERNEL",
+    "flashinfer_kwargs",
+    "kernel_entries",
+    "prepare",
+    "supports",
+    "to_canonical",
+]
+
+KERNEL = "nvidia.flashinfer.cutlass"
+
+#: Our activation -> FlashInfer ``ActivationType`` value (flashinfer/tllm_enums.py).
+ACTIVATION_TYPES = {"gelu": 4, "swiglu_oai": 5, "relu2": 6, "silu": 3}
+#: Geglu is erf-GELU(gate) * up, Swiglu silu(gate) * up, SwigluBias clamp/alpha/beta (gpt-oss), Relu2 relu(x)^2.
+
+_QUANTS = ("bf16", "fp16", "fp8")
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _alignment(spec: MoESpec) -> int:
+    # FlashInfer: TMA needs 128-bit rows of the narrower of activation and weight.
+    return 16 if spec.quant.name == "fp8" else 8
+
+
+def supports(spec: MoESpec, device: DeviceInfo) -> str | None:
+    """``None`` when FlashInfer's cutlass MoE runs ``spec`` on ``device``, else the precise reason."""
+    if device.capability is None:
+        return f"needs an NVIDIA GPU, got {device.arch}"
+    module = cutlass_module_name(device.capability)
+    if module is None:
+        return f"FlashInfer's cutlass fused MoE has no module for {device.arch}"
+    if spec.dtype not in _DTYPES:
+        return f"activations must be bf16 or fp16, got {str(spec.dtype).removeprefix('torch.')}"
+    q = spec.quant
+    if q.name == "fp8_block":
+        return (
+            "fp8_block: FlashInfer's SM90 block-scale path JIT-compiles DeepGEMM kernels with NVRTC at run "
+            "time (needs its C++ headers on the GPU host); not wired in this plugin yet"
+        )
+    if q.name not in _QUANTS:
+        return f"quant {q.name} is not wired to FlashInfer's cutlass MoE in this plugin (has {', '.join(_QUANTS)})"
+    if not q.is_quantized and q.weight_dtype != spec.dtype:
+        return f"weights ({q.name}) and activations ({spec.dtype}) must share a dtype"
+    if q.name == "fp8":
+        if q.weight_scale != "per_tensor" or q.activation != "fp8_per_tensor":
+            return (
+                "FlashInfer's cutlass fp8 takes per-tensor weight scales and static per-tensor activation "
+                f"scales (fp8 weight_scale=per_tensor, activation=fp8_per_tensor), got {q}"
+            )
+        if spec.has_bias:
+            return "fp8 with biases is not supported by FlashInfer's cutlass MoE"
+    if spec.activation not in ACTIVATION_TYPES:
+        return f"activation {spec.activation} not supported"
+    if spec.activation == "relu2" and q.is_quantized:
+        return "relu2 (non-gated) is wired for bf16/fp16 only"
+    align = _alignment(spec)
+    if spec.hidden_size % align or spec.intermediate_size % align:
+        return (
+            f"hidden_size and intermediate_size must be multiples of {align} (TMA 16-byte rows), "
+            f"got H={spec.hidden_size}, I={spec.intermediate_size}"
+        )
+    ep = _ep_slices(spec)
+    if isinstance(ep, str):
+        return ep
+    reason = flashinfer_refusal()
+    if reason:
+        return reason
+    return module_refusal(module, q.name)
+
+
+def _ep_slices(spec: MoESpec) -> tuple[int, int] | str:
+    """``(ep_size, ep_rank)`` as FlashInfer maps experts, or the reason the spec's EP does not fit."""
+    if not spec.is_expert_parallel:
+        return (1, 0)
+    e = spec.num_experts
+    local = spec.num_local_experts
+    if e % local:
+        return f"expert parallelism needs equal slices (num_experts {e} % local experts {local} != 0)"
+    size = e // local
+    g2l = spec.global_to_local()
+    starts = [g for g, v in enumerate(g2l) if v == 0]
+    start = starts[0] if starts else -1
+    if start % local or g2l != tuple(g - start if start <= g < start + local else -1 for g in range(e)):
+        return "expert_map must be a contiguous slice of equal size (FlashInfer maps experts by ep_rank)"
+    return (size, start // local)
+
+
+def _swap_halves(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[a; b] -> [b; a] along ``dim`` (its own inverse)."""
+    a, b = t.chunk(2, dim=dim)
+    return torch.cat([b, a], dim=dim).contiguous()
+
+
+def prepare(spec: MoESpec, weights: ExpertWeights, device: DeviceInfo) -> PreparedWeights:
+    """Canonical weights -> FlashInfer's layout (module docstring). Quantizes high-precision fp8 weights."""
+    reason = _ep_slices(spec)
+    if isinstance(reason, str):
+        raise UnsupportedError(reason)
+    ep_size, ep_rank = reason
+    q = spec.quant
+    if q.is_quantized and mq.is_high_precision(weights.w13):
+        weights = mq.quantize_weights(weights, q)
+    gated = spec.is_gated
+    t: dict[str, torch.Tensor] = {}
+    t["fc1"] = _swap_halves(weights.w13, 1) if gated else weights.w13.contiguous()
+    t["fc2"] = weights.w2.contiguous()
+    if weights.b13 is not None:
+        b13 = weights.b13.to(spec.dtype)
+        t["fc1_bias"] = _swap_halves(b13, 1) if gated else b13.contiguous()
+    if weights.b2 is not None:
+        t["fc2_bias"] = weights.b2.to(spec.dtype).contiguous()
+    e = spec.num_local_experts
+    dev = weights.w13.device
+    if spec.activation == "swiglu_oai":
+        t["swiglu_alpha"] = torch.full((e,), float(spec.swiglu_alpha), dtype=torch.float32, device=dev)
+        t["swiglu_beta"] = torch.ones((e,), dtype=torch.float32, device=dev)
+        t["swiglu_limit"] = torch.full((e,), float(spec.swiglu_limit), dtype=torch.float32, device=dev)
+    if q.name == "fp8":
+        if weights.a13_scale is None or weights.a2_scale is None:
+            raise UnsupportedError("fp8_per_tensor needs static a13_scale and a2_scale")
+        a1 = weights.a13_scale.float().reshape(()).to(dev)
+        a2 = weights.a2_scale.float().reshape(()).to(dev)
+        w1s = weights.w13_scale.float().reshape(e).to(dev)
+        w2s = weights.w2_scale.float().reshape(e).to(dev)
+        t["fc1_dequant"] = (w1s * a1).contiguous()
+        t["fc2_quant"] = (1.0 / a2).reshape(())
+        t["fc2_dequant"] = (w2s * a2).contiguous()
+        t["fc1_input_scale"] = a1.clone()
+        # Kept for the inverse (tests) and for re-preparing: the canonical scales.
+        t["w13_scale"] = w1s.contiguous()
+        t["w2_scale"] = w2s.contiguous()
+    meta = {
+        "activation": ACTIVATION_TYPES[spec.activation],
+        "ep_size": ep_size,
+        "ep_rank": ep_rank,
+        "module": cutlass_module_name(device.capability) if device.capability else None,
+        # Programmatic dependent launch, as FlashInfer's own default (device_support_pdl: SM90+).
+        "enable_pdl": bool(device.capability and device.capability >= (9, 0)),
+    }
+    return PreparedWeights(KERNEL, t, meta)
+
+
+def to_canonical(spec: MoESpec, prepared: PreparedWeights) -> ExpertWeights:
+    """The inverse of :func:`prepare` (after any quantization): canonical ``ExpertWeights``."""
+    t = prepared.tensors
+    gated = spec.is_gated
+    w13 = _swap_halves(t["fc1"], 1) if gated else t["fc1"]
+    b13 = t.get("fc1_bias")
+    if b13 is not None and gated:
+        b13 = _swap_halves(b13, 1)
+    out = ExpertWeights(w13=w13, w2=t["fc2"], b13=b13, b2=t.get("fc2_bias"))
+    if spec.quant.name == "fp8":
+        out.w13_scale = t["w13_scale"]
+        out.w2_scale = t["w2_scale"]
+        out.a13_scale = t["fc1_input_scale"]
+        out.a2_scale = 1.0 / t["fc2_quant"]
+    return out
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
+def flashinfer_kwargs(
+    spec: MoESpec,
+    x: torch.Tensor,
+    prepared: PreparedWeights,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    out: torch.Tensor,
+    activation_type: Any,
+    profile_ids: list[int] | None,
+) -> dict[str, Any]:
+    """Keyword arguments of ``flashinfer.fused_moe.cutlass_fused_moe`` for one planned call.
+
+    ``x`` is the kernel's input (already fp8-quantized for fp8); ``activation_type``
+    FlashInfer's enum member for ``prepared.meta["activation"]``;
+    ``profile_ids`` ``[gemm1, gemm2]`` tactics from the tune cache (``None``:
+    FlashInfer's own choice).
+    """
+    t = prepared.tensors
+    quant_scales: list[torch.Tensor] = []
+    if spec.quant.name == "fp8":
+        quant_scales = [t["fc1_dequant"], t["fc2_quant"], t["fc2_dequant"], t["fc1_input_scale"]]
+    kw: dict[str, Any] = {
+        "input": x,
+        "token_selected_experts": _as(topk_ids, torch.int32),
+        "token_final_scales": _as(topk_weights, torch.float32),
+        "fc1_expert_weights": t["fc1"],
+        "fc2_expert_weights": t["fc2"],
+        "output_dtype": spec.dtype,
+        "quant_scales": quant_scales,
+        "fc1_expert_biases": t.get("fc1_bias"),
+        "fc2_expert_biases": t.get("fc2_bias"),
+        "swiglu_alpha": t.get("swiglu_alpha"),
+        "swiglu_beta": t.get("swiglu_beta"),
+        "swiglu_limit": t.get("swiglu_limit"),
+        "ep_size": prepared.meta["ep_size"],
+        "ep_rank": prepared.meta["ep_rank"],
+        "output": out,
+        "activation_type": activation_type,
+        "profile_ids": profile_ids,
+        "enable_pdl": prepared.meta.get("enable_pdl", False),
+    }
+    return kw
+
+
+_ACT: dict[int, Any] = {}
+
+
+@functools.cache
+def _flashinfer() -> tuple[Callable[..., Any], Any]:
+    """``(cutlass_fused_moe, ActivationType)`` (imports FlashInfer on first use)."""
+    from flashinfer.fused_moe import ActivationType, cutlass_fused_moe
+
+    _ACT.update({v: ActivationType(v) for v in ACTIVATION_TYPES.values()})
+    return cutlass_fused_moe, ActivationType
+
+
+_UNRESOLVED = object()
+
+
+def _profile_ids(spec: MoESpec, prepared: PreparedWeights, tokens: int) -> list[int] | None:
+    """Tactics from the tune cache, resolved once per prepared layer (kept in ``prepared.meta``)."""
+    resolved = prepared.meta.get("_tactics", _UNRESOLVED)
+    if resolved is _UNRESOLVED:
+        device_name = prepared.meta.get("device_name", "")
+        resolved = prepared.meta["_tactics"] = tuning.resolve(spec, device_name)
+        if resolved is None:
+            warnings.warn(
+                f"{KERNEL}: no tuned tactics for {spec.describe()} in {tuning.cache_path(device_name)}; "
+                "FlashInfer's default tactic can be 4-5x slower at T >= 32: run `moe tune` for this layer",
+                stacklevel=3,
+            )
+    return None if resolved is None else tuning.pick(resolved, tokens)
+
+
+def apply(
+    spec: MoESpec,
+    hidden_states: torch.Tensor,
+    prepared: PreparedWeights,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """Run FlashInfer's cutlass fused MoE into ``out [T, H]`` (no host synchronisation)."""
+    fn, _ = _flashinfer()
+    x = hidden_states
+    if spec.quant.name == "fp8":
+        x = (x.float() / prepared.tensors["fc1_input_scale"]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    ids = _profile_ids(spec, prepared, x.shape[0])
+    kw = flashinfer_kwargs(
+        spec, x, prepared, topk_weights, topk_ids, out, _ACT[prepared.meta["activation"]], ids
+    )
+    fn(**kw)
+
+
+def _prepare_entry(spec: MoESpec, weights: ExpertWeights, device: DeviceInfo) -> PreparedWeights:
+    prepared = prepare(spec, weights, device)
+    if not device.simulated and device.device.type == "cuda" and torch.cuda.is_available():
+        prepared.meta["device_name"] = torch.cuda.get_device_name(device.device)
+    return prepared
+
+
+def kernel_entries() -> list[KernelEntry]:
+    """The cutlass kernel of this plugin."""
+    return [
+        KernelEntry(
+            name=KERNEL,
+            family="experts",
+            apply=apply,
+            prepare=_prepare_entry,
+            supports=supports,
+            quant=frozenset((*_QUANTS, "fp8_block")),  # fp8_block: refused by supports(), with the reason
+            activations=frozenset(ACTIVATION_TYPES),
+            features=frozenset({"bias", "expert_parallel"}),
+            capability="cuda>=9.0",
+            priority=PRIORITY_CUTLASS,
+            description="FlashInfer cutlass fused MoE (SM90+): bf16/fp16, fp8 per-tensor; silu/gelu/swiglu_oai/"
+            "relu2; biases; EP by equal slices; tactics from the `moe tune` cache",
+        )
+    ]

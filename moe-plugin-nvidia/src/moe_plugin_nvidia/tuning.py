@@ -1,0 +1,246 @@
+"""The tune cache: FlashInfer's chosen cutlass tactics per (GPU, layer, token bucket), as JSON.
+
+FlashInfer's autotuner lives in process memory and takes 26-88 s per shape;
+its untuned default tactic is 4-5x slower at T >= 32. ``moe tune`` runs the
+autotuner once per token bucket, records the two tactics FlashInfer then
+picks (GEMM 1 and GEMM 2, absolute indices of the runner's tactic list) and
+writes them here; at run time :func:`lookup` hands them to
+``cutlass_fused_moe(profile_ids=[g1, g2])``, which skips the autotuner.
+
+File: ``<dir>/<GPU name>.json`` (spaces -> ``_``)::
+
+    {"format": 1, "device": "NVIDIA H200", "flashinfer": "0.7.2",
+     "layers": {"<layer key>": {"buckets": {"1": [g1, g2], "32": [...]},
+                                "tuned_at": "...", "seconds": 41.2}}}
+
+Directories read, first hit wins: ``$MOE_NVIDIA_TUNE_DIR``, the user cache
+``~/.cache/moe-kernels/nvidia/tuned``, the tables shipped in this package
+(``configs/``). ``moe tune`` writes to ``$MOE_NVIDIA_TUNE_DIR`` or the user
+cache unless given a folder. A token count uses the largest tuned bucket not
+above it (the smallest bucket below all of them).
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as _dt
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from moe_core import MoESpec
+
+__all__ = [
+    "DEFAULT_TOKENS",
+    "cache_path",
+    "clear_cache",
+    "layer_key",
+    "lookup",
+    "merge_table",
+    "pick",
+    "read_table",
+    "record_tactics",
+    "resolve",
+    "table_name",
+    "tune_layer",
+]
+
+FORMAT = 1
+#: Token buckets ``moe tune`` tunes by default (decode to prefill).
+DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+_PACKAGE_DIR = Path(__file__).parent / "configs"
+
+
+def table_name(device_name: str) -> str:
+    """``"NVIDIA H200"`` -> ``"NVIDIA_H200.json"``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", device_name.strip()) + ".json"
+
+
+def _dirs() -> list[Path]:
+    out = []
+    env = os.environ.get("MOE_NVIDIA_TUNE_DIR")
+    if env:
+        out.append(Path(env))
+    out.append(Path.home() / ".cache" / "moe-kernels" / "nvidia" / "tuned")
+    out.append(_PACKAGE_DIR)
+    return out
+
+
+def default_write_dir() -> Path:
+    env = os.environ.get("MOE_NVIDIA_TUNE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "moe-kernels" / "nvidia" / "tuned"
+
+
+def cache_path(device_name: str = "") -> str:
+    """Where tables are looked up (for messages)."""
+    name = table_name(device_name) if device_name else "<GPU>.json"
+    return " or ".join(str(d / name) for d in _dirs())
+
+
+def layer_key(spec: MoESpec) -> str:
+    """Everything FlashInfer's tactic choice depends on: local experts, sizes, dtypes, activation, bias."""
+    return (
+        f"E={spec.num_local_experts},k={spec.top_k},H={spec.hidden_size},I={spec.intermediate_size},"
+        f"act={spec.activation},dtype={str(spec.dtype).removeprefix('torch.')},quant={spec.quant},"
+        f"bias={int(spec.has_bias)}"
+    )
+
+
+def read_table(path: Path) -> dict[str, Any] | None:
+    """A table file, or ``None`` when absent, unreadable or of another format."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("layers"), dict):
+        return None
+    return data
+
+
+_TABLES: dict[str, list[dict[str, Any]]] = {}
+_RESOLVED: dict[tuple[str, str], Any] = {}
+
+
+def clear_cache() -> None:
+    """Forget loaded tables (after ``moe tune`` wrote one, or in tests)."""
+    _TABLES.clear()
+    _RESOLVED.clear()
+
+
+def _tables(device_name: str) -> list[dict[str, Any]]:
+    if device_name not in _TABLES:
+        found = [read_table(d / table_name(device_name)) for d in _dirs()] if device_name else []
+        _TABLES[device_name] = [t for t in found if t is not None]
+    return _TABLES[device_name]
+
+
+Resolved = tuple[list[int], list[list[int]]]
+
+
+def resolve(spec: MoESpec, device_name: str) -> Resolved | None:
+    """The tuned buckets of ``spec`` on ``device_name``: ``(sorted token counts, [gemm1, gemm2] each)``."""
+    key = (device_name, layer_key(spec))
+    if key not in _RESOLVED:
+        resolved = None
+        for table in _tables(device_name):
+            entry = table["layers"].get(key[1])
+            if entry and entry.get("buckets"):
+                pairs = sorted((int(t), [int(v) for v in ids]) for t, ids in entry["buckets"].items())
+                resolved = ([t for t, _ in pairs], [ids for _, ids in pairs])
+                break
+        _RESOLVED[key] = resolved
+    return _RESOLVED[key]
+
+
+def pick(resolved: Resolved, tokens: int) -> list[int]:
+    """The tactics of the largest tuned bucket not above ``tokens`` (the smallest bucket below all)."""
+    buckets, ids = resolved
+    return ids[max(bisect.bisect_right(buckets, tokens) - 1, 0)]
+
+
+def lookup(spec: MoESpec, device_name: str, tokens: int) -> list[int] | None:
+    """``[gemm1, gemm2]`` tactics for ``tokens`` rows of ``spec`` on ``device_name``, or ``None`` (untuned)."""
+    resolved = resolve(spec, device_name)
+    return None if resolved is None else pick(resolved, tokens)
+
+
+def merge_table(path: Path, device_name: str, flashinfer: str, layers: dict[str, dict[str, Any]]) -> Path:
+    """Merge ``layers`` into the table at ``path`` (created if missing); returns ``path``."""
+    path = Path(path)
+    data = read_table(path) or {
+        "format": FORMAT,
+        "device": device_name,
+        "flashinfer": flashinfer,
+        "layers": {},
+    }
+    if data.get("flashinfer") != flashinfer:  # tactic indices belong to one FlashInfer version
+        data = {"format": FORMAT, "device": device_name, "flashinfer": flashinfer, "layers": {}}
+    data["layers"].update(layers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    clear_cache()
+    return path
+
+
+def record_tactics(tuner: Any, run: Callable[[], Any]) -> dict[str, Any]:
+    """Run ``run()`` while recording what ``tuner.choose_one`` returns, by op name.
+
+    FlashInfer's cutlass MoE asks its ``AutoTuner`` for ``trtllm::fused_moe::gemm1``
+    and ``...::gemm2``; after tuning, a non-tuning call returns the winners.
+    """
+    seen: dict[str, Any] = {}
+    original = tuner.choose_one
+
+    def spy(custom_op: str, runners: Any, config: Any, inputs: Any, **kwargs: Any) -> Any:
+        runner, tactic = original(custom_op, runners, config, inputs, **kwargs)
+        seen[custom_op] = tactic
+        return runner, tactic
+
+    tuner.choose_one = spy
+    try:
+        run()
+    finally:
+        del tuner.choose_one
+    return seen
+
+
+def tactics_from(seen: dict[str, Any]) -> list[int]:
+    """``[gemm1, gemm2]`` from :func:`record_tactics`' record; ValueError if either is missing."""
+    g1 = seen.get("trtllm::fused_moe::gemm1")
+    g2 = seen.get("trtllm::fused_moe::gemm2")
+    if not isinstance(g1, int) or not isinstance(g2, int):
+        raise ValueError(f"FlashInfer did not report both cutlass tactics: {seen}")
+    return [int(g1), int(g2)]
+
+
+def tune_layer(
+    spec: MoESpec, device: Any, tokens: Sequence[int], progress: Callable[[str, int, int], None] | None = None
+) -> dict[str, Any]:
+    """Autotune FlashInfer's cutlass MoE for ``spec`` at each token count; the table entry (GPU only)."""
+    import torch
+    from flashinfer import autotune
+    from flashinfer.autotuner import AutoTuner
+
+    from moe_core import moe_plan
+    from moe_core.testing import random_expert_weights
+
+    from .cutlass import KERNEL, _flashinfer, flashinfer_kwargs
+
+    dev = torch.device(device) if not hasattr(device, "device") else device.device
+    plan = moe_plan(spec, dev, backend=KERNEL)
+    weights = random_expert_weights(spec, device=dev)
+    prepared = plan.prepare(weights)
+    fn, act = _flashinfer()
+    tuner = AutoTuner.get()
+    buckets: dict[str, list[int]] = {}
+    t0 = time.monotonic()
+    for i, t in enumerate(tokens):
+        if progress:
+            progress(f"{layer_key(spec)} T={t}", i, len(tokens))
+        x = torch.randn(t, spec.hidden_size, device=dev, dtype=spec.dtype)
+        logits = torch.randn(t, spec.num_experts, device=dev)
+        w, ids = torch.topk(torch.softmax(logits, -1), spec.top_k, dim=-1)
+        out = torch.empty_like(x)
+        xin = x
+        if spec.quant.name == "fp8":
+            xin = (x.float() / prepared.tensors["fc1_input_scale"]).clamp(-448, 448).to(torch.float8_e4m3fn)
+        kw = flashinfer_kwargs(spec, xin, prepared, w, ids.int(), out, act(prepared.meta["activation"]), None)
+        with autotune(True, tuning_buckets=(t,)):
+            fn(**kw)
+        torch.cuda.synchronize(dev)
+        with autotune(False, tuning_buckets=(t,)):  # the same bucket mapping as the tuning pass
+            seen = record_tactics(tuner, lambda kw=kw: fn(**kw))
+        buckets[str(t)] = tactics_from(seen)
+    if progress:
+        progress(layer_key(spec), len(tokens), len(tokens))
+    return {
+        "buckets": buckets,
+        "tuned_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.monotonic() - t0, 1),
+    }

@@ -1,0 +1,263 @@
+"""nvidia.flashinfer.cutlass on the CPU: refusals on faked devices, prepare transforms, the FlashInfer call."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import pytest
+import torch
+
+from moe_core import DeviceInfo, MoESpec, QuantScheme, moe_plan
+from moe_core.errors import UnsupportedError
+from moe_core.testing import random_expert_weights
+from moe_plugin_nvidia import cutlass
+from moe_plugin_nvidia.cutlass import KERNEL, flashinfer_kwargs, prepare, supports, to_canonical
+
+from .helpers import fake_install, needs_flashinfer
+
+SM90 = DeviceInfo.parse("sm_90")
+SM100 = DeviceInfo.parse("sm_100")
+BASE = {"num_experts": 8, "top_k": 2, "hidden_size": 64, "intermediate_size": 48}
+FP8_PT = QuantScheme("fp8", activation="fp8_per_tensor", weight_scale="per_tensor")
+
+
+def _spec(**kw) -> MoESpec:
+    return MoESpec(**{**BASE, **kw})
+
+
+def test_planner_picks_cutlass_on_sm90_when_built(monkeypatch):
+    fake_install(monkeypatch, quants=["bf16"])
+    plan = moe_plan(_spec(), SM90)
+    assert plan.kernel == KERNEL, plan.explain()
+    text = plan.explain()
+    assert "nvidia.flashinfer.trtllm" in text and "nvidia.flashinfer.cute_dsl" in text
+    assert text.count("cuda>=10.0,<11.0") == 2  # both SM100 kernels refused by capability on sm_90
+
+
+@pytest.mark.parametrize(
+    ("install", "kw", "device", "needle"),
+    [
+        ({"version": None}, {}, SM90, "flashinfer-python is not installed"),
+        ({"version": "0.6.9"}, {}, SM90, "too old (need >= 0.7.2)"),
+        ({"built": False}, {}, SM90, "moe nvidia build --arch 9.0a --quant bf16"),
+        ({"quants": ["bf16"]}, {"quant": FP8_PT}, SM90, "has no fp8 kernels (built: bf16)"),
+        ({"quants": ["bf16"]}, {"dtype": torch.float16}, SM90, "has no fp16 kernels"),
+        ({}, {"dtype": torch.float32}, SM90, "bf16 or fp16"),
+        ({}, {"quant": "fp8"}, SM90, "per-tensor weight scales and static per-tensor activation"),
+        ({}, {"quant": "mxfp4", "intermediate_size": 64}, SM90, "quant mxfp4"),
+        ({}, {"quant": "fp8_block", "hidden_size": 128, "intermediate_size": 128}, SM90, "DeepGEMM"),
+        ({}, {"hidden_size": 60}, SM90, "multiples of 8"),
+        ({}, {"quant": FP8_PT, "intermediate_size": 40}, SM90, "multiples of 16"),
+        ({}, {"ep_size": 3}, SM90, "equal slices"),
+        ({}, {"expert_map": (0, -1, 1, -1, -1, -1, -1, -1)}, SM90, "contiguous slice"),
+        ({}, {"quant": FP8_PT, "has_bias": True}, SM90, "fp8 with biases"),
+        ({"built": False}, {}, SM100, "fused_moe_100 is not built"),
+        ({}, {}, DeviceInfo.parse("cpu"), "needs an NVIDIA GPU"),
+    ],
+)
+def test_supports_refuses_precisely(monkeypatch, install, kw, device, needle):
+    fake_install(monkeypatch, **install)
+    reason = supports(_spec(**kw), device)
+    assert reason is not None and needle in reason, reason
+
+
+def test_supports_accepts(monkeypatch):
+    fake_install(monkeypatch)  # FlashInfer's full build (no manifest): every scheme
+    for kw in (
+        {},
+        {"dtype": torch.float16},
+        {"activation": "gelu"},
+        {"activation": "relu2", "has_bias": True},
+        {"activation": "swiglu_oai", "has_bias": True},
+        {"quant": FP8_PT},
+        {"ep_size": 4, "ep_rank": 3},
+        {"expert_map": (-1, -1, -1, -1, 0, 1, 2, 3)},
+    ):
+        assert supports(_spec(**kw), SM90) is None, kw
+
+
+def test_allow_jit_accepts_a_missing_module(monkeypatch):
+    fake_install(monkeypatch, built=False)
+    monkeypatch.setenv("MOE_NVIDIA_ALLOW_JIT", "1")
+    assert supports(_spec(), SM90) is None
+
+
+def test_router_weight_on_input_is_refused_by_declared_features(monkeypatch):
+    fake_install(monkeypatch)
+    plan = moe_plan(_spec(top_k=1, apply_router_weight_on_input=True), SM90)
+    line = next(ln for ln in plan.explain().splitlines() if KERNEL in ln)
+    assert "router_weight_on_input not supported" in line
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"dtype": torch.float16, "activation": "gelu"},
+        {"activation": "swiglu_oai", "has_bias": True, "swiglu_limit": 3.0},
+        {"activation": "relu2", "has_bias": True},
+        {"ep_size": 4, "ep_rank": 2},
+    ],
+)
+def test_prepare_swaps_gate_and_up_and_round_trips(kw):
+    spec = _spec(**kw)
+    w = random_expert_weights(spec, seed=3)
+    p = prepare(spec, w, SM90)
+    E, H, inter = spec.num_local_experts, spec.hidden_size, spec.intermediate_size
+    fc1 = p.tensors["fc1"]
+    assert fc1.shape == (E, spec.w13_rows, H) and fc1.dtype == spec.dtype and fc1.is_contiguous()
+    assert p.tensors["fc2"].shape == (E, H, inter)
+    if spec.is_gated:  # FlashInfer: up rows first, then gate
+        assert torch.equal(fc1[:, :inter], w.w13[:, inter:]) and torch.equal(fc1[:, inter:], w.w13[:, :inter])
+    else:
+        assert torch.equal(fc1, w.w13)
+    if spec.has_bias:
+        assert p.tensors["fc1_bias"].shape == (E, spec.w13_rows) and p.tensors["fc2_bias"].dtype == spec.dtype
+    if spec.activation == "swiglu_oai":
+        assert torch.equal(p.tensors["swiglu_limit"], torch.full((E,), 3.0))
+        assert torch.equal(p.tensors["swiglu_beta"], torch.ones(E))
+        assert p.tensors["swiglu_alpha"].dtype == torch.float32
+    assert p.meta["ep_size"] == spec.ep_size and p.meta["ep_rank"] == spec.ep_rank
+    assert p.meta["activation"] == cutlass.ACTIVATION_TYPES[spec.activation]
+    back = to_canonical(spec, p)
+    for name, t in w.tensors().items():
+        assert torch.equal(getattr(back, name), t), name
+
+
+def test_prepare_fp8_quantizes_and_folds_scales():
+    spec = _spec(quant=FP8_PT)
+    high = random_expert_weights(spec, seed=5, quantize=False)
+    p = prepare(spec, high, SM90)
+    t = p.tensors
+    assert t["fc1"].dtype == torch.float8_e4m3fn and t["fc2"].dtype == torch.float8_e4m3fn
+    E = spec.num_experts
+    assert t["fc1_dequant"].shape == (E,) and t["fc2_dequant"].shape == (E,)
+    assert t["fc2_quant"].dim() == 0 and t["fc1_input_scale"].dim() == 0
+    torch.testing.assert_close(t["fc1_dequant"], t["w13_scale"] * high.a13_scale)
+    torch.testing.assert_close(t["fc2_quant"] * high.a2_scale, torch.tensor(1.0))
+    quantized = random_expert_weights(spec, seed=5)  # the reference quantizer, same data
+    back = to_canonical(spec, p)
+    assert torch.equal(back.w13.view(torch.uint8), quantized.w13.view(torch.uint8))
+    torch.testing.assert_close(back.w2_scale, quantized.w2_scale)
+    torch.testing.assert_close(back.a2_scale, quantized.a2_scale.float())
+
+
+def test_prepare_refuses_uneven_ep():
+    spec = _spec(ep_size=3, ep_rank=0)
+    with pytest.raises(UnsupportedError, match="equal slices"):
+        prepare(spec, random_expert_weights(spec), SM90)
+
+
+def _call(spec, T=5):
+    w = random_expert_weights(spec, seed=1)
+    p = prepare(spec, w, SM90)
+    x = torch.randn(T, spec.hidden_size).to(spec.dtype)
+    tw = torch.rand(T, spec.top_k)
+    ids = torch.randint(0, spec.num_experts, (T, spec.top_k))
+    out = torch.empty(T, spec.hidden_size, dtype=spec.dtype)
+    return p, x, tw, ids, out
+
+
+@needs_flashinfer
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"activation": "swiglu_oai", "has_bias": True}, {"quant": FP8_PT}, {"ep_size": 2, "ep_rank": 1}],
+)
+def test_kwargs_bind_to_flashinfer_signature(kw):
+    from flashinfer.fused_moe import ActivationType, cutlass_fused_moe
+
+    spec = _spec(**kw)
+    p, x, tw, ids, out = _call(spec)
+    act = ActivationType(p.meta["activation"])
+    kwargs = flashinfer_kwargs(spec, x, p, tw, ids, out, act, [3, 7])
+    bound = inspect.signature(cutlass_fused_moe).bind(**kwargs)
+    assert bound.arguments["token_selected_experts"].dtype == torch.int32
+    assert bound.arguments["token_final_scales"].dtype == torch.float32
+    assert bound.arguments["activation_type"] == act
+    assert act.name == {"silu": "Swiglu", "swiglu_oai": "SwigluBias"}[spec.activation]
+    assert bound.arguments["output"] is out and bound.arguments["profile_ids"] == [3, 7]
+
+
+@needs_flashinfer
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"activation": "gelu", "dtype": torch.float16},
+        {"quant": FP8_PT},
+        {"activation": "relu2"},
+        {"ep_size": 4, "ep_rank": 1, "has_bias": True},
+    ],
+)
+def test_recorded_call_through_flashinfers_wrapper(monkeypatch, kw):
+    """Run FlashInfer's real Python wrapper on CPU tensors with a recording module: the positional
+    call it makes into its compiled module carries our tensors in the slots the binding reads."""
+    import flashinfer.fused_moe.core as core
+    from flashinfer.fused_moe import ActivationType, cutlass_fused_moe
+
+    calls = []
+
+    class Module:
+        def cutlass_fused_moe(self, *args, **kwargs):
+            calls.append((args, kwargs))
+            return [args[0]]
+
+    monkeypatch.setattr(core, "get_compute_capability", lambda device: (9, 0))
+    monkeypatch.setattr(core, "get_cutlass_fused_moe_module", lambda arch: Module())
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    spec = _spec(**kw)
+    p, x, tw, ids, out = _call(spec)
+    xin = x.float().to(torch.float8_e4m3fn) if spec.quant.name == "fp8" else x
+    cutlass_fused_moe(
+        **flashinfer_kwargs(spec, xin, p, tw, ids, out, ActivationType(p.meta["activation"]), [1, 2])
+    )
+    ((args, kwargs),) = calls
+    # The binding's order (flashinfer_cutlass_fused_moe_binding.cu, runMoe): output, input, ids, scales,
+    # fc1 w, fc1 b, fc2 w, fc2 b, output dtype, quant scales, input_sf, swiglu alpha/beta/limit, ...
+    t = p.tensors
+    assert args[0] is out and args[1] is xin
+    assert args[2].dtype == torch.int32 and torch.equal(args[2], ids.int())
+    assert args[3].dtype == torch.float32
+    assert args[4] is t["fc1"] and args[6] is t["fc2"]
+    assert args[5] is t.get("fc1_bias") and args[7] is t.get("fc2_bias")
+    assert args[8] == spec.dtype
+    if spec.quant.name == "fp8":
+        assert [s.data_ptr() for s in args[9]] == [
+            t[k].data_ptr() for k in ("fc1_dequant", "fc2_quant", "fc2_dequant", "fc1_input_scale")
+        ]
+    else:
+        assert args[9] == []
+    assert args[11] is t.get("swiglu_alpha") and args[13] is t.get("swiglu_limit")
+    assert (args[18], args[19], args[20], args[21]) == (1, 0, spec.ep_size, spec.ep_rank)  # tp, ep
+    assert kwargs["activation_type"] == ActivationType(p.meta["activation"])
+    assert kwargs["profile_ids"] == [1, 2] and kwargs["enable_pdl"] is True  # FlashInfer's SM90 default
+    assert kwargs["use_deepseek_fp8_block_scale"] is False and kwargs["use_fused_finalize"] is True
+
+
+def test_apply_takes_tactics_from_the_tune_cache_once_per_layer(tmp_path, monkeypatch):
+    from moe_plugin_nvidia import tuning
+
+    monkeypatch.setenv("MOE_NVIDIA_TUNE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_PACKAGE_DIR", tmp_path / "none")
+    tuning.clear_cache()
+    calls = []
+    monkeypatch.setattr(cutlass, "_flashinfer", lambda: (lambda **kw: calls.append(kw), None))
+    monkeypatch.setattr(cutlass, "_ACT", {v: f"act{v}" for v in cutlass.ACTIVATION_TYPES.values()})
+    spec = _spec()
+    p, x, tw, ids, out = _call(spec, T=40)
+    p.meta["device_name"] = "NVIDIA H200"
+    with pytest.warns(UserWarning, match="moe tune"):
+        cutlass.apply(spec, x, p, tw, ids, out)
+    assert calls[-1]["profile_ids"] is None and calls[-1]["activation_type"] == "act3"
+    name = tuning.table_name("NVIDIA H200")
+    entry = {"buckets": {"1": [1, 11], "32": [2, 22]}}
+    tuning.merge_table(tmp_path / name, "NVIDIA H200", "0.7.2", {tuning.layer_key(spec): entry})
+    cutlass.apply(spec, x, p, tw, ids, out)  # resolved once per prepared layer: still untuned
+    assert calls[-1]["profile_ids"] is None
+    p2 = prepare(spec, random_expert_weights(spec), SM90)
+    p2.meta["device_name"] = "NVIDIA H200"
+    cutlass.apply(spec, x, p2, tw, ids, out)
+    assert calls[-1]["profile_ids"] == [2, 22]
+    cutlass.apply(spec, x[:3], p2, tw[:3], ids[:3], out[:3])
+    assert calls[-1]["profile_ids"] == [1, 11]

@@ -1,0 +1,118 @@
+"""moe_plugin_nvidia.tuning: the JSON tune cache, its lookup by token bucket, tactic recording."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moe_core import MoESpec
+from moe_plugin_nvidia import tuning
+
+SPEC = MoESpec(8, 2, 64, 48, dtype=torch.bfloat16)
+GPU = "NVIDIA H200"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_NVIDIA_TUNE_DIR", str(tmp_path / "tuned"))
+    monkeypatch.setattr(tuning, "_PACKAGE_DIR", tmp_path / "package")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    tuning.clear_cache()
+    yield
+    tuning.clear_cache()
+
+
+def _entry(buckets):
+    return {"buckets": {str(t): ids for t, ids in buckets.items()}, "tuned_at": "now", "seconds": 1.0}
+
+
+def test_layer_key_separates_what_tactics_depend_on():
+    keys = {
+        tuning.layer_key(s)
+        for s in (
+            SPEC,
+            SPEC.replace(dtype=torch.float16),
+            SPEC.replace(intermediate_size=64),
+            SPEC.replace(activation="gelu"),
+            SPEC.replace(has_bias=True),
+            SPEC.replace(ep_size=2),
+            SPEC.replace(top_k=3),
+        )
+    }
+    assert len(keys) == 7
+
+
+def test_written_table_is_what_lookup_reads(tmp_path):
+    assert tuning.lookup(SPEC, GPU, 8) is None
+    path = tuning.merge_table(
+        tmp_path / "tuned" / tuning.table_name(GPU),
+        GPU,
+        "0.7.2",
+        {tuning.layer_key(SPEC): _entry({1: [3, 40], 32: [5, 44], 512: [9, 50]})},
+    )
+    assert path.name == "NVIDIA_H200.json"
+    data = json.loads(path.read_text())
+    assert data["format"] == 1 and data["flashinfer"] == "0.7.2"
+    assert tuning.lookup(SPEC, GPU, 1) == [3, 40]
+    assert tuning.lookup(SPEC, GPU, 31) == [3, 40]  # largest tuned bucket not above T
+    assert tuning.lookup(SPEC, GPU, 32) == [5, 44]
+    assert tuning.lookup(SPEC, GPU, 100000) == [9, 50]
+    assert tuning.lookup(SPEC.replace(top_k=3), GPU, 32) is None
+    assert tuning.lookup(SPEC, "NVIDIA H100 80GB HBM3", 32) is None
+
+
+def test_merge_keeps_other_layers_and_drops_other_flashinfer_versions(tmp_path):
+    path = tmp_path / "tuned" / tuning.table_name(GPU)
+    other = SPEC.replace(hidden_size=128)
+    tuning.merge_table(path, GPU, "0.7.2", {tuning.layer_key(other): _entry({1: [1, 2]})})
+    tuning.merge_table(path, GPU, "0.7.2", {tuning.layer_key(SPEC): _entry({1: [3, 4]})})
+    assert tuning.lookup(other, GPU, 1) == [1, 2] and tuning.lookup(SPEC, GPU, 1) == [3, 4]
+    tuning.merge_table(path, GPU, "0.8.0", {tuning.layer_key(SPEC): _entry({1: [5, 6]})})
+    assert tuning.lookup(other, GPU, 1) is None and tuning.lookup(SPEC, GPU, 1) == [5, 6]
+
+
+def test_env_dir_wins_over_package_tables(tmp_path):
+    tuning.merge_table(
+        tmp_path / "package" / tuning.table_name(GPU),
+        GPU,
+        "0.7.2",
+        {tuning.layer_key(SPEC): _entry({1: [7, 7]})},
+    )
+    assert tuning.lookup(SPEC, GPU, 4) == [7, 7]
+    tuning.merge_table(
+        tmp_path / "tuned" / tuning.table_name(GPU),
+        GPU,
+        "0.7.2",
+        {tuning.layer_key(SPEC): _entry({1: [8, 8]})},
+    )
+    assert tuning.lookup(SPEC, GPU, 4) == [8, 8]
+
+
+def test_unreadable_or_foreign_tables_are_ignored(tmp_path):
+    p = tmp_path / "tuned" / tuning.table_name(GPU)
+    p.parent.mkdir(parents=True)
+    p.write_text("{not json")
+    assert tuning.lookup(SPEC, GPU, 1) is None
+    p.write_text(json.dumps({"format": 99, "layers": {}}))
+    tuning.clear_cache()
+    assert tuning.lookup(SPEC, GPU, 1) is None
+
+
+def test_record_tactics_spies_on_the_tuner_and_restores_it():
+    class Tuner:
+        def choose_one(self, op, runners, config, inputs, **kw):
+            return runners[0], {"trtllm::fused_moe::gemm1": 4, "trtllm::fused_moe::gemm2": 31}[op]
+
+    tuner = Tuner()
+
+    def run():
+        tuner.choose_one("trtllm::fused_moe::gemm1", ["r"], None, [], gemm_idx=1)
+        tuner.choose_one("trtllm::fused_moe::gemm2", ["r"], None, [], gemm_idx=2)
+
+    seen = tuning.record_tactics(tuner, run)
+    assert tuning.tactics_from(seen) == [4, 31]
+    assert "choose_one" not in vars(tuner)  # the spy is gone
+    with pytest.raises(ValueError):
+        tuning.tactics_from({"trtllm::fused_moe::gemm1": 4})
