@@ -21,14 +21,7 @@ export MOE_BENCH_COMMIT=$(cat .whl/COMMIT 2>/dev/null)
 L="$OUT/logs"
 mkdir -p "$L"
 STEPS=${STEPS:-run tests quick quant sorting}
-step() {  # step NAME LIMIT_S COMMAND...
-  local name=$1 limit=$2 start=$(date +%s)
-  shift 2
-  case " $STEPS " in *" $name "*) ;; *) return ;; esac
-  timeout "$limit" "$@" > "$L/$name.log" 2>&1
-  echo "== $name: rc $? in $(( $(date +%s) - start )) s"
-  tail -n "${TAIL:-15}" "$L/$name.log"
-}
+source "$(dirname "$0")/device_steps.sh"  # step NAME LIMIT_S COMMAND...
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"

@@ -32,14 +32,7 @@ export FLASHINFER_WORKSPACE_BASE=/tmp/fiws # FlashInfer writes its generated sou
 export MOE_NVIDIA_TUNE_DIR="$L/tuned"      # `moe tune` writes here, the plugin reads it
 export MOE_BENCH_COMMIT=$(cat .whl/COMMIT 2>/dev/null)
 STEPS=${STEPS:-doctor tests plan tune bench}
-step() {  # step NAME LIMIT_S COMMAND...
-  local name=$1 limit=$2 start=$(date +%s)
-  shift 2
-  case " $STEPS " in *" $name "*) ;; *) return ;; esac
-  timeout "$limit" "$@" > "$L/$name.log" 2>&1
-  echo "== $name: rc $? in $(( $(date +%s) - start )) s"
-  tail -n "${TAIL:-15}" "$L/$name.log"
-}
+source "$(dirname "$0")/device_steps.sh"  # step NAME LIMIT_S COMMAND...
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader
   python3 -c "import torch, flashinfer; print('torch', torch.__version__, 'flashinfer', flashinfer.__version__)"
