@@ -116,6 +116,18 @@ def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
     return cpu_time
 
 
+def _time_config(
+    cfg: GemmConfig, run: Callable[[GemmConfig], None], timer: Callable[[Callable[[], None]], float]
+) -> float | None:
+    """``cfg``'s time, or ``None`` when it does not compile or run on this GPU (out of shared
+    memory / registers: not a candidate). The first run compiles, outside the timing."""
+    try:
+        run(cfg)
+        return timer(lambda: run(cfg))
+    except Exception:
+        return None
+
+
 def _best(
     rounds: list[list[GemmConfig]],
     run: Callable[[GemmConfig], None],
@@ -127,12 +139,8 @@ def _best(
     best, best_us = None, float("inf")
     for round_ in rounds:
         for cfg in _candidates(round_, best, block_m, operands_b):
-            try:
-                run(cfg)  # compile (and fail early on resources) outside the timing
-                us = timer(lambda cfg=cfg: run(cfg))
-            except Exception:  # out of shared memory / registers on this GPU: not a candidate
-                continue
-            if us < best_us:
+            us = _time_config(cfg, run, timer)
+            if us is not None and us < best_us:
                 best, best_us = cfg, us
     if best is None:
         raise RuntimeError("no GEMM config compiled and ran for this shape")
@@ -198,12 +206,8 @@ def _best_decode(rounds: list[list[GemmConfig]], run: Callable[[GemmConfig], Non
                 if best is None:
                     continue
                 cfg = GemmConfig(best.block_n, best.block_k, cfg.num_warps, cfg.num_stages, 1)
-            try:
-                run(cfg)
-                us = timer(lambda cfg=cfg: run(cfg))
-            except Exception:
-                continue
-            if us < best_us:
+            us = _time_config(cfg, run, timer)
+            if us is not None and us < best_us:
                 best, best_us = cfg, us
     if best is None:
         raise RuntimeError("no decode config compiled and ran for this shape")
