@@ -92,3 +92,13 @@ def test_explicit_expert_map():
     assert spec.expert_map_tensor().dtype == torch.int32
     assert MoESpec(6, 2, 64, 32).expert_map_tensor() is None
     assert spec.replace(top_k=1).top_k == 1
+
+
+def test_replace_dtype_moves_an_unquantized_scheme_with_it():
+    spec = MoESpec(8, 2, 48, 40, dtype=torch.float32)
+    assert str(spec.quant) == "fp32"
+    bf16 = spec.replace(dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and str(bf16.quant) == "bf16"
+    fp8 = MoESpec(8, 2, 128, 128, dtype=torch.bfloat16, quant="fp8")
+    assert fp8.replace(dtype=torch.float16).quant == fp8.quant  # a quantized scheme is kept
+    assert str(spec.replace(dtype=torch.float16, quant="fp16").quant) == "fp16"

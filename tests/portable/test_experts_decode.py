@@ -184,15 +184,22 @@ def test_lookup_decode_env_and_table(tmp_path, monkeypatch):
     configs._load_table.cache_clear()
     try:
         gpu = torch.device("cuda", 0)
-        assert configs.lookup_decode(spec, 1, gpu) is None
-        assert configs.lookup_decode(spec, 5, gpu) == tiles
-        assert configs.MoEConfig.from_json(table["configs"][configs.layer_key(spec)]["8"]).block_m > 0
-        # no entry: GPUs keep the sorted path until the decode path is timed, unless asked for the rule
-        monkeypatch.setattr(configs, "_table_entry", lambda *args: None)
-        assert configs.lookup_decode(spec, 1, gpu) is None
-        monkeypatch.setenv("MOE_PORTABLE_DECODE", "rule")
+        # captured in a CUDA graph: the tuned entry decides
+        assert configs.lookup_decode(spec, 1, gpu, capturing=True) is None
+        assert configs.lookup_decode(spec, 5, gpu, capturing=True) == tiles
+        # eager: the rule (host-bound at these T), with the entry's tiles where it has them
         assert configs.lookup_decode(spec, 1, gpu) == configs.decode_heuristic(spec, 1, 132, False)
-        assert configs.lookup_decode(spec, 8, gpu) is None
+        assert configs.lookup_decode(spec, 5, gpu) is None  # 15 entries on 7 experts: sorted
+        assert configs.MoEConfig.from_json(table["configs"][configs.layer_key(spec)]["8"]).block_m > 0
+        # no entry: captured calls keep the sorted path, unless asked for the rule
+        monkeypatch.setattr(configs, "_table_entry", lambda *args: None)
+        assert configs.lookup_decode(spec, 1, gpu, capturing=True) is None
+        assert configs.lookup_decode(spec, 1, gpu) == configs.decode_heuristic(spec, 1, 132, False)
+        monkeypatch.setenv("MOE_PORTABLE_DECODE", "rule")
+        assert configs.lookup_decode(spec, 1, gpu, capturing=True) == configs.decode_heuristic(spec, 1, 132, False)
+        assert configs.lookup_decode(spec, 8, gpu, capturing=True) is None
+        monkeypatch.setenv("MOE_PORTABLE_DECODE", "1")
+        assert configs.lookup_decode(spec, 8, gpu, capturing=True) is not None
     finally:
         configs._load_table.cache_clear()
 
@@ -360,7 +367,7 @@ class _Knobs:
 def test_fast_launch_caches_per_specialization(monkeypatch):
     """The launcher gets what JITFunction.run would pass (grid padded to 3, the stream, every
     parameter in order with the constexprs last); another specialization launches normally."""
-    monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "1")  # opt-in until measured on a GPU
+    monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "1")  # the default; set against an inherited 0
     monkeypatch.setattr(_launch, "_RUNTIME", [_FakeJIT, _Knobs, lambda: 0, lambda dev: 77, False])
     _launch.clear_cache()
     kernel = _FakeJIT()
@@ -398,7 +405,7 @@ def test_fast_launch_caches_per_specialization(monkeypatch):
 
 def test_fast_launch_refuses_unexpected_signatures(monkeypatch):
     """A constexpr passed positionally (or one left to its default) cannot be replayed: slow forever."""
-    monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "1")  # opt-in until measured on a GPU
+    monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "1")  # the default; set against an inherited 0
     monkeypatch.setattr(_launch, "_RUNTIME", [_FakeJIT, _Knobs, lambda: 0, lambda dev: 77, False])
     _launch.clear_cache()
     kernel = _FakeJIT()
@@ -432,7 +439,7 @@ def test_tuner_tunes_the_decode_path(tmp_path):
 
 
 def test_fast_launch_falls_back_when_the_launcher_rejects_its_arguments(monkeypatch):
-    monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "1")  # opt-in until measured on a GPU
+    monkeypatch.setenv(_launch.FAST_LAUNCH_ENV, "1")  # the default; set against an inherited 0
     monkeypatch.setattr(_launch, "_RUNTIME", [_FakeJIT, _Knobs, lambda: 0, lambda dev: 77, False])
     _launch.clear_cache()
     kernel = _FakeJIT()

@@ -305,8 +305,14 @@ class MoESpec:
         return torch.tensor(self.global_to_local(), dtype=torch.int32, device=device)
 
     def replace(self, **changes: Any) -> MoESpec:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again).
+
+        Changing ``dtype`` of an unquantized spec (without giving ``quant``) changes its
+        scheme with it: ``fp32`` spec ``.replace(dtype=torch.bfloat16)`` is a ``bf16`` spec.
+        """
         values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if "dtype" in changes and "quant" not in changes and not self.quant.is_quantized:
+            values["quant"] = None
         values.update(changes)
         return MoESpec(**values)
 

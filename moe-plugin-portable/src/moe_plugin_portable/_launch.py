@@ -23,10 +23,12 @@ hooks or pre-run hooks installed, a Triton without these internals, the
 interpreter, a launcher that rejects the arguments with a ``TypeError``, after which
 the kernel always launches normally) takes the normal launch.
 
-``MOE_PORTABLE_FAST_LAUNCH``: ``1`` takes the fast path; ``check`` launches
-normally and asserts that Triton chose the kernel the cache holds (tests, GPU
-checks); ``0`` (the default until the fast path has been measured on a GPU)
-always launches normally.
+``MOE_PORTABLE_FAST_LAUNCH``: ``1`` (the default) takes the fast path; ``check``
+launches normally and asserts that Triton chose the kernel the cache holds (tests,
+GPU checks); ``0`` always launches normally. Measured on the H200 (triton 3.6,
+``tools/profile_apply.py``): host time per eager ``moe_apply`` 20-35% lower (e.g.
+379 -> 283 us on the 4-launch path, 139 -> 104 us on the 2-launch decode path), and
+every cached launch of the run checked equal to Triton's own choice.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def specialization_key(args: tuple[Any, ...], hip: bool = False) -> tuple[Any, .
 
 def run_launch(kernel: Any, grid: tuple[int, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """``kernel[grid](*args, **kwargs)``, through the cached launcher when it is safe (module docstring)."""
-    mode = os.environ.get(FAST_LAUNCH_ENV, "0")
+    mode = os.environ.get(FAST_LAUNCH_ENV, "1")
     rt = _runtime() if mode != "0" else None
     if rt is None or not isinstance(kernel, rt[0]) or id(kernel) in _SLOW:
         _STATS["slow"] += 1

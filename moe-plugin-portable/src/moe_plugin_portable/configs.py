@@ -33,9 +33,14 @@ distinct). E.g. E=128, k=8: T <= 3; E=256, k=8: T <= 6; E=32, k=4 and E=8, k=2: 
 A table entry may override it for its bucket with ``"decode": {"use": true|false,
 "gemm1": {...}, "gemm2": {...}}`` (tiles optional; ``use`` absent: the rule);
 ``MOE_PORTABLE_DECODE=0``/``1`` turns the path off/on for every ``T`` (A/B runs).
-On a GPU the rule applies only with ``MOE_PORTABLE_DECODE=rule`` or where a tuned
-entry says ``"use"``: the decode kernels have not been timed on a GPU yet, so by
-default GPUs keep the sorted path (the interpreter, on the CPU, follows the rule).
+On a GPU the choice depends on whether the call is being captured in a CUDA graph,
+as measured on the H200 (``tools/profile_apply.py``, bf16, T = 1..8, four presets):
+the decode path's device time was never better than the sorted path's by more than
+2% and up to 1.7x worse, while its host time per eager call was 2-3x smaller
+(~100 us against ~280 us at T=1: eager calls at these T are bound by the host).
+So eager calls follow the rule, and captured calls take the sorted path unless a
+tuned entry says ``"use": true`` (the tuner times both on the device).
+``MOE_PORTABLE_DECODE=rule`` applies the rule to captured calls too.
 """
 
 from __future__ import annotations
@@ -160,12 +165,15 @@ def decode_heuristic(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool)
     )
 
 
-def lookup_decode(spec: MoESpec, num_tokens: int, device: torch.device) -> DecodeConfig | None:
+def lookup_decode(
+    spec: MoESpec, num_tokens: int, device: torch.device, capturing: bool = False
+) -> DecodeConfig | None:
     """The decode path's config for ``spec`` at ``num_tokens``, or ``None`` for the sorted path.
 
-    ``MOE_PORTABLE_DECODE`` (``0``/``1``) first, then the tuned entry's ``"decode"`` override,
-    then :func:`use_decode` (on a GPU only with ``MOE_PORTABLE_DECODE=rule``); tiles from the
-    entry, else :func:`decode_heuristic`.
+    ``MOE_PORTABLE_DECODE`` (``0``/``1``) first; then, for an eager call (``capturing``
+    false) or with ``MOE_PORTABLE_DECODE=rule``, :func:`use_decode`; for a call being
+    captured in a CUDA graph, the tuned entry's ``"decode": {"use": ...}`` (absent: the
+    sorted path). Tiles from the entry, else :func:`decode_heuristic`.
     """
     force = os.environ.get("MOE_PORTABLE_DECODE", "")
     if force == "0":
@@ -178,13 +186,13 @@ def lookup_decode(spec: MoESpec, num_tokens: int, device: torch.device) -> Decod
         )
         entry = _table_entry(spec, num_tokens, name)
         override = (entry or {}).get("decode") or {}
-    use = override.get("use")
-    if use is None and force == "" and device.type == "cuda":
-        return None  # untimed on GPUs: the sorted path unless asked (module docstring)
-    if force != "1" and not (
-        use if use is not None else use_decode(num_tokens, spec.top_k, spec.num_experts)
-    ):
-        return None
+    if force != "1":
+        if capturing and force != "rule":
+            use = bool(override.get("use", False))
+        else:
+            use = use_decode(num_tokens, spec.top_k, spec.num_experts)
+        if not use:
+            return None
     if "gemm1" in override and "gemm2" in override:
         return DecodeConfig.from_json(override)
     return decode_heuristic(spec, num_tokens, num_sms, is_amd)

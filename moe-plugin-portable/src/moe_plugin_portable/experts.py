@@ -242,16 +242,23 @@ def _scale_strides(scale: torch.Tensor | None) -> tuple[int, int]:
     return scale.stride(0), scale.stride(1) if scale.dim() > 1 else 0
 
 
-def _mx_dot(spec: MoESpec, interpret: bool | None) -> bool:
-    """mxfp4 through ``tl.dot_scaled`` (compiled kernels; ``MOE_PORTABLE_MXFP4=dequant`` keeps the
-    explicit e2m1 dequantization, which the interpreter always runs: its ``dot_scaled`` rounds the
-    bf16 operand through fp16)."""
+#: mxfp4 tiles of at most this many rows use ``tl.dot_scaled``; taller ones dequantize (H200,
+#: triton 3.6, W4A16: dot_scaled was 1.1-2.1x faster at T <= 32 (16-row tiles) and 1.6x slower at
+#: T = 2048 (64-row tiles) on deepseek-v3-tp8 and gpt-oss-120b shapes).
+MX_DOT_MAX_BLOCK_M = 32
+
+
+def _mx_dot(spec: MoESpec, interpret: bool | None, block_m: int) -> bool:
+    """mxfp4 through ``tl.dot_scaled`` for tiles of up to :data:`MX_DOT_MAX_BLOCK_M` rows in
+    compiled kernels; ``MOE_PORTABLE_MXFP4=dot_scaled`` / ``dequant`` forces one way (``auto``, the
+    default, is the row rule). The interpreter always dequantizes: its ``dot_scaled`` rounds the
+    bf16 operand through fp16."""
     if spec.quant.name != "mxfp4" or (interpreting() if interpret is None else interpret):
         return False
-    mode = os.environ.get("MOE_PORTABLE_MXFP4", "dot_scaled")
-    if mode not in ("dot_scaled", "dequant"):
-        raise ValueError(f"MOE_PORTABLE_MXFP4 must be dot_scaled or dequant, got {mode!r}")
-    return mode == "dot_scaled"
+    mode = os.environ.get("MOE_PORTABLE_MXFP4", "auto")
+    if mode not in ("auto", "dot_scaled", "dequant"):
+        raise ValueError(f"MOE_PORTABLE_MXFP4 must be auto, dot_scaled or dequant, got {mode!r}")
+    return mode == "dot_scaled" or (mode == "auto" and block_m <= MX_DOT_MAX_BLOCK_M)
 
 
 def _block_k(spec: MoESpec, cfg: GemmConfig) -> int:
@@ -363,7 +370,7 @@ def gemm1_launch(
         EVEN_K=H % block_k == 0,
         # the interpreter multiplies bf16 as integers
         UPCAST=interpreting() if interpret is None else interpret,
-        MX_DOT=_mx_dot(spec, interpret),
+        MX_DOT=_mx_dot(spec, interpret, blocks.block_m),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -456,7 +463,7 @@ def gemm2_launch(
         GROUP_M=cfg.group_m,
         EVEN_K=inter % block_k == 0,
         UPCAST=interpreting() if interpret is None else interpret,
-        MX_DOT=_mx_dot(spec, interpret),
+        MX_DOT=_mx_dot(spec, interpret, blocks.block_m),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -691,14 +698,16 @@ def _configs(
     spec: MoESpec, num_tokens: int, device: torch.device, _env: tuple[str | None, ...]
 ) -> tuple[DecodeConfig | None, MoEConfig | None]:
     """``(decode config or None, sorted-path config or None)`` for a call (``_env``: the
-    environment variables the lookups read, so that changing them is seen)."""
-    decode = lookup_decode(spec, num_tokens, device)
+    environment variables the lookups read, so that changing them is seen, and whether the
+    call is being captured in a CUDA graph, the last item)."""
+    decode = lookup_decode(spec, num_tokens, device, capturing=_env[-1] == "capturing")
     return decode, None if decode is not None else lookup_config(spec, num_tokens, device)
 
 
-def _env_key() -> tuple[str | None, ...]:
+def _env_key(device: torch.device) -> tuple[str | None, ...]:
     get = os.environ.get
-    return get("MOE_PORTABLE_DECODE"), get("MOE_PORTABLE_CONFIG_DIR")
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return get("MOE_PORTABLE_DECODE"), get("MOE_PORTABLE_CONFIG_DIR"), "capturing" if capturing else "eager"
 
 
 def fused_moe(
@@ -715,7 +724,7 @@ def fused_moe(
     topk_weights = topk_weights.contiguous()
     topk_ids = topk_ids.contiguous()
     if config is None:
-        decode, cfg = _configs(spec, hidden_states.shape[0], hidden_states.device, _env_key())
+        decode, cfg = _configs(spec, hidden_states.shape[0], hidden_states.device, _env_key(hidden_states.device))
     else:
         decode, cfg = (config, None) if isinstance(config, DecodeConfig) else (None, config)
     if decode is not None:

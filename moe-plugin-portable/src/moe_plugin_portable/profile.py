@@ -462,7 +462,8 @@ def _moe_config(spec: MoESpec, num_tokens: int, target: Target, tables: list[dic
 def _decode_config(
     spec: MoESpec, num_tokens: int, target: Target, tables: list[dict[str, Any]], num_sms: int
 ):
-    """What ``configs.lookup_decode`` picks on the target (``None``: the sorted path only)."""
+    """The decode config ``configs.lookup_decode`` can pick on the target, eager (the rule) or
+    captured (a tuned ``"use": true``); ``None``: the sorted path only."""
     from .configs import DecodeConfig, decode_heuristic, layer_key, t_bucket, use_decode
 
     override: dict[str, Any] = {}
@@ -471,8 +472,7 @@ def _decode_config(
         if entry is not None:
             override = entry.get("decode") or {}
             break
-    use = override.get("use")
-    if not (use if use is not None else use_decode(num_tokens, spec.top_k, spec.num_experts)):
+    if not (override.get("use") or use_decode(num_tokens, spec.top_k, spec.num_experts)):
         return None
     if "gemm1" in override and "gemm2" in override:
         return DecodeConfig.from_json(override)
