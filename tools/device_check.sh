@@ -10,6 +10,8 @@
 #   full     moe bench on every BENCHMARKS.md shape, FULL_DTYPES (vLLM peer when .peers/vllm is carried)
 #   tune     tools/tune_device.py for every benchmark shape -> $OUT/logs/configs
 #   dispatch benchmarks/dispatch.py: per-T dispatch tuned for every benchmark shape vs each single backend
+#   hf       benchmarks/hf_generate.py: tokens/s of a small HF MoE model per experts backend -> $OUT/logs/hf
+#            (needs transformers and its deps as cp312 wheels in .whl: ../shared/tools/device-wheels.sh)
 #   decode   tools/profile_apply.py: decode vs sorted path and fast vs normal launch, T=1..8 -> $OUT/logs/decode
 #            (DECODE_BUDGET_S, default 420; DECODE_ARGS e.g. "--models a,b --no-sweep")
 # Usage (carry .whl, and .peers when you have it): STEPS="tests quick" bash tools/device_check.sh
@@ -36,5 +38,6 @@ step sorting 150 bash -c "python3 benchmarks/amd_sorting.py --out $L/amd-sorting
 step full "${FULL_TIMEOUT:-480}" python3 -m moe_core bench --dtypes "${FULL_DTYPES:-bf16,fp16}" --out "$L/full"
 step tune 540 python3 tools/tune_device.py --out "$L/configs"
 step dispatch 540 python3 benchmarks/dispatch.py --budget-s "${DISPATCH_BUDGET_S:-400}" --out "$L/dispatch"
+step hf 300 python3 benchmarks/hf_generate.py ${HF_ARGS:-} --out "$L/hf"
 step decode $(( ${DECODE_BUDGET_S:-420} + 60 )) python3 tools/profile_apply.py --budget-s "${DECODE_BUDGET_S:-420}" ${DECODE_ARGS:-} --out "$L/decode"
 tar -czf "$OUT/results.tgz" -C "$OUT" logs

@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+from pathlib import Path
+
 import pytest
 
 from moe_plugin_nvidia import flashinfer_env
@@ -49,6 +51,10 @@ def test_extra_includes_from_flag_or_wheels(tmp_path, monkeypatch):
     assert build.find_extra_includes(home, [extra]) == [extra]
     monkeypatch.setattr(build, "_wheel_include_dirs", lambda: [extra])
     assert build.find_extra_includes(home) == [extra]
+    # a relative --cuda-include comes back absolute (ninja compiles from its own folder)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(build, "_wheel_include_dirs", lambda: [])
+    assert build.find_extra_includes(home, [Path("extra")]) == [extra]
 
 
 def test_install_puts_library_and_manifest_in_the_aot_slot(tmp_path):

@@ -114,7 +114,8 @@ def find_extra_includes(cuda_home: Path, extra: Sequence[Path] = ()) -> list[Pat
     wheels to install when a header is nowhere.
     """
     env = [Path(p) for p in os.environ.get("MOE_NVIDIA_CUDA_INCLUDE", "").split(":") if p]
-    search = [Path(p) for p in extra] + env + _wheel_include_dirs()
+    # absolute: ninja runs the compilers from its own build folder
+    search = [Path(p).resolve() for p in [*extra, *env]] + _wheel_include_dirs()
     out: list[Path] = []
     missing = []
     for h in NEEDED_HEADERS:
