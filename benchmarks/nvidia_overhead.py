@@ -33,14 +33,20 @@ from moe_core.testing import random_expert_weights
 KERNEL = "nvidia.flashinfer.cutlass"
 
 
-def bench_case(model: str, T: int, iters: int, ceilings: dict, autotune_direct: bool) -> dict:
+#: ``--quant`` names: what FlashInfer's SM90 cutlass path takes (fp8: per-tensor weights, static activations)
+QUANTS = {"bf16": None, "fp8": "fp8/w:per_tensor/a:fp8_per_tensor"}
+
+
+def bench_case(
+    model: str, T: int, iters: int, ceilings: dict, autotune_direct: bool, quant: str = "bf16"
+) -> dict:
     from flashinfer import autotune
     from flashinfer.fused_moe import ActivationType, cutlass_fused_moe
 
     from moe_plugin_nvidia import cutlass, tuning
 
     preset = get_preset(model)
-    spec = preset.moe_spec(torch.bfloat16, None)
+    spec = preset.moe_spec(torch.bfloat16, QUANTS[quant])
     plan = moe_plan(spec, "cuda", backend=KERNEL)
     prepared = plan.prepare(random_expert_weights(spec, device="cuda", seed=1))
     copies = 2
@@ -59,8 +65,8 @@ def bench_case(model: str, T: int, iters: int, ceilings: dict, autotune_direct: 
         x, w, ids = inputs[i]
         moe_apply(plan, x, prepared, w, ids, out=out)
 
-    def direct(i):
-        cutlass_fused_moe(**kws[i])
+    def direct(i):  # fp8: quantizing the input is part of the call, as for the plugin
+        cutlass_fused_moe(**dict(kws[i], input=cutlass.kernel_input(spec, inputs[i][0], prepared)))
 
     untuned_kws = [dict(kw, profile_ids=[-1, -1]) for kw in kws]
 
@@ -69,6 +75,7 @@ def bench_case(model: str, T: int, iters: int, ceilings: dict, autotune_direct: 
 
     case = {
         "model": model,
+        "quant": quant,
         "T": T,
         "spec": spec.describe(),
         "tuned": ids_tuned,
@@ -129,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="mixtral-8x7b,qwen3-30b-a3b")
     ap.add_argument("--tokens", default="1,32,512,4096")
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--quant", default="bf16", help=f"comma list of {', '.join(QUANTS)}")
     ap.add_argument("--no-autotune", action="store_true", help="skip the directly autotuned FlashInfer call")
     ap.add_argument("--out", default="nvidia-overhead.json")
     args = ap.parse_args(argv)
@@ -146,32 +154,34 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("flashinfer is not installed", file=sys.stderr)
         return 2
-    for model in args.models.split(","):
-        for T in (int(t) for t in args.tokens.split(",")):
-            try:
-                case = bench_case(model, T, args.iters, ceilings, not args.no_autotune)
-            except Exception as exc:  # report, do not stop the run
-                case = {"model": model, "T": T, "error": f"{type(exc).__name__}: {exc}"[:500]}
-            report["cases"].append(case)
-            keys = ("overhead_us", "overhead_pct", "plugin_over_autotuned", "plugin_over_floor", "error")
-            print(
-                json.dumps(
-                    {
-                        "model": model,
-                        "T": T,
-                        **{k: case.get(k) for k in keys},
-                        **{
-                            k: case[k]["us"]
-                            for k in ("plugin", "direct", "autotuned", "untuned")
-                            if k in case
-                        },
-                    }
-                ),
-                flush=True,
-            )
-            torch.cuda.empty_cache()
-            with open(args.out, "w") as f:  # after every case: a time limit keeps what was measured
-                json.dump(report, f, indent=1)
+    grid = [
+        (q, m, int(t))
+        for q in args.quant.split(",")
+        for m in args.models.split(",")
+        for t in args.tokens.split(",")
+    ]
+    for quant, model, T in grid:
+        try:
+            case = bench_case(model, T, args.iters, ceilings, not args.no_autotune, quant)
+        except Exception as exc:  # report, do not stop the run
+            case = {"model": model, "quant": quant, "T": T, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        report["cases"].append(case)
+        keys = ("overhead_us", "overhead_pct", "plugin_over_autotuned", "plugin_over_floor", "error")
+        print(
+            json.dumps(
+                {
+                    "model": model,
+                    "quant": quant,
+                    "T": T,
+                    **{k: case.get(k) for k in keys},
+                    **{k: case[k]["us"] for k in ("plugin", "direct", "autotuned", "untuned") if k in case},
+                }
+            ),
+            flush=True,
+        )
+        torch.cuda.empty_cache()
+        with open(args.out, "w") as f:  # after every case: a time limit keeps what was measured
+            json.dump(report, f, indent=1)
     bad = [c for c in report["cases"] if "error" in c or not c.get("overhead_ok")]
     return 1 if bad else 0
 

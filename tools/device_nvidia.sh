@@ -7,8 +7,9 @@
 #   doctor   moe doctor + loading FlashInfer's cutlass module from the AOT slot (no JIT allowed)
 #   tests    the GPU tests of this plugin (tests/nvidia, -m gpu) and the conformance kit on it
 #   plan     moe plan / moe run --explain with the nvidia plugin (bf16 mixtral, qwen3, gpt-oss-20b)
-#   tune     moe tune --plugin nvidia for qwen3-30b-a3b and mixtral-8x7b (tables -> $OUT/logs/tuned)
-#   bench    benchmarks/nvidia_overhead.py: plugin vs direct FlashInfer (tuned, autotuned, untuned)
+#   tune     moe tune --plugin nvidia --no-dispatch for TUNE_MODELS x TUNE_QUANTS (default qwen3-30b-a3b mixtral-8x7b,
+#            bf16; fp8 as fp8/w:per_tensor/a:fp8_per_tensor) at TUNE_TOKENS (tables -> $OUT/logs/tuned)
+#   bench    benchmarks/nvidia_overhead.py: plugin vs direct FlashInfer (tuned, autotuned, untuned), BENCH_QUANTS (bf16,fp8)
 # Carry: .whl third_party/flashinfer-device     Usage: STEPS="doctor tests" bash tools/device_nvidia.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -47,8 +48,9 @@ step tests "${TEST_TIMEOUT:-240}" bash -c 'python3 -m pytest -q -m gpu tests/nvi
   python3 -m pytest -q -p no:cacheprovider --pyargs moe_core.conformance --moe-kernel nvidia.flashinfer.cutlass'
 step plan 90 bash -c 'for m in mixtral-8x7b qwen3-30b-a3b gpt-oss-20b; do python3 -m moe_core plan --model $m; done;
   python3 -m moe_core run --model qwen3-30b-a3b --tokens 64 --explain; python3 -m moe_core run --model mixtral-8x7b --tokens 7'
-step tune "${TUNE_TIMEOUT:-150}" bash -c 'for m in qwen3-30b-a3b mixtral-8x7b; do
-  python3 -m moe_core tune --model $m --plugin nvidia --tokens "${TUNE_TOKENS:-1,32,512,4096}"; done; ls -la "$MOE_NVIDIA_TUNE_DIR"'
-step bench "${BENCH_TIMEOUT:-240}" python3 benchmarks/nvidia_overhead.py --models mixtral-8x7b,qwen3-30b-a3b \
-  --tokens "${BENCH_TOKENS:-1,32,512,4096}" --out "$L/nvidia-overhead.json"
+step tune "${TUNE_TIMEOUT:-240}" bash -c 'for q in ${TUNE_QUANTS:-bf16}; do for m in ${TUNE_MODELS:-qwen3-30b-a3b mixtral-8x7b}; do
+  python3 -m moe_core tune --model $m --plugin nvidia --quant $q --no-dispatch --tokens "${TUNE_TOKENS:-1,32,512,4096}"; done; done
+  ls -la "$MOE_NVIDIA_TUNE_DIR"'
+step bench "${BENCH_TIMEOUT:-240}" python3 benchmarks/nvidia_overhead.py --models "${BENCH_MODELS:-mixtral-8x7b,qwen3-30b-a3b}" \
+  --tokens "${BENCH_TOKENS:-1,32,512,4096}" --quant "${BENCH_QUANTS:-bf16}" --out "$L/nvidia-overhead.json"
 tar -czf "$OUT/nvidia-results.tgz" -C "$OUT" logs

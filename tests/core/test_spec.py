@@ -102,3 +102,28 @@ def test_replace_dtype_moves_an_unquantized_scheme_with_it():
     fp8 = MoESpec(8, 2, 128, 128, dtype=torch.bfloat16, quant="fp8")
     assert fp8.replace(dtype=torch.float16).quant == fp8.quant  # a quantized scheme is kept
     assert str(spec.replace(dtype=torch.float16, quant="fp16").quant) == "fp16"
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        QuantScheme("fp8"),
+        QuantScheme("fp8", activation="fp8_per_tensor", weight_scale="per_tensor"),
+        QuantScheme("fp8_block", block_shape=(64, 128)),
+        QuantScheme("mxfp4", activation="fp8_per_tensor"),
+        QuantScheme("nvfp4"),
+        QuantScheme("bf16"),
+    ],
+)
+def test_quant_scheme_parses_its_own_str(scheme):
+    text = str(scheme) + ("/b:{}x{}".format(*scheme.block_shape) if scheme.block_shape else "")
+    assert QuantScheme.parse(text) == scheme
+    assert MoESpec(8, 2, 128, 128, quant=text).quant == scheme
+
+
+@pytest.mark.parametrize(
+    "text", ["fp8/x:1", "fp8/w:per_tensor/w:per_channel", "fp8_block/b:128", "fp8/a:nvfp4", "int3"]
+)
+def test_quant_scheme_parse_refuses(text):
+    with pytest.raises(MoEInputError):
+        QuantScheme.parse(text)

@@ -128,8 +128,30 @@ class QuantScheme:
                 raise MoEInputError(f"no unquantized scheme for dtype {dtype}")
             return cls(_DTYPE_NAMES[dtype])
         if isinstance(value, str):
-            return cls(value)
+            return cls.parse(value)
         raise MoEInputError(f"quant must be a QuantScheme, a scheme name or None, got {type(value).__name__}")
+
+    @classmethod
+    def parse(cls, text: str) -> QuantScheme:
+        """A scheme from its name or its ``str()``: ``fp8``, ``fp8/w:per_tensor/a:fp8_per_tensor``,
+        ``fp8_block/a:fp8_group/b:128x128``, ``mxfp4/a:fp8_per_tensor`` (fields after ``/``:
+        ``w:`` weight_scale, ``a:`` activation, ``b:`` block shape ``NxK``; omitted: the defaults)."""
+        name, *fields_ = text.strip().split("/")
+        kwargs: dict[str, Any] = {}
+        keys = {"w": "weight_scale", "a": "activation", "b": "block_shape"}
+        for part in fields_:
+            key, sep, val = part.partition(":")
+            if not sep or key not in keys or keys[key] in kwargs:
+                raise MoEInputError(
+                    f"quant scheme {text!r}: bad field {part!r} (expected w:, a: or b:, once each)"
+                )
+            if key == "b":
+                try:
+                    val = tuple(int(v) for v in val.split("x"))
+                except ValueError:
+                    raise MoEInputError(f"quant scheme {text!r}: block shape {val!r} is not NxK") from None
+            kwargs[keys[key]] = val
+        return cls(name, **kwargs)
 
     @property
     def is_quantized(self) -> bool:

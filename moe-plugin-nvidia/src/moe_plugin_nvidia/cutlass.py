@@ -59,6 +59,7 @@ __all__ = [
     "KERNEL",
     "flashinfer_kwargs",
     "kernel_entries",
+    "kernel_input",
     "prepare",
     "supports",
     "to_canonical",
@@ -292,6 +293,15 @@ def _profile_ids(spec: MoESpec, prepared: PreparedWeights, tokens: int) -> list[
     return None if resolved is None else tuning.pick(resolved, tokens)
 
 
+def kernel_input(spec: MoESpec, hidden_states: torch.Tensor, prepared: PreparedWeights) -> torch.Tensor:
+    """What FlashInfer takes as ``input``: ``hidden_states``, or for fp8 its e4m3 quantization with the
+    static per-tensor scale ``fc1_input_scale`` (saturating at +-448)."""
+    if spec.quant.name != "fp8":
+        return hidden_states
+    scale = prepared.tensors["fc1_input_scale"]
+    return (hidden_states.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+
 def apply(
     spec: MoESpec,
     hidden_states: torch.Tensor,
@@ -302,9 +312,7 @@ def apply(
 ) -> None:
     """Run FlashInfer's cutlass fused MoE into ``out [T, H]`` (no host synchronisation)."""
     fn, _ = _flashinfer()
-    x = hidden_states
-    if spec.quant.name == "fp8":
-        x = (x.float() / prepared.tensors["fc1_input_scale"]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    x = kernel_input(spec, hidden_states, prepared)
     ids = _profile_ids(spec, prepared, x.shape[0])
     kw = flashinfer_kwargs(
         spec, x, prepared, topk_weights, topk_ids, out, _ACT[prepared.meta["activation"]], ids

@@ -210,7 +210,7 @@ def tune_layer(
     from moe_core import moe_plan
     from moe_core.testing import random_expert_weights
 
-    from .cutlass import KERNEL, _flashinfer, flashinfer_kwargs
+    from .cutlass import KERNEL, _flashinfer, flashinfer_kwargs, kernel_input
 
     dev = torch.device(device) if not hasattr(device, "device") else device.device
     plan = moe_plan(spec, dev, backend=KERNEL)
@@ -227,10 +227,16 @@ def tune_layer(
         logits = torch.randn(t, spec.num_experts, device=dev)
         w, ids = torch.topk(torch.softmax(logits, -1), spec.top_k, dim=-1)
         out = torch.empty_like(x)
-        xin = x
-        if spec.quant.name == "fp8":
-            xin = (x.float() / prepared.tensors["fc1_input_scale"]).clamp(-448, 448).to(torch.float8_e4m3fn)
-        kw = flashinfer_kwargs(spec, xin, prepared, w, ids.int(), out, act(prepared.meta["activation"]), None)
+        kw = flashinfer_kwargs(
+            spec,
+            kernel_input(spec, x, prepared),
+            prepared,
+            w,
+            ids.int(),
+            out,
+            act(prepared.meta["activation"]),
+            None,
+        )
         with autotune(True, tuning_buckets=(t,)):
             fn(**kw)
         torch.cuda.synchronize(dev)
