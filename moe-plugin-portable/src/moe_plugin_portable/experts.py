@@ -650,18 +650,20 @@ def decode_launches(
     return [gemm1, gemm2]
 
 
+def _decode_block_k(spec: MoESpec, cfg: GemmConfig) -> int:
+    """A decode launch's K step: fp8_block's K block (one activation group and one weight scale
+    per step), at least 32 for mxfp4, else the config's."""
+    if spec.quant.name == "fp8_block":
+        return spec.quant.block_shape[1]
+    return max(cfg.block_k, 32) if spec.quant.name == "mxfp4" else cfg.block_k
+
+
 @functools.lru_cache(maxsize=1024)
 def _decode_kwargs(
     spec: MoESpec, cfg: DecodeConfig, has_bias: bool, has_map: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The decode launches' constexprs and options (shared dicts: callers must not modify them)."""
     kernels = _kernels()
-
-    def block_k(gemm: GemmConfig) -> int:
-        if spec.quant.name == "fp8_block":
-            return spec.quant.block_shape[1]  # one activation group and one weight scale per step
-        return max(gemm.block_k, 32) if spec.quant.name == "mxfp4" else gemm.block_k
-
     common = dict(
         HAS_BIAS=has_bias,
         HAS_MAP=has_map,
@@ -677,7 +679,7 @@ def _decode_kwargs(
         **common,
         WEIGHT_ON_INPUT=spec.apply_router_weight_on_input,
         BLOCK_N=g1.block_n,
-        BLOCK_K=block_k(g1),
+        BLOCK_K=_decode_block_k(spec, g1),
         num_warps=g1.num_warps,
         num_stages=g1.num_stages,
     )
@@ -686,7 +688,7 @@ def _decode_kwargs(
         **common,
         APPLY_WEIGHT=not spec.apply_router_weight_on_input,
         BLOCK_N=g2.block_n,
-        BLOCK_K=block_k(g2),
+        BLOCK_K=_decode_block_k(spec, g2),
         num_warps=g2.num_warps,
         num_stages=g2.num_stages,
     )

@@ -50,23 +50,21 @@ def environment_report() -> dict[str, Any]:
 def tune(
     spec: Any, device: Any, tokens: list[int] | None, output_dir: str | None, progress: Callable
 ) -> list[str] | None:
-    """Tune the fused MoE for ``spec`` on a GPU and merge the result into this GPU's table."""
+    """Tune the fused MoE for ``spec`` on a GPU and merge the result into this GPU's table
+    (any layer the kernel runs there: bf16/fp16, and the quantized schemes fp8, fp8_block, mxfp4)."""
     import os
 
     import torch
 
     from moe_core import device_info
 
-    from .configs import _PACKAGE_DIR
-    from .experts import _supports
+    from .configs import _PACKAGE_DIR, layer_key
+    from .tuning import DEFAULT_TOKENS, refusal, tune_layer, write_table
 
     info = device_info(device)
-    if not info.is_gpu or _supports(spec, info) or spec.quant.name not in ("bf16", "fp16"):
+    if not info.is_gpu or refusal(spec, info):
         return None
     from importlib.metadata import version
-
-    from .configs import layer_key
-    from .tuning import DEFAULT_TOKENS, tune_layer, write_table
 
     entries = {layer_key(spec): tune_layer(spec, device, tokens or DEFAULT_TOKENS, progress=progress)}
     folder = output_dir or os.environ.get("MOE_PORTABLE_CONFIG_DIR") or _PACKAGE_DIR

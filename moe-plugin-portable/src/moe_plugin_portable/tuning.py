@@ -3,10 +3,22 @@
 For each token count (one per bucket of :data:`configs.T_BUCKETS`) and each
 candidate ``block_m``, GEMM 1 and GEMM 2 are timed separately over their
 config spaces on the same sorted tokens (they share only ``block_m``); the
-fastest (sort + GEMM 1 + GEMM 2 + combine) wins. Candidates that do not
-compile or do not fit the shared memory are skipped. Times are medians of
-CUDA-graph replays (``triton.testing.do_bench_cudagraph``: device time only,
-as an engine running under graphs sees it), on random data.
+fastest (sort + activation quantization + GEMM 1 + GEMM 2 + combine) wins.
+Candidates that do not compile or do not fit the shared memory are skipped.
+Times are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``:
+device time only, as an engine running under graphs sees it), on random data.
+
+Quantized layers (every scheme of :data:`experts.QUANT_SCHEMES`) are timed on
+the launches :func:`experts.fused_moe_launches` makes for them: the tokens'
+quantization pre-pass (``quant_us``, the same for every config), GEMM 1 with
+the intermediate's pre-pass where its config needs one (``gemm1_us``: fp8
+per token always, fp8_block when GEMM 1's ``block_n`` holds no whole groups),
+then GEMM 2. Their spaces (:func:`gemm_space`) count the operands' bytes
+(fp8: 1, mxfp4: half a byte plus its e8m0 scales, and the bf16 tile that the
+e2m1 weights are upcast to for the MMA), keep fp8_block's K step within its
+block and mxfp4's at 32 or more (:func:`experts._block_k`, so no two
+candidates are the same launch), and drop tiles whose accumulators alone
+would take more than half of a thread's registers.
 
 Where the decode path is taken (:func:`configs.use_decode`; in practice the
 ``T=1`` bucket), its two launches are tuned too (GEMM 1 tiles and pipelines,
@@ -14,6 +26,9 @@ then GEMM 2's, from :func:`decode_space`) and the bucket's entry gets
 ``"decode": {"use": decode faster than sorted, "gemm1": ..., "gemm2": ...,
 "timing": ...}``, which :func:`configs.lookup_decode` reads (only the ``T=1``
 bucket: the others span token counts the rule treats differently).
+
+Each entry also records ``"searched": [timed, failed]``: the candidates timed
+and those that did not compile or run.
 """
 
 from __future__ import annotations
@@ -22,28 +37,89 @@ import itertools
 import json
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from moe_core import ExpertWeights, MoESpec
+from moe_core import DeviceInfo, ExpertWeights, MoESpec, QuantScheme
 from moe_core.testing import random_expert_weights
 
 from . import configs
 from ._launch import run_launch
 from .configs import DecodeConfig, GemmConfig, MoEConfig
-from .experts import _prepare, decode_launches, launch_combine, launch_gemm1, launch_gemm2, sort_tokens
+from .experts import (
+    Launch,
+    _block_k,
+    _decode_block_k,
+    _kernels,
+    _prepare,
+    decode_launches,
+    fused_moe_launches,
+    kernel_entries,
+    sort_tokens,
+)
 
-__all__ = ["DEFAULT_TOKENS", "SPACES", "decode_space", "gemm_space", "tune_layer", "write_table"]
+__all__ = ["DEFAULT_TOKENS", "SPACES", "decode_space", "gemm_space", "refusal", "tune_layer", "write_table"]
 
 DEFAULT_TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
 _SMEM_BUDGET = 200 * 1024
+#: registers per thread that a tile's float32 accumulators may take (quantized schemes)
+_ACC_REGS = 128
+_BF16 = QuantScheme("bf16")
 Progress = Callable[[str, int, int], None]
+#: a candidate's launches, prepared: ``make(cfg)`` runs what precedes the timed part and returns it
+Make = Callable[[GemmConfig], Callable[[], None]]
+#: a round's candidates given the best config so far (templates filled in, unfit ones left out)
+Fill = Callable[[list[GemmConfig], "GemmConfig | None"], Iterable[GemmConfig]]
 
 
-def _fits(cfg: GemmConfig, block_m: int, operands_b: int, elem_bytes: int = 2) -> bool:
-    smem = cfg.num_stages * (block_m * cfg.block_k + operands_b * cfg.block_n * cfg.block_k) * elem_bytes
-    return smem <= _SMEM_BUDGET and not (cfg.num_warps == 8 and block_m * cfg.block_n < 64 * 128)
+def refusal(spec: MoESpec, device: DeviceInfo) -> str | None:
+    """Why the fused MoE cannot run (so cannot be tuned for) ``spec`` on ``device``, or ``None``."""
+    return kernel_entries()[0].refusal(spec, device)
+
+
+def _operand_bytes(quant: QuantScheme) -> tuple[float, float]:
+    """Bytes per element of the A (activation) and B (weight) tiles in shared memory."""
+    if not quant.is_quantized:
+        return (4.0, 4.0) if quant.name == "fp32" else (2.0, 2.0)
+    a = 1.0 if quant.activation.startswith("fp8") else 2.0
+    if quant.name == "mxfp4":
+        return a, 0.5 + 1 / 32  # e2m1 pairs and an e8m0 scale per 32
+    return a, 1.0
+
+
+def _acc_regs(cfg: GemmConfig, block_m: int, operands_b: int, quant: QuantScheme) -> float:
+    """Registers per thread of the tile's float32 accumulators (fp8_block: and a K step's product)."""
+    tiles = operands_b + (1 if quant.name == "fp8_block" else 0)
+    return tiles * block_m * cfg.block_n / (32 * cfg.num_warps)
+
+
+def _tile_warps(block_m: int, block_n: int, operands_b: int, quant: QuantScheme) -> int:
+    """Warps of the tile round: 8 from ``block_m`` 128, and where :func:`configs.heuristic_config`
+    takes 8 for a quantized scheme's temporaries (gate/up tiles of 64 x 128, mxfp4 from 64 rows)."""
+    if block_m > 64:
+        return 8
+    if quant.is_quantized and operands_b == 2 and block_m * block_n >= 64 * 128:
+        return 8
+    return 8 if quant.name == "mxfp4" and block_m >= 64 else 4
+
+
+def _fits(cfg: GemmConfig, block_m: int, operands_b: int, quant: QuantScheme = _BF16) -> bool:
+    """Whether ``cfg`` fits the shared memory (and, quantized, the registers) at ``block_m``."""
+    a, b = _operand_bytes(quant)
+    stage = block_m * cfg.block_k * a + operands_b * cfg.block_n * cfg.block_k * b
+    smem = cfg.num_stages * stage
+    if quant.name == "fp8_block":  # per K step: A's group scales and the weight blocks' scales
+        smem += cfg.num_stages * (block_m + operands_b * cfg.block_n) * 4
+    if quant.name == "mxfp4":  # a weight tile upcast to bf16 for the MMA (not pipelined)
+        smem += cfg.block_n * cfg.block_k * 2
+    # 8 warps on small tiles: idle (quantized tiles have temporaries to spread, down to 64 x 64)
+    if smem > _SMEM_BUDGET or (
+        cfg.num_warps == 8 and block_m * cfg.block_n < (64 * 64 if quant.is_quantized else 64 * 128)
+    ):
+        return False
+    return not quant.is_quantized or _acc_regs(cfg, block_m, operands_b, quant) <= _ACC_REGS
 
 
 #: Search spaces of :func:`gemm_space`: ``full`` (``moe tune``), ``quick`` (about a third of the
@@ -51,42 +127,69 @@ def _fits(cfg: GemmConfig, block_m: int, operands_b: int, elem_bytes: int = 2) -
 SPACES = ("full", "quick", "small")
 
 
-def gemm_space(block_m: int, operands_b: int, space: str = "full") -> list[list[GemmConfig]]:
+def _tile_ks(quant: QuantScheme, quick: bool) -> tuple[int, ...]:
+    """K steps of the tile round: fp8 steps twice as long (the same bytes), fp8_block's within its block."""
+    if quant.name == "fp8":
+        return (128, 256) if quick else (64, 128, 256)
+    if quant.name == "fp8_block":
+        ks = (64, 128) if quick else (32, 64, 128)
+        return tuple(k for k in ks if k <= quant.block_shape[1]) or (quant.block_shape[1],)
+    return (64, 128) if quick else (64, 128, 256)
+
+
+def gemm_space(
+    block_m: int, operands_b: int, space: str = "full", spec: MoESpec | None = None
+) -> list[list[GemmConfig]]:
     """Config rounds for one GEMM at ``block_m``: tiles first, then pipelines around the best tile.
 
     Each round is a list of candidates; a round's entries with ``block_n == 0``
     are templates whose tile is replaced by the best tile of the round before.
+    ``spec`` (default: a bf16 layer) sets the K steps, the shared memory and
+    register bounds of a quantized scheme; tiles are as the kernels launch them
+    (:func:`experts._block_k`), each once.
     """
     if space not in SPACES:
         raise ValueError(f"unknown tuning space {space!r}; expected one of {SPACES}")
+    quant = spec.quant if spec is not None else _BF16
     if space == "small":
-        return [[GemmConfig(32, 64, 4, 2, 8), GemmConfig(64, 64, 4, 2, 8)]]
+        small = [GemmConfig(32, 64, 4, 2, 8), GemmConfig(64, 64, 4, 2, 8)]
+        return [_unique(_launched(spec, c) for c in small)]
     stages = 4 if block_m <= 32 else 3
-    warps = 4 if block_m <= 64 else 8
     quick = space == "quick"
     tile_n = (32, 64, 128, 256) if not quick else ((32, 64, 128) if block_m <= 32 else (64, 128, 256))
-    tile_k = (64, 128, 256) if not quick else (64, 128)
-    tiles = [
-        GemmConfig(bn, bk, warps, stages, 8)
-        for bn, bk in itertools.product(tile_n, tile_k)
-        if _fits(GemmConfig(bn, bk, warps, stages, 8), block_m, operands_b)
-    ]
+    tiles = []
+    for bn, bk in itertools.product(tile_n, _tile_ks(quant, quick)):
+        warps = _tile_warps(block_m, bn, operands_b, quant)
+        cfg = _launched(spec, GemmConfig(bn, bk, warps, stages, 8))
+        if _fits(cfg, block_m, operands_b, quant):
+            tiles.append(cfg)
     if quick:
         pipelines = [GemmConfig(0, 0, w, st, 8) for w, st in itertools.product((4, 8), (3, 4, 5))]
     else:
         pipelines = [
             GemmConfig(0, 0, w, st, g) for w, st, g in itertools.product((4, 8), (2, 3, 4, 5), (1, 8))
         ]
-    return [tiles, pipelines]
+    return [_unique(tiles), pipelines]
 
 
-def _candidates(rounds: list[list[GemmConfig]], best: GemmConfig | None, block_m: int, operands_b: int):
-    for cfg in rounds:
+def _launched(spec: MoESpec | None, cfg: GemmConfig) -> GemmConfig:
+    """``cfg`` with the K step the sorted-path kernels launch it with."""
+    return cfg if spec is None else replace(cfg, block_k=_block_k(spec, cfg))
+
+
+def _unique(cfgs: Iterable[GemmConfig]) -> list[GemmConfig]:
+    return list(dict.fromkeys(cfgs))
+
+
+def _candidates(
+    round_: list[GemmConfig], best: GemmConfig | None, block_m: int, operands_b: int, quant: QuantScheme
+) -> Iterable[GemmConfig]:
+    for cfg in round_:
         if cfg.block_n == 0:
             if best is None:
                 continue
             cfg = GemmConfig(best.block_n, best.block_k, cfg.num_warps, cfg.num_stages, cfg.group_m)
-        if _fits(cfg, block_m, operands_b):
+        if _fits(cfg, block_m, operands_b, quant):
             yield cfg
 
 
@@ -116,35 +219,65 @@ def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
     return cpu_time
 
 
-def _time_config(
-    cfg: GemmConfig, run: Callable[[GemmConfig], None], timer: Callable[[Callable[[], None]], float]
-) -> float | None:
-    """``cfg``'s time, or ``None`` when it does not compile or run on this GPU (out of shared
-    memory / registers: not a candidate). The first run compiles, outside the timing."""
-    try:
-        run(cfg)
-        return timer(lambda: run(cfg))
-    except Exception:
-        return None
+class _Search:
+    """Coordinate descent over config rounds, counting the candidates timed and those that failed."""
+
+    def __init__(self, timer: Callable[[Callable[[], None]], float]) -> None:
+        self.timer = timer
+        self.timed = 0
+        self.failed = 0
+
+    def time(self, cfg: GemmConfig, make: Make) -> float | None:
+        """``cfg``'s time, or ``None`` when it does not compile or run on this GPU (out of shared
+        memory / registers: not a candidate). The first run compiles, outside the timing."""
+        try:
+            run = make(cfg)
+            run()
+            us = self.timer(run)
+        except Exception:
+            self.failed += 1
+            return None
+        self.timed += 1
+        return us
+
+    def best(self, rounds: list[list[GemmConfig]], make: Make, fill: Fill) -> tuple[GemmConfig, float]:
+        """The fastest config over the rounds (tile, then pipeline), each candidate timed once."""
+        best, best_us = None, float("inf")
+        seen: set[GemmConfig] = set()
+        for round_ in rounds:
+            for cfg in fill(round_, best):
+                if cfg in seen:
+                    continue
+                seen.add(cfg)
+                us = self.time(cfg, make)
+                if us is not None and us < best_us:
+                    best, best_us = cfg, us
+        if best is None:
+            raise RuntimeError("no config compiled and ran for this shape")
+        return best, best_us
 
 
-def _best(
-    rounds: list[list[GemmConfig]],
-    run: Callable[[GemmConfig], None],
-    timer: Callable[[Callable[[], None]], float],
-    block_m: int,
-    operands_b: int,
-) -> tuple[GemmConfig, float]:
-    """The fastest config over the rounds (coordinate descent: tile, then pipeline)."""
-    best, best_us = None, float("inf")
-    for round_ in rounds:
-        for cfg in _candidates(round_, best, block_m, operands_b):
-            us = _time_config(cfg, run, timer)
-            if us is not None and us < best_us:
-                best, best_us = cfg, us
-    if best is None:
-        raise RuntimeError("no GEMM config compiled and ran for this shape")
-    return best, best_us
+def _inputs(spec: MoESpec, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random tokens, router weights and distinct expert ids for ``T`` tokens (seeded by ``T``)."""
+    gen = torch.Generator(device=device).manual_seed(T)
+    x = torch.randn(T, spec.hidden_size, generator=gen, device=device).to(spec.dtype)
+    topk_w = torch.rand(T, spec.top_k, generator=gen, device=device)
+    topk_ids = torch.rand(T, spec.num_experts, generator=gen, device=device).argsort(1)[:, : spec.top_k].int()
+    return x, topk_w, topk_ids
+
+
+def _stages(launches: list[Launch]) -> tuple[list[Launch], list[Launch], Launch, list[Launch]]:
+    """:func:`fused_moe_launches`' launches as (token pre-pass, GEMM 1 with the intermediate's
+    pre-pass, GEMM 2, combine)."""
+    kernels = _kernels()
+    i1 = next(i for i, launch in enumerate(launches) if launch[0] is kernels.moe_gemm1)
+    i2 = next(i for i, launch in enumerate(launches) if launch[0] is kernels.moe_gemm2)
+    return launches[:i1], launches[i1:i2], launches[i2], launches[i2 + 1 :]
+
+
+def _run_all(launches: list[Launch]) -> None:
+    for launch in launches:
+        run_launch(*launch)
 
 
 def _time_block_m(
@@ -153,39 +286,59 @@ def _time_block_m(
     T: int,
     block_m: int,
     device: torch.device,
-    timer: Callable[[Callable[[], None]], float],
+    search: _Search,
     space: str,
 ) -> tuple[float, MoEConfig, dict[str, float]]:
     """Best GEMM configs for ``block_m`` at ``T`` tokens, and the stage times of that choice."""
-    gen = torch.Generator(device=device).manual_seed(T)
-    x = torch.randn(T, spec.hidden_size, generator=gen, device=device).to(spec.dtype)
-    topk_w = torch.rand(T, spec.top_k, generator=gen, device=device)
-    topk_ids = torch.rand(T, spec.num_experts, generator=gen, device=device).argsort(1)[:, : spec.top_k].int()
-    direct = spec.top_k == 1 and "expert_map" not in tensors
-    y = torch.empty(T * spec.top_k, spec.hidden_size, dtype=spec.dtype, device=device)
+    timer = search.timer
+    x, topk_w, topk_ids = _inputs(spec, T, device)
     out = torch.empty(T, spec.hidden_size, dtype=spec.dtype, device=device)
     blocks = sort_tokens(spec, topk_ids, tensors, block_m)
     t_sort = timer(lambda: sort_tokens(spec, topk_ids, tensors, block_m))
-    inter = torch.empty(blocks.sorted_ids.numel(), spec.intermediate_size, dtype=spec.dtype, device=device)
+
+    def launches(g1: GemmConfig, g2: GemmConfig) -> list[Launch]:
+        return fused_moe_launches(spec, x, tensors, topk_w, topk_ids, out, MoEConfig(block_m, g1, g2), blocks)
+
+    def make1(c: GemmConfig) -> Callable[[], None]:
+        pre, stage1, _, _ = _stages(launches(c, c))
+        _run_all(pre)
+        return lambda: _run_all(stage1)
+
+    def fill(nb: int) -> Fill:
+        return lambda round_, best: _candidates(round_, best, block_m, nb, spec.quant)
+
     nb1 = 2 if spec.is_gated else 1
-    space1 = gemm_space(block_m, nb1, space)
-    g1, t1 = _best(
-        space1, lambda c: launch_gemm1(spec, x, tensors, blocks, topk_w, c, inter), timer, block_m, nb1
-    )
-    launch_gemm1(spec, x, tensors, blocks, topk_w, g1, inter)
-    space2 = gemm_space(block_m, 1, space)
-    g2, t2 = _best(
-        space2, lambda c: launch_gemm2(spec, inter, tensors, blocks, topk_w, c, y, direct), timer, block_m, 1
-    )
-    t_comb = 0.0 if direct else timer(lambda: launch_combine(spec, y, topk_ids, tensors, out))
-    total = t_sort + t1 + t2 + t_comb
-    parts = {"sort_us": t_sort, "gemm1_us": t1, "gemm2_us": t2, "combine_us": t_comb, "total_us": total}
+    g1, t1 = search.best(gemm_space(block_m, nb1, space, spec), make1, fill(nb1))
+    final: list[list[Launch]] = []
+
+    def make2(c: GemmConfig) -> Callable[[], None]:
+        pre, stage1, gemm2, post = _stages(launches(g1, c))
+        _run_all(pre + stage1)
+        final[:] = [pre, post]
+        return lambda: run_launch(*gemm2)
+
+    g2, t2 = search.best(gemm_space(block_m, 1, space, spec), make2, fill(1))
+    pre, post = final
+    t_quant = timer(lambda: _run_all(pre)) if pre else 0.0
+    t_comb = timer(lambda: _run_all(post)) if post else 0.0
+    total = t_sort + t_quant + t1 + t2 + t_comb
+    parts = {
+        "sort_us": t_sort,
+        "quant_us": t_quant,
+        "gemm1_us": t1,
+        "gemm2_us": t2,
+        "combine_us": t_comb,
+        "total_us": total,
+    }
     return total, MoEConfig(block_m, g1, g2), parts
 
 
-def decode_space(base: GemmConfig, space: str = "full") -> list[list[GemmConfig]]:
+def decode_space(
+    base: GemmConfig, space: str = "full", spec: MoESpec | None = None
+) -> list[list[GemmConfig]]:
     """Config rounds for one decode launch around the heuristic's ``base``: tiles, then pipelines
-    (templates with ``block_n == 0`` as in :func:`gemm_space`); ``small``: ``base`` alone."""
+    (templates with ``block_n == 0`` as in :func:`gemm_space`); ``small``: ``base`` alone.
+    ``spec``: tiles as the decode kernels launch them (fp8_block: its K block), each once."""
     if space not in SPACES:
         raise ValueError(f"unknown tuning space {space!r}; expected one of {SPACES}")
     if space == "small":
@@ -193,25 +346,20 @@ def decode_space(base: GemmConfig, space: str = "full") -> list[list[GemmConfig]
     tile_n = (4, 8, 16) if space == "quick" else (4, 8, 16, 32)
     tile_k = (256, 512) if space == "quick" else (128, 256, 512)
     tiles = [GemmConfig(bn, bk, base.num_warps, base.num_stages, 1) for bn in tile_n for bk in tile_k]
+    if spec is not None:
+        tiles = _unique(replace(c, block_k=_decode_block_k(spec, c)) for c in tiles)
     warps = (2, 4, 8)
     stages = (1, 2, 3) if space == "quick" else (1, 2, 3, 4)
     return [tiles, [GemmConfig(0, 0, w, st, 1) for w in warps for st in stages]]
 
 
-def _best_decode(rounds: list[list[GemmConfig]], run: Callable[[GemmConfig], None], timer) -> tuple:
-    best, best_us = None, float("inf")
-    for round_ in rounds:
-        for cfg in round_:
-            if cfg.block_n == 0:
-                if best is None:
-                    continue
-                cfg = GemmConfig(best.block_n, best.block_k, cfg.num_warps, cfg.num_stages, 1)
-            us = _time_config(cfg, run, timer)
-            if us is not None and us < best_us:
-                best, best_us = cfg, us
-    if best is None:
-        raise RuntimeError("no decode config compiled and ran for this shape")
-    return best, best_us
+def _decode_fill(round_: list[GemmConfig], best: GemmConfig | None) -> Iterable[GemmConfig]:
+    for cfg in round_:
+        if cfg.block_n == 0:
+            if best is None:
+                continue
+            cfg = GemmConfig(best.block_n, best.block_k, cfg.num_warps, cfg.num_stages, 1)
+        yield cfg
 
 
 def _time_decode(
@@ -219,14 +367,11 @@ def _time_decode(
     tensors: dict[str, torch.Tensor],
     T: int,
     device: torch.device,
-    timer: Callable[[Callable[[], None]], float],
+    search: _Search,
     space: str,
 ) -> tuple[DecodeConfig, dict[str, float]]:
     """The decode path's best tiles at ``T`` (GEMM 1, then GEMM 2 on its output) and their times."""
-    gen = torch.Generator(device=device).manual_seed(T)
-    x = torch.randn(T, spec.hidden_size, generator=gen, device=device).to(spec.dtype)
-    topk_w = torch.rand(T, spec.top_k, generator=gen, device=device)
-    topk_ids = torch.rand(T, spec.num_experts, generator=gen, device=device).argsort(1)[:, : spec.top_k].int()
+    x, topk_w, topk_ids = _inputs(spec, T, device)
     out = torch.empty(T, spec.hidden_size, dtype=spec.dtype, device=device)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -234,22 +379,21 @@ def _time_decode(
     else:
         base = configs.decode_heuristic(spec, T, 8, False)
 
-    def launches(g1: GemmConfig, g2: GemmConfig) -> list:
+    def launches(g1: GemmConfig, g2: GemmConfig) -> list[Launch]:
         return decode_launches(spec, x, tensors, topk_w, topk_ids, out, DecodeConfig(g1, g2))
 
-    def run1(c: GemmConfig) -> None:
-        run_launch(*launches(c, base.gemm2)[0])
+    def make1(c: GemmConfig) -> Callable[[], None]:
+        gemm1 = launches(c, base.gemm2)[0]
+        return lambda: run_launch(*gemm1)
 
-    g1, t1 = _best_decode(decode_space(base.gemm1, space), run1, timer)
-    prepared: dict[GemmConfig, list] = {}
+    g1, t1 = search.best(decode_space(base.gemm1, space, spec), make1, _decode_fill)
 
-    def run2(c: GemmConfig) -> None:
-        if c not in prepared:  # GEMM 1 once per candidate: GEMM 2 reads its intermediate
-            prepared[c] = launches(g1, c)
-            run_launch(*prepared[c][0])
-        run_launch(*prepared[c][1])
+    def make2(c: GemmConfig) -> Callable[[], None]:
+        gemm1, gemm2 = launches(g1, c)
+        run_launch(*gemm1)  # GEMM 2 reads its intermediate
+        return lambda: run_launch(*gemm2)
 
-    g2, t2 = _best_decode(decode_space(base.gemm2, space), run2, timer)
+    g2, t2 = search.best(decode_space(base.gemm2, space, spec), make2, _decode_fill)
     return DecodeConfig(g1, g2), {"gemm1_us": t1, "gemm2_us": t2, "total_us": t1 + t2}
 
 
@@ -264,7 +408,8 @@ def tune_layer(
 ) -> dict[str, dict]:
     """Best :class:`MoEConfig` per token bucket for ``spec``: ``{bucket: config json}`` (plus timings).
 
-    ``space`` is one of :data:`SPACES`.
+    ``space`` is one of :data:`SPACES`. ``weights`` (default: random ones) may be
+    high-precision canonical weights of a quantized ``spec``: they are quantized first.
     """
     device = torch.device(device)
     timer = _timer(device)
@@ -275,15 +420,17 @@ def tune_layer(
     for step, T in enumerate(tokens):
         if progress:
             progress(f"{configs.layer_key(spec)} T={T}", step, len(tokens))
+        search = _Search(timer)
         timings = [
-            _time_block_m(spec, tensors, T, block_m, device, timer, space) for block_m in _block_ms(spec, T)
+            _time_block_m(spec, tensors, T, block_m, device, search, space) for block_m in _block_ms(spec, T)
         ]
         _, config, parts = min(timings, key=lambda r: r[0])
         entry = {**config.to_json(), "tuned_at_tokens": T, "timing": parts}
         if T == 1 and configs.use_decode(T, spec.top_k, spec.num_experts):
-            decode, decode_parts = _time_decode(spec, tensors, T, device, timer, space)
+            decode, decode_parts = _time_decode(spec, tensors, T, device, search, space)
             use = decode_parts["total_us"] < parts["total_us"]
             entry["decode"] = {"use": use, **decode.to_json(), "timing": decode_parts}
+        entry["searched"] = [search.timed, search.failed]
         result[configs.t_bucket(T)] = entry
     if progress:
         progress(configs.layer_key(spec), len(tokens), len(tokens))

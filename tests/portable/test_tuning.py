@@ -1,0 +1,169 @@
+"""moe_plugin_portable.tuning for quantized layers: spaces within the kernels' constraints, a tuned
+table entry per scheme that the runtime looks up and that computes the right result, ``moe tune --quant``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import moe_core
+from moe_core import DeviceInfo, MoESpec, QuantScheme
+from moe_core.cli import main
+from moe_core.presets import get_preset
+from moe_core.reference import fused_experts_reference
+from moe_core.testing import random_expert_weights, relative_error, tolerance
+from moe_plugin_portable import configs, experts, tuning
+from moe_plugin_portable.configs import GemmConfig
+
+from .helpers import DEVICE, needs_triton
+
+#: tiny layers (few decode programs in the interpreter; mxfp4: multiples of 32 along K)
+_TINY = {"num_experts": 5, "top_k": 2, "hidden_size": 64, "intermediate_size": 32}
+QUANT_SPECS = {
+    # GEMM 1's tiles (32, 64 wide) hold no whole 128 group: the intermediate takes the pre-pass
+    "fp8_block": MoESpec(**_TINY, quant=QuantScheme("fp8_block")),
+    "mxfp4": MoESpec(**_TINY, quant=QuantScheme("mxfp4"), activation="swiglu_oai", has_bias=True),
+    "mxfp4_w4a8": MoESpec(**_TINY, quant=QuantScheme("mxfp4", activation="fp8_per_tensor")),
+}
+H200 = DeviceInfo.parse("sm_90")
+
+
+def _all_configs(rounds: list[list[GemmConfig]]) -> list[GemmConfig]:
+    return [c for round_ in rounds for c in round_ if c.block_n]
+
+
+@pytest.mark.parametrize("space", ["quick", "full"])
+def test_quantized_spaces_launch_as_listed_and_fit(space):
+    """Every tile is the launch the kernel makes of it (fp8_block: K steps dividing the block;
+    mxfp4: 32 or more), listed once, within shared memory and registers for its element sizes."""
+    for scheme in ("fp8", "fp8_block", "mxfp4"):
+        spec = get_preset("deepseek-v3-tp8").moe_spec(torch.bfloat16, scheme)
+        for block_m in (16, 32, 64, 128):
+            for nb in (1, 2):
+                tiles = _all_configs(tuning.gemm_space(block_m, nb, space, spec))
+                assert tiles and len(set(tiles)) == len(tiles), (scheme, block_m, nb)
+                for cfg in tiles:
+                    assert experts._block_k(spec, cfg) == cfg.block_k, (scheme, cfg)
+                    assert tuning._fits(cfg, block_m, nb, spec.quant), (scheme, block_m, cfg)
+                    if scheme == "fp8_block":
+                        assert 128 % cfg.block_k == 0
+    # a smaller fp8_block block: K steps within it, each tile once
+    small = get_preset("deepseek-v3-tp8").moe_spec(
+        torch.bfloat16, QuantScheme("fp8_block", block_shape=(32, 32))
+    )
+    for rounds in (tuning.gemm_space(16, 2, space, small), tuning.gemm_space(16, 2, "small", small)):
+        tiles = _all_configs(rounds)
+        assert {c.block_k for c in tiles} == {32} and len(set(tiles)) == len(tiles)
+    # one byte per element: tiles a bf16 layer cannot hold (and longer K steps)
+    fp8 = get_preset("deepseek-v3-tp8").moe_spec(torch.bfloat16, "fp8")
+    bf16 = fp8.replace(quant=QuantScheme("bf16"))
+    big = GemmConfig(128, 128, 8, 3, 8)
+    assert big in _all_configs(tuning.gemm_space(64, 2, space, fp8))
+    assert big not in _all_configs(tuning.gemm_space(64, 2, space, bf16))
+    assert not tuning._fits(big, 64, 2) and tuning._fits(big, 64, 2, fp8.quant)
+    assert max(c.block_k for c in _all_configs(tuning.gemm_space(16, 2, "quick", fp8))) == 256
+    # accumulators beyond the registers: not proposed for a quantized layer
+    block = get_preset("deepseek-v3-tp8").moe_spec(torch.bfloat16, "fp8_block")
+    assert not tuning._fits(GemmConfig(128, 64, 8, 3, 8), 128, 2, block.quant)
+    # decode tiles: fp8_block's K step is its block, so the K steps of the space are one
+    base = configs.decode_heuristic(block, 1, 132, False).gemm1
+    tiles = tuning.decode_space(base, space, block)[0]
+    assert {c.block_k for c in tiles} == {128} and len(tiles) == len({c.block_n for c in tiles})
+
+
+def test_search_times_each_config_once():
+    """The pipeline round does not re-time the best tile, nor any config twice."""
+    spec = get_preset("deepseek-v3-tp8").moe_spec(torch.bfloat16, "fp8_block")
+    timed: list[GemmConfig] = []
+
+    def make(cfg: GemmConfig):
+        timed.append(cfg)
+        return lambda: None
+
+    search = tuning._Search(lambda fn: 1.0)
+    rounds = tuning.gemm_space(16, 2, "quick", spec)
+    best, _ = search.best(rounds, make, lambda r, b: tuning._candidates(r, b, 16, 2, spec.quant))
+    assert best == rounds[0][0] and len(timed) == len(set(timed)) == search.timed
+    assert search.failed == 0
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["fp8_block", "mxfp4", "mxfp4_w4a8"])
+def test_tuned_quantized_entry_is_what_apply_runs(name, tmp_path, monkeypatch):
+    """Tuning a quantized layer times its own launches (no fallback to bf16: every candidate ran,
+    activations quantized by the pre-pass), writes the layer's key, and the runtime's lookup for a
+    call returns the tuned configs, which compute the layer within its tolerance."""
+    spec = QUANT_SPECS[name]
+    weights = random_expert_weights(spec, device=DEVICE, seed=1)
+    entry = tuning.tune_layer(spec, DEVICE, tokens=(1,), weights=weights, space="small")["1"]
+    assert entry["searched"] == [4 + 2, 0]  # sorted: 2 + 2 candidates; decode: 1 + 1; none failed
+    assert (entry["timing"]["quant_us"] > 0) == (spec.quant.activation != "none")
+    cfg = configs.MoEConfig.from_json(entry)
+    assert all(experts._block_k(spec, g) == g.block_k for g in (cfg.gemm1, cfg.gemm2))
+    assert cfg != configs.heuristic_config(spec, 1, 8, False)  # (small space: stages 2)
+    decode = configs.DecodeConfig.from_json(entry["decode"])
+    key = configs.layer_key(spec)
+    assert spec.quant.name in key
+    tuning.write_table("Fake GPU", {key: {"1": entry}}, tmp_path, "3.x")
+
+    monkeypatch.setenv("MOE_PORTABLE_CONFIG_DIR", str(tmp_path))
+    monkeypatch.setattr(configs, "_device_facts", lambda index: ("Fake GPU", 8, False))
+    configs._load_table.cache_clear()
+    try:  # what fused_moe (moe_apply) looks up for a call of 1 token on that GPU
+        gpu = torch.device("cuda", 0)
+        want = (decode, None) if entry["decode"]["use"] else (None, cfg)
+        assert experts._configs(spec, 1, gpu, experts._env_key()) == want
+        assert configs.lookup_config(spec, 1, gpu) == cfg
+    finally:
+        configs._load_table.cache_clear()
+    plan = moe_core.moe_plan(spec, DEVICE)
+    assert plan.kernel == "portable.triton.fused_moe", plan.explain()
+    tensors = plan.prepare(weights).tensors
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    x = torch.randn(4, spec.hidden_size, generator=gen, device=DEVICE).to(spec.dtype)
+    w = torch.rand(4, spec.top_k, generator=gen, device=DEVICE) + 0.05
+    ids = torch.rand(4, spec.num_experts, generator=gen, device=DEVICE).argsort(1)[:, : spec.top_k].int()
+    ref = fused_experts_reference(spec, x, weights, w, ids, compute_dtype=torch.float64)
+    for config in (cfg, decode):
+        out = torch.full_like(x, float("nan"))
+        experts.fused_moe(spec, x, tensors, w, ids, out, config=config)
+        assert relative_error(out, ref) <= tolerance(spec), config
+
+
+@needs_triton
+def test_cli_tune_passes_the_quant_scheme(tmp_path, monkeypatch, capsys):
+    """``moe tune --model M --quant Q``: the plugin tunes the quantized layer and writes its key."""
+    tuned: list[MoESpec] = []
+    real = tuning.tune_layer
+
+    def small(spec, device, tokens, **kwargs):
+        tuned.append(spec)
+        return real(spec, device, tokens, **{**kwargs, "space": "small"})
+
+    monkeypatch.setattr(tuning, "tune_layer", small)
+    monkeypatch.setattr(moe_core, "device_info", lambda device: H200)  # the plugin tunes GPUs only
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    args = ["tune", "--model", "tiny-gpt-oss", "--quant", "mxfp4", "--plugin", "portable", "--no-dispatch"]
+    assert main([*args, "--device", DEVICE, "--tokens", "3", "--out", str(tmp_path)]) == 0
+    paths = json.loads(capsys.readouterr().out)["portable"]
+    spec = get_preset("tiny-gpt-oss").moe_spec(torch.bfloat16, "mxfp4")
+    assert tuned == [spec]
+    table = json.loads(Path(paths[0]).read_text())
+    assert list(table["configs"]) == [configs.layer_key(spec)] and "mxfp4" in configs.layer_key(spec)
+    assert table["configs"][configs.layer_key(spec)]["8"]["searched"][1] == 0
+    # a scheme the kernel does not run: nothing tuned
+    nvfp4 = [*args[:4], "nvfp4", *args[5:], "--device", DEVICE, "--out", str(tmp_path)]
+    assert main(nvfp4) == 1
+    assert len(tuned) == 1
+
+
+def test_refusal_names_what_the_kernel_does_not_run():
+    spec = get_preset("deepseek-v3-tp8").moe_spec(torch.bfloat16, "fp8_block")
+    assert tuning.refusal(spec, H200) is None
+    assert "nvfp4" in tuning.refusal(spec.replace(quant=QuantScheme("nvfp4")), H200)
+    assert "sm_89" in tuning.refusal(spec, DeviceInfo.parse("sm_80"))
+    fp16_w4a16 = get_preset("gpt-oss-120b").moe_spec(torch.float16, "mxfp4")
+    assert "bf16 activations" in tuning.refusal(fp16_w4a16, H200)
