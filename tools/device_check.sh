@@ -8,7 +8,9 @@
 #   quant    moe bench for fp8 / fp8_block / mxfp4 against this plugin's bf16 (QUANT_MODELS, QUANT_TOKENS, QUANTS)
 #   sorting  benchmarks/amd_sorting.py and benchmarks/routing_sorting.py
 #   full     moe bench on every BENCHMARKS.md shape, FULL_DTYPES (vLLM peer when .peers/vllm is carried)
-#   tune     tools/tune_device.py for every benchmark shape -> $OUT/logs/configs
+#   tune     tools/tune_device.py, once per ';'-separated argument set of TUNE_RUNS (e.g.
+#            "--models mixtral-8x7b;--models deepseek-v3-tp8 --quant fp8,fp8_block"; "": every shape, bf16)
+#            -> $OUT/logs/configs (TUNE_TIMEOUT, default 540)
 #   dispatch benchmarks/dispatch.py: per-T dispatch tuned for every benchmark shape vs each single backend
 #   hf       benchmarks/hf_generate.py: tokens/s of a small HF MoE model per experts backend -> $OUT/logs/hf
 #            (needs transformers and its deps as cp312 wheels in .whl: ../shared/tools/device-wheels.sh)
@@ -36,7 +38,7 @@ step quant "${QUANT_TIMEOUT:-300}" python3 -m moe_core bench --models "${QUANT_M
   --tokens "${QUANT_TOKENS:-1,8,32,512,2048}" --quant "${QUANTS:-bf16,fp8,fp8_block,mxfp4}" --out "$L/quant"
 step sorting 150 bash -c "python3 benchmarks/amd_sorting.py --out $L/amd-sorting.json && python3 benchmarks/routing_sorting.py --out $L/routing-sorting.json"
 step full "${FULL_TIMEOUT:-480}" python3 -m moe_core bench --dtypes "${FULL_DTYPES:-bf16,fp16}" --out "$L/full"
-step tune 540 python3 tools/tune_device.py --out "$L/configs"
+step tune "${TUNE_TIMEOUT:-540}" bash -c 'IFS=";"; for a in ${TUNE_RUNS:- }; do IFS=" "; python3 tools/tune_device.py --out "$0" $a; done' "$L/configs"
 step dispatch 540 python3 benchmarks/dispatch.py --budget-s "${DISPATCH_BUDGET_S:-400}" --out "$L/dispatch"
 step hf 300 python3 benchmarks/hf_generate.py ${HF_ARGS:-} --out "$L/hf"
 step decode $(( ${DECODE_BUDGET_S:-420} + 60 )) python3 tools/profile_apply.py --budget-s "${DECODE_BUDGET_S:-420}" ${DECODE_ARGS:-} --out "$L/decode"

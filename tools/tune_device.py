@@ -33,7 +33,7 @@ MODELS = "qwen3-30b-a3b,qwen3-235b-a22b-tp8,deepseek-v3-tp8,gpt-oss-20b,gpt-oss-
 
 def scheme(name: str) -> QuantScheme:
     """A ``--quant`` name as a scheme: a portable variant, else a ``moe_core`` scheme name."""
-    return QUANT_VARIANTS.get(name) or QuantScheme(name)
+    return QUANT_VARIANTS.get(name) or QuantScheme.parse(name)
 
 
 def main() -> None:

@@ -112,10 +112,11 @@ def test_tuned_quantized_entry_is_what_apply_runs(name, tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_PORTABLE_CONFIG_DIR", str(tmp_path))
     monkeypatch.setattr(configs, "_device_facts", lambda index: ("Fake GPU", 8, False))
     configs._load_table.cache_clear()
-    try:  # what fused_moe (moe_apply) looks up for a call of 1 token on that GPU
+    try:  # what fused_moe (moe_apply) looks up for a call of 1 token on that GPU, captured in a graph
         gpu = torch.device("cuda", 0)
         want = (decode, None) if entry["decode"]["use"] else (None, cfg)
-        assert experts._configs(spec, 1, gpu, experts._env_key()) == want
+        captured = (*experts._env_key(torch.device("cpu"))[:-1], "capturing")
+        assert experts._configs(spec, 1, gpu, captured) == want
         assert configs.lookup_config(spec, 1, gpu) == cfg
     finally:
         configs._load_table.cache_clear()
