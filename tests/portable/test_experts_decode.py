@@ -196,7 +196,9 @@ def test_lookup_decode_env_and_table(tmp_path, monkeypatch):
         assert configs.lookup_decode(spec, 1, gpu, capturing=True) is None
         assert configs.lookup_decode(spec, 1, gpu) == configs.decode_heuristic(spec, 1, 132, False)
         monkeypatch.setenv("MOE_PORTABLE_DECODE", "rule")
-        assert configs.lookup_decode(spec, 1, gpu, capturing=True) == configs.decode_heuristic(spec, 1, 132, False)
+        assert configs.lookup_decode(spec, 1, gpu, capturing=True) == configs.decode_heuristic(
+            spec, 1, 132, False
+        )
         assert configs.lookup_decode(spec, 8, gpu, capturing=True) is None
         monkeypatch.setenv("MOE_PORTABLE_DECODE", "1")
         assert configs.lookup_decode(spec, 8, gpu, capturing=True) is not None

@@ -726,7 +726,9 @@ def fused_moe(
     topk_weights = topk_weights.contiguous()
     topk_ids = topk_ids.contiguous()
     if config is None:
-        decode, cfg = _configs(spec, hidden_states.shape[0], hidden_states.device, _env_key(hidden_states.device))
+        decode, cfg = _configs(
+            spec, hidden_states.shape[0], hidden_states.device, _env_key(hidden_states.device)
+        )
     else:
         decode, cfg = (config, None) if isinstance(config, DecodeConfig) else (None, config)
     if decode is not None:
