@@ -93,6 +93,7 @@ from typing import NamedTuple
 
 import torch
 
+from .device import DeviceInfo, triton_refusal
 from .errors import MoEInputError
 from .registry import dispatch_op
 from .validation import (
@@ -118,6 +119,7 @@ __all__ = [
     "moe_sorting_reference",
     "ragged_metadata",
     "ragged_metadata_reference",
+    "single_program_refusal",
 ]
 
 _INT32_MAX = 2**31 - 1
@@ -174,6 +176,22 @@ class SortingRequest:
         block = "" if self.block_size is None else f" block={self.block_size}"
         ep = " expert_map" if self.expert_parallel else ""
         return f"{self.op} E={self.num_experts} top_k={self.top_k}{block} ids={self.ids_dtype}{ep}"
+
+
+def single_program_refusal(
+    request: SortingRequest, device: DeviceInfo, max_experts: int, why: str
+) -> str | None:
+    """The refusal of a Triton sorter that keeps per-expert state in one program's registers:
+    Triton must run on ``device`` (:func:`moe_core.device.triton_refusal`), ``num_experts`` at most
+    ``max_experts`` (``why`` says what the limit is), ``topk_ids`` int32 or int64. ``None``: usable."""
+    reason = triton_refusal(device)
+    if reason:
+        return reason
+    if request.num_experts > max_experts:
+        return f"num_experts={request.num_experts} > {max_experts}: {why}"
+    if request.ids_dtype not in (torch.int32, torch.int64):
+        return f"topk_ids dtype {request.ids_dtype} not supported (int32, int64)"
+    return None
 
 
 # ----------------------------------------------------------------------------- sizes

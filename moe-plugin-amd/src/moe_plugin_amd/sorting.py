@@ -39,9 +39,15 @@ from typing import Any
 import torch
 
 from moe_core import DeviceInfo, KernelEntry
-from moe_core.sorting import SortedTokens, SortingRequest, max_num_blocks, moe_sorting_reference
+from moe_core.sorting import (
+    SortedTokens,
+    SortingRequest,
+    max_num_blocks,
+    moe_sorting_reference,
+    single_program_refusal,
+)
 
-from ._common import PRIORITY_SORTING, PRIORITY_SORTING_HIP, triton_refusal
+from ._common import PRIORITY_SORTING, PRIORITY_SORTING_HIP
 
 __all__ = [
     "CHUNK",
@@ -79,7 +85,6 @@ FILL_TILE = 1024
 FILL_UNITS = 64
 
 PATHS = ("oneshot", "expert", "tiled")
-_ID_DTYPES = (torch.int32, torch.int64)
 
 
 def _pow2(n: int) -> int:
@@ -320,17 +325,9 @@ def moe_sorting_triton(
 
 
 def _supports(request: SortingRequest, device: DeviceInfo) -> str | None:
-    reason = triton_refusal(device)
-    if reason:
-        return reason
-    if request.num_experts > MAX_EXPERTS:
-        return (
-            f"num_experts={request.num_experts} > {MAX_EXPERTS}: per-expert counts and offsets live "
-            "in one program's registers"
-        )
-    if request.ids_dtype not in _ID_DTYPES:
-        return f"topk_ids dtype {request.ids_dtype} not supported (int32, int64)"
-    return None
+    return single_program_refusal(
+        request, device, MAX_EXPERTS, "per-expert counts and offsets live in one program's registers"
+    )
 
 
 def kernel_entries() -> list[KernelEntry]:

@@ -38,9 +38,10 @@ from moe_core.sorting import (
     max_padded_len,
     moe_sorting_reference,
     ragged_metadata_reference,
+    single_program_refusal,
 )
 
-from ._common import PRIORITY, triton_refusal
+from ._common import PRIORITY
 from ._launch import run_launch
 
 __all__ = [
@@ -70,7 +71,6 @@ FILL_PER_PROGRAM = 4096
 #: ``hist`` elements loaded per step on the two-launch path.
 HIST_TILE = 4096
 
-_ID_DTYPES = (torch.int32, torch.int64)
 
 
 def _pow2(n: int) -> int:
@@ -333,17 +333,9 @@ def ragged_metadata_triton(
 
 
 def _supports(request: SortingRequest, device: DeviceInfo) -> str | None:
-    reason = triton_refusal(device)
-    if reason:
-        return reason
-    if request.num_experts > MAX_EXPERTS:
-        return (
-            f"num_experts={request.num_experts} > {MAX_EXPERTS}: the per-expert scans run in one "
-            "program's registers"
-        )
-    if request.ids_dtype not in _ID_DTYPES:
-        return f"topk_ids dtype {request.ids_dtype} not supported (int32, int64)"
-    return None
+    return single_program_refusal(
+        request, device, MAX_EXPERTS, "the per-expert scans run in one program's registers"
+    )
 
 
 def kernel_entries() -> list[KernelEntry]:
