@@ -9,6 +9,8 @@
 #   plan     moe plan / moe run --explain with the nvidia plugin (bf16 mixtral, qwen3, gpt-oss-20b)
 #   tune     moe tune --plugin nvidia --no-dispatch for TUNE_MODELS x TUNE_QUANTS (default qwen3-30b-a3b mixtral-8x7b,
 #            bf16; fp8 as fp8/w:per_tensor/a:fp8_per_tensor) at TUNE_TOKENS (tables -> $OUT/logs/tuned)
+#   hf       the HF transformers GPU tests (tests/integrations, -m gpu) and benchmarks/hf_generate.py with the
+#            GPU plugins installed (transformers + deps as cp312 wheels in .whl: ../shared/tools/device-wheels.sh)
 #   bench    benchmarks/nvidia_overhead.py: plugin vs direct FlashInfer (tuned, autotuned, untuned), BENCH_QUANTS (bf16,fp8)
 # Carry: .whl third_party/flashinfer-device     Usage: STEPS="doctor tests" bash tools/device_nvidia.sh
 set -uo pipefail
@@ -32,7 +34,7 @@ export FLASHINFER_DISABLE_JIT=1            # a missing module must fail, not com
 export FLASHINFER_WORKSPACE_BASE=/tmp/fiws # FlashInfer writes its generated sources and logs here
 export MOE_NVIDIA_TUNE_DIR="$L/tuned"      # `moe tune` writes here, the plugin reads it
 export MOE_BENCH_COMMIT=$(cat .whl/COMMIT 2>/dev/null)
-STEPS=${STEPS:-doctor tests plan tune bench}
+STEPS=${STEPS:-doctor tests plan hf tune bench}
 source "$(dirname "$0")/device_steps.sh"  # step NAME LIMIT_S COMMAND...
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader
@@ -48,6 +50,8 @@ step tests "${TEST_TIMEOUT:-240}" bash -c 'python3 -m pytest -q -m gpu tests/nvi
   python3 -m pytest -q -p no:cacheprovider --pyargs moe_core.conformance --moe-kernel nvidia.flashinfer.cutlass'
 step plan 90 bash -c 'for m in mixtral-8x7b qwen3-30b-a3b gpt-oss-20b; do python3 -m moe_core plan --model $m; done;
   python3 -m moe_core run --model qwen3-30b-a3b --tokens 64 --explain; python3 -m moe_core run --model mixtral-8x7b --tokens 7'
+step hf "${HF_TIMEOUT:-240}" bash -c "python3 -m pytest -q -m gpu tests/integrations -p no:cacheprovider -rs -s;
+  python3 benchmarks/hf_generate.py ${HF_ARGS:-} --out $L/hf"
 step tune "${TUNE_TIMEOUT:-240}" bash -c 'for q in ${TUNE_QUANTS:-bf16}; do for m in ${TUNE_MODELS:-qwen3-30b-a3b mixtral-8x7b}; do
   python3 -m moe_core tune --model $m --plugin nvidia --quant $q --no-dispatch --tokens "${TUNE_TOKENS:-1,32,512,4096}"; done; done
   ls -la "$MOE_NVIDIA_TUNE_DIR"'
