@@ -47,7 +47,7 @@ import time; t = time.time()
 from flashinfer.fused_moe.core import get_cutlass_fused_moe_module
 m = get_cutlass_fused_moe_module(\"90\")
 print(\"fused_moe_90 loaded from the AOT slot in %.1f s:\" % (time.time() - t), m)"'
-step tests "${TEST_TIMEOUT:-240}" bash -c 'python3 -m pytest -q -m gpu tests/nvidia -p no:cacheprovider --durations=10 -rs;
+step tests "${TEST_TIMEOUT:-240}" bash -c 'python3 -m pytest -q -m gpu tests/nvidia -p no:cacheprovider --durations=10 -rs ${TEST_ARGS:-};
   python3 -m pytest -q -p no:cacheprovider --pyargs moe_core.conformance --moe-kernel nvidia.flashinfer.cutlass'
 step plan 90 bash -c 'for m in mixtral-8x7b qwen3-30b-a3b gpt-oss-20b; do python3 -m moe_core plan --model $m; done;
   python3 -m moe_core run --model qwen3-30b-a3b --tokens 64 --explain; python3 -m moe_core run --model mixtral-8x7b --tokens 7'
