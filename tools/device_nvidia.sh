@@ -11,6 +11,7 @@
 #            bf16; fp8 as fp8/w:per_tensor/a:fp8_per_tensor) at TUNE_TOKENS (tables -> $OUT/logs/tuned)
 #   hf       the HF transformers GPU tests (tests/integrations, -m gpu) and benchmarks/hf_generate.py with the
 #            GPU plugins installed (transformers + deps as cp312 wheels in .whl: ../shared/tools/device-wheels.sh)
+#   tactics  tools/nvidia_tactics.py: which of FlashInfer's cutlass tactics run with the prebuilt module, and why not
 #   suite    moe bench $SUITE_ARGS with every installed plugin (e.g. "--models qwen3-30b-a3b --tokens 1,32 --quant bf16,fp8")
 #   bench    benchmarks/nvidia_overhead.py: plugin vs direct FlashInfer (tuned, autotuned, untuned), BENCH_QUANTS (bf16,fp8)
 # Carry: .whl third_party/flashinfer-device     Usage: STEPS="doctor tests" bash tools/device_nvidia.sh
@@ -56,6 +57,7 @@ step hf "${HF_TIMEOUT:-240}" bash -c "python3 -m pytest -q -m gpu tests/integrat
 step tune "${TUNE_TIMEOUT:-240}" bash -c 'for q in ${TUNE_QUANTS:-bf16}; do for m in ${TUNE_MODELS:-qwen3-30b-a3b mixtral-8x7b}; do
   python3 -m moe_core tune --model $m --plugin nvidia --quant $q --no-dispatch --tokens "${TUNE_TOKENS:-1,32,512,4096}"; done; done
   ls -la "$MOE_NVIDIA_TUNE_DIR"'
+step tactics "${TACTICS_TIMEOUT:-200}" python3 tools/nvidia_tactics.py ${TACTICS_ARGS:-}
 step suite "${SUITE_TIMEOUT:-240}" python3 -m moe_core bench ${SUITE_ARGS:-} --out "$L/suite"
 step bench "${BENCH_TIMEOUT:-240}" python3 benchmarks/nvidia_overhead.py --models "${BENCH_MODELS:-mixtral-8x7b,qwen3-30b-a3b}" \
   --tokens "${BENCH_TOKENS:-1,32,512,4096}" --quant "${BENCH_QUANTS:-bf16}" --out "$L/nvidia-overhead.json"
