@@ -165,6 +165,8 @@ def test_tune_cache_is_used(tmp_path, monkeypatch):
     tuning.clear_cache()
     spec = MoESpec(8, 2, 256, 128)
     entry = tuning.tune_layer(spec, torch.device("cuda"), [4])
+    searched = entry["searched"]["4"]
+    assert searched["gemm1"]["count"] > 1 and searched["gemm2"]["count"] > 1, searched  # tactics enumerated
     name = torch.cuda.get_device_name()
     tuning.merge_table(tmp_path / tuning.table_name(name), name, "x", {tuning.layer_key(spec): entry})
     assert tuning.lookup(spec, name, 4) == entry["buckets"]["4"]

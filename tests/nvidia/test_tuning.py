@@ -116,3 +116,38 @@ def test_record_tactics_spies_on_the_tuner_and_restores_it():
     assert "choose_one" not in vars(tuner)  # the spy is gone
     with pytest.raises(ValueError):
         tuning.tactics_from({"trtllm::fused_moe::gemm1": 4})
+
+
+def test_search_tactics_times_gemm1_then_gemm2_through_the_call():
+    """Coordinate search as FlashInfer numbers tactics: GEMM 2's indices follow GEMM 1's (3 + 4 here)."""
+    calls = []
+    g1_cost = {-1: 50.0, 0: 30.0, 1: 20.0, 2: 25.0}
+    g2_cost = {-1: 40.0, 3: 35.0, 4: 10.0, 6: 12.0}
+
+    def time_call(ids):
+        calls.append(list(ids))
+        g1, g2 = ids
+        if g1 >= 3:
+            raise RuntimeError(f"Check failed: Invalid gemm1 profile id: {g1}")
+        if g2 != -1 and not 3 <= g2 < 7:
+            raise RuntimeError(f"Check failed: Invalid gemm2 profile id: {g2}")
+        if g2 == 5:
+            raise RuntimeError("tactic 5 failed to launch")
+        return g1_cost[g1] + g2_cost[g2]
+
+    best, record = tuning.search_tactics(time_call)
+    assert best == [1, 4]
+    assert record["gemm1"] == {"count": 3, "failed": 0, "best_us": 60.0}
+    assert record["gemm2"] == {"count": 4, "failed": 1, "best_us": 30.0}
+    assert record["default_us"] == 90.0
+    assert calls[:5] == [[-1, -1], [0, -1], [1, -1], [2, -1], [3, -1]]
+    assert calls[5:] == [[1, 3], [1, 4], [1, 5], [1, 6], [1, 7]]
+
+
+def test_search_tactics_keeps_the_default_when_nothing_beats_it():
+    def time_call(ids):
+        if ids[0] >= 0 or ids[1] >= 0:
+            raise RuntimeError(f"Invalid gemm{1 if ids[0] >= 0 else 2} profile id")
+        return 5.0
+
+    assert tuning.search_tactics(time_call)[0] == [-1, -1]

@@ -1,11 +1,17 @@
 """The tune cache: FlashInfer's chosen cutlass tactics per (GPU, layer, token bucket), as JSON.
 
 FlashInfer's autotuner lives in process memory and takes 26-88 s per shape;
-its untuned default tactic is 4-5x slower at T >= 32. ``moe tune`` runs the
-autotuner once per token bucket, records the two tactics FlashInfer then
-picks (GEMM 1 and GEMM 2, absolute indices of the runner's tactic list) and
-writes them here; at run time :func:`lookup` hands them to
-``cutlass_fused_moe(profile_ids=[g1, g2])``, which skips the autotuner.
+its untuned default tactic is 4-5x slower at T >= 32. ``moe tune`` times the
+tactics once per token bucket (GEMM 1 and GEMM 2, absolute indices of the
+runner's tactic list: GEMM 2's follow GEMM 1's) and writes the fastest here;
+at run time :func:`lookup` hands them to ``cutlass_fused_moe(profile_ids=[g1, g2])``,
+which skips the autotuner.
+
+The tactics are timed through the real call (:func:`search_tactics`), not through
+FlashInfer's autotuner: with a module built for some schemes only (``moe nvidia
+build``), the autotuner's profiling path fails for every tactic (measured on the
+H200: all 45 GEMM-1 and 81 GEMM-2 tactics "unsupported") and leaves the slow
+default, while every tactic runs when passed as ``profile_ids``.
 
 File: ``<dir>/<GPU name>.json`` (spaces -> ``_``)::
 
@@ -45,6 +51,7 @@ __all__ = [
     "read_table",
     "record_tactics",
     "resolve",
+    "search_tactics",
     "table_name",
     "tune_layer",
 ]
@@ -199,15 +206,53 @@ def tactics_from(seen: dict[str, Any]) -> list[int]:
     return [int(g1), int(g2)]
 
 
+def _invalid(exc: Exception, gemm: int) -> bool:
+    """True when ``exc`` is FlashInfer saying the index is past GEMM ``gemm``'s tactic list."""
+    return f"Invalid gemm{gemm} profile id" in str(exc)
+
+
+def search_tactics(
+    time_call: Callable[[list[int]], float], limit: int = 1024
+) -> tuple[list[int], dict[str, Any]]:
+    """The fastest ``[gemm1, gemm2]`` tactics by coordinate search over the real call.
+
+    ``time_call(profile_ids)`` times one call with those tactics (microseconds) or raises.
+    GEMM 1's tactics are 0, 1, ... until FlashInfer calls an index invalid, each with GEMM 2
+    on its default (-1); GEMM 2's follow (from GEMM 1's count), each with the best GEMM 1.
+    A tactic that raises otherwise is skipped. Returns the tactics and a record
+    (``{"gemm1": {"count", "failed", "best_us"}, "gemm2": {...}, "default_us"}``).
+    """
+    record: dict[str, Any] = {"default_us": time_call([-1, -1])}
+    best = [-1, -1]
+    start = 0
+    for gemm in (1, 2):
+        times: dict[int, float] = {-1: record["default_us"] if gemm == 1 else record["gemm1"]["best_us"]}
+        failed, index = 0, start
+        while index < start + limit:
+            ids = [index, -1] if gemm == 1 else [best[0], index]
+            try:
+                times[index] = time_call(ids)
+            except Exception as exc:  # FlashInfer raises RuntimeError or ValueError
+                if _invalid(exc, gemm):
+                    break
+                failed += 1
+            index += 1
+        count = index - start
+        winner = min(times, key=times.__getitem__)
+        best[gemm - 1] = winner
+        record[f"gemm{gemm}"] = {"count": count, "failed": failed, "best_us": round(times[winner], 2)}
+        start = count  # GEMM 2's indices follow GEMM 1's
+    return best, record
+
+
 def tune_layer(
     spec: MoESpec, device: Any, tokens: Sequence[int], progress: Callable[[str, int, int], None] | None = None
 ) -> dict[str, Any]:
-    """Autotune FlashInfer's cutlass MoE for ``spec`` at each token count; the table entry (GPU only)."""
+    """Time FlashInfer's cutlass MoE tactics for ``spec`` at each token count; the table entry (GPU only)."""
     import torch
-    from flashinfer import autotune
-    from flashinfer.autotuner import AutoTuner
 
     from moe_core import moe_plan
+    from moe_core.bench.timing import events_median
     from moe_core.testing import random_expert_weights
 
     from .cutlass import KERNEL, _flashinfer, flashinfer_kwargs, kernel_input
@@ -217,8 +262,8 @@ def tune_layer(
     weights = random_expert_weights(spec, device=dev)
     prepared = plan.prepare(weights)
     fn, act = _flashinfer()
-    tuner = AutoTuner.get()
     buckets: dict[str, list[int]] = {}
+    searched: dict[str, Any] = {}
     t0 = time.monotonic()
     for i, t in enumerate(tokens):
         if progress:
@@ -237,16 +282,19 @@ def tune_layer(
             act(prepared.meta["activation"]),
             None,
         )
-        with autotune(True, tuning_buckets=(t,)):
-            fn(**kw)
+
+        def time_call(profile_ids: list[int], kw=kw) -> float:
+            call = dict(kw, profile_ids=profile_ids)
+            fn(**call)  # warm-up; raises for an invalid or failing tactic
+            return events_median(lambda: fn(**call), 5)[0]
+
+        buckets[str(t)], searched[str(t)] = search_tactics(time_call)
         torch.cuda.synchronize(dev)
-        with autotune(False, tuning_buckets=(t,)):  # the same bucket mapping as the tuning pass
-            seen = record_tactics(tuner, lambda kw=kw: fn(**kw))
-        buckets[str(t)] = tactics_from(seen)
     if progress:
         progress(layer_key(spec), len(tokens), len(tokens))
     return {
         "buckets": buckets,
+        "searched": searched,
         "tuned_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.monotonic() - t0, 1),
     }
