@@ -72,7 +72,6 @@ FILL_PER_PROGRAM = 4096
 HIST_TILE = 4096
 
 
-
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
