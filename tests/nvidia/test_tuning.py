@@ -100,24 +100,6 @@ def test_unreadable_or_foreign_tables_are_ignored(tmp_path):
     assert tuning.lookup(SPEC, GPU, 1) is None
 
 
-def test_record_tactics_spies_on_the_tuner_and_restores_it():
-    class Tuner:
-        def choose_one(self, op, runners, config, inputs, **kw):
-            return runners[0], {"trtllm::fused_moe::gemm1": 4, "trtllm::fused_moe::gemm2": 31}[op]
-
-    tuner = Tuner()
-
-    def run():
-        tuner.choose_one("trtllm::fused_moe::gemm1", ["r"], None, [], gemm_idx=1)
-        tuner.choose_one("trtllm::fused_moe::gemm2", ["r"], None, [], gemm_idx=2)
-
-    seen = tuning.record_tactics(tuner, run)
-    assert tuning.tactics_from(seen) == [4, 31]
-    assert "choose_one" not in vars(tuner)  # the spy is gone
-    with pytest.raises(ValueError):
-        tuning.tactics_from({"trtllm::fused_moe::gemm1": 4})
-
-
 def test_search_tactics_times_gemm1_then_gemm2_through_the_call():
     """Coordinate search as FlashInfer numbers tactics: GEMM 2's indices follow GEMM 1's (3 + 4 here)."""
     calls = []

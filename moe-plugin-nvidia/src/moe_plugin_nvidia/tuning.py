@@ -49,7 +49,6 @@ __all__ = [
     "merge_table",
     "pick",
     "read_table",
-    "record_tactics",
     "resolve",
     "search_tactics",
     "table_name",
@@ -175,37 +174,6 @@ def merge_table(path: Path, device_name: str, flashinfer: str, layers: dict[str,
     return path
 
 
-def record_tactics(tuner: Any, run: Callable[[], Any]) -> dict[str, Any]:
-    """Run ``run()`` while recording what ``tuner.choose_one`` returns, by op name.
-
-    FlashInfer's cutlass MoE asks its ``AutoTuner`` for ``trtllm::fused_moe::gemm1``
-    and ``...::gemm2``; after tuning, a non-tuning call returns the winners.
-    """
-    seen: dict[str, Any] = {}
-    original = tuner.choose_one
-
-    def spy(custom_op: str, runners: Any, config: Any, inputs: Any, **kwargs: Any) -> Any:
-        runner, tactic = original(custom_op, runners, config, inputs, **kwargs)
-        seen[custom_op] = tactic
-        return runner, tactic
-
-    tuner.choose_one = spy
-    try:
-        run()
-    finally:
-        del tuner.choose_one
-    return seen
-
-
-def tactics_from(seen: dict[str, Any]) -> list[int]:
-    """``[gemm1, gemm2]`` from :func:`record_tactics`' record; ValueError if either is missing."""
-    g1 = seen.get("trtllm::fused_moe::gemm1")
-    g2 = seen.get("trtllm::fused_moe::gemm2")
-    if not isinstance(g1, int) or not isinstance(g2, int):
-        raise ValueError(f"FlashInfer did not report both cutlass tactics: {seen}")
-    return [int(g1), int(g2)]
-
-
 def _invalid(exc: Exception, gemm: int) -> bool:
     """True when ``exc`` is FlashInfer saying the index is past GEMM ``gemm``'s tactic list."""
     return f"Invalid gemm{gemm} profile id" in str(exc)
@@ -225,8 +193,9 @@ def search_tactics(
     record: dict[str, Any] = {"default_us": time_call([-1, -1])}
     best = [-1, -1]
     start = 0
+    baseline = record["default_us"]  # the call with this GEMM on its default tactic
     for gemm in (1, 2):
-        times: dict[int, float] = {-1: record["default_us"] if gemm == 1 else record["gemm1"]["best_us"]}
+        times: dict[int, float] = {-1: baseline}
         failed, index = 0, start
         while index < start + limit:
             ids = [index, -1] if gemm == 1 else [best[0], index]
@@ -241,6 +210,7 @@ def search_tactics(
         winner = min(times, key=times.__getitem__)
         best[gemm - 1] = winner
         record[f"gemm{gemm}"] = {"count": count, "failed": failed, "best_us": round(times[winner], 2)}
+        baseline = times[winner]  # GEMM 2's: the best GEMM 1 with GEMM 2's default
         start = count  # GEMM 2's indices follow GEMM 1's
     return best, record
 
