@@ -181,16 +181,21 @@ def _unique(cfgs: Iterable[GemmConfig]) -> list[GemmConfig]:
     return list(dict.fromkeys(cfgs))
 
 
-def _candidates(
-    round_: list[GemmConfig], best: GemmConfig | None, block_m: int, operands_b: int, quant: QuantScheme
-) -> Iterable[GemmConfig]:
+def _filled(round_: list[GemmConfig], best: GemmConfig | None) -> Iterable[GemmConfig]:
+    """A round's candidates: templates (``block_n == 0``) take the tile of ``best`` (skipped before one)."""
     for cfg in round_:
         if cfg.block_n == 0:
             if best is None:
                 continue
             cfg = GemmConfig(best.block_n, best.block_k, cfg.num_warps, cfg.num_stages, cfg.group_m)
-        if _fits(cfg, block_m, operands_b, quant):
-            yield cfg
+        yield cfg
+
+
+def _candidates(
+    round_: list[GemmConfig], best: GemmConfig | None, block_m: int, operands_b: int, quant: QuantScheme
+) -> Iterable[GemmConfig]:
+    """:func:`_filled`, less the configs that do not fit (:func:`_fits`)."""
+    return (cfg for cfg in _filled(round_, best) if _fits(cfg, block_m, operands_b, quant))
 
 
 def _block_ms(spec: MoESpec, num_tokens: int) -> tuple[int, ...]:
@@ -353,15 +358,6 @@ def decode_space(
     return [tiles, [GemmConfig(0, 0, w, st, 1) for w in warps for st in stages]]
 
 
-def _decode_fill(round_: list[GemmConfig], best: GemmConfig | None) -> Iterable[GemmConfig]:
-    for cfg in round_:
-        if cfg.block_n == 0:
-            if best is None:
-                continue
-            cfg = GemmConfig(best.block_n, best.block_k, cfg.num_warps, cfg.num_stages, 1)
-        yield cfg
-
-
 def _time_decode(
     spec: MoESpec,
     tensors: dict[str, torch.Tensor],
@@ -386,14 +382,14 @@ def _time_decode(
         gemm1 = launches(c, base.gemm2)[0]
         return lambda: run_launch(*gemm1)
 
-    g1, t1 = search.best(decode_space(base.gemm1, space, spec), make1, _decode_fill)
+    g1, t1 = search.best(decode_space(base.gemm1, space, spec), make1, _filled)
 
     def make2(c: GemmConfig) -> Callable[[], None]:
         gemm1, gemm2 = launches(g1, c)
         run_launch(*gemm1)  # GEMM 2 reads its intermediate
         return lambda: run_launch(*gemm2)
 
-    g2, t2 = search.best(decode_space(base.gemm2, space, spec), make2, _decode_fill)
+    g2, t2 = search.best(decode_space(base.gemm2, space, spec), make2, _filled)
     return DecodeConfig(g1, g2), {"gemm1_us": t1, "gemm2_us": t2, "total_us": t1 + t2}
 
 
