@@ -652,10 +652,13 @@ def decode_launches(
 
 def _decode_block_k(spec: MoESpec, cfg: GemmConfig) -> int:
     """A decode launch's K step: fp8_block's K block (one activation group and one weight scale
-    per step), at least 32 for mxfp4, else the config's."""
+    per step), 32 to 512 for mxfp4 (at most 256 with fp8 activations: 512 spilled on sm90), else
+    the config's."""
     if spec.quant.name == "fp8_block":
         return spec.quant.block_shape[1]
-    return max(cfg.block_k, 32) if spec.quant.name == "mxfp4" else cfg.block_k
+    if spec.quant.name == "mxfp4":
+        return min(max(cfg.block_k, 32), 256 if spec.quant.activation != "none" else 512)
+    return cfg.block_k
 
 
 @functools.lru_cache(maxsize=1024)

@@ -97,24 +97,33 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _e2m1(codes, scale):
-    """float32 ``e2m1(codes & 15) * scale`` (codes int32), exact; no subnormal intermediates (FTZ-safe)."""
-    normal = (((codes & 7) << 22) + (126 << 23)).to(tl.float32, bitcast=True)  # (1 + m/2) * 2**(e-1)
-    value = tl.where((codes & 6) == 0, (codes & 1).to(tl.float32) * 0.5, normal)  # e == 0: m * 0.5
-    return tl.where((codes & 8) != 0, -value, value) * scale
+def _e2m1_f16(codes):
+    """float32 ``e2m1(codes & 15) * 2**-14`` (int32 ``codes``), exact: the code's bits placed in an
+    fp16's exponent and mantissa (e2m1's subnormal is then fp16's; no float32 subnormals)."""
+    h = ((codes & 7) << 9) | ((codes & 8) << 12)
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
-def _load_mxfp4(ptrs, s_ptrs, k_remaining, n_mask, offs_h, EVEN_K: tl.constexpr):
-    """The two bf16 halves ``[BLOCK_K/2, BLOCK_N]`` of an mxfp4 weight tile (bytes and their e8m0 scales)."""
+def _load_mxfp4(ptrs, s_ptrs, k_remaining, n_mask, offs_h, offs_s, EVEN_K: tl.constexpr):
+    """The two bf16 halves ``[BLOCK_K/2, BLOCK_N]`` of an mxfp4 weight tile times ``2**-14`` (the
+    caller's epilogue multiplies by ``2**14``): its bytes (``ptrs [BLOCK_K/2, BLOCK_N]``, ``k_remaining``
+    of them left along K) and their e8m0 scales (``s_ptrs [BLOCK_K/32, BLOCK_N]``), each scale read
+    once. Exact for block scales of at least ``2**-111`` (bf16 normals)."""
     if EVEN_K:
-        mask = n_mask[None, :]
+        packed = tl.load(ptrs, mask=n_mask[None, :], other=0)
+        s = tl.load(s_ptrs, mask=n_mask[None, :], other=0)
     else:
-        mask = (offs_h[:, None] < k_remaining) & n_mask[None, :]
-    packed = tl.load(ptrs, mask=mask, other=0).to(tl.int32)
+        packed = tl.load(ptrs, mask=(offs_h[:, None] < k_remaining) & n_mask[None, :], other=0)
+        s = tl.load(s_ptrs, mask=(offs_s[:, None] < k_remaining // 16) & n_mask[None, :], other=0)
+    packed = packed.to(tl.int32)
     # e8m0 byte b: 2**(b - 127) from its bits (byte 0, only all-zero blocks in practice: 0)
-    scale = (tl.load(s_ptrs, mask=mask, other=0).to(tl.int32) << 23).to(tl.float32, bitcast=True)
-    return _e2m1(packed & 15, scale).to(tl.bfloat16), _e2m1(packed >> 4, scale).to(tl.bfloat16)
+    scale = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+    NB: tl.constexpr = scale.shape[0]
+    BN: tl.constexpr = scale.shape[1]
+    scale = tl.reshape(tl.broadcast_to(scale[:, None, :], (NB, 16, BN)), (NB * 16, BN))
+    lo = (_e2m1_f16(packed & 15) * scale).to(tl.bfloat16)
+    return lo, (_e2m1_f16(packed >> 4) * scale).to(tl.bfloat16)
 
 
 @triton.jit
@@ -279,15 +288,13 @@ def moe_gemm1(
         k_lo = (offs_h // 16) * 32 + offs_h % 16  # the elements of the low nibbles
         lo_ptrs = x_ptr + token[:, None] * stride_xm + k_lo[None, :]
         g_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_h[:, None]
-        gs_ptrs = (
-            ws_ptr + expert * stride_wse + offs_n[None, :].to(tl.int64) * stride_wsn + offs_h[:, None] // 16
-        )
+        offs_s = tl.arange(0, BLOCK_K // 32)
+        gs_ptrs = ws_ptr + expert * stride_wse + offs_n[None, :].to(tl.int64) * stride_wsn + offs_s[:, None]
         u_ptrs = g_ptrs + INTER * stride_wn
         us_ptrs = gs_ptrs + INTER * stride_wsn
     if B_QUANT == 4 and MX_DOT:
         k_perm = _mx_dot_order(BLOCK_K)
         a_ptrs = x_ptr + token[:, None] * stride_xm + k_perm[None, :]
-        offs_s = tl.arange(0, BLOCK_K // 32)
         gs_ptrs = ws_ptr + expert * stride_wse + offs_n[:, None].to(tl.int64) * stride_wsn + offs_s[None, :]
         us_ptrs = gs_ptrs + INTER * stride_wsn
         for k0 in range(0, K, BLOCK_K):
@@ -306,16 +313,18 @@ def moe_gemm1(
         for k0 in range(0, K, BLOCK_K):
             a_lo = _load_a(lo_ptrs, row_mask, k_lo, K - k0, EVEN_K).to(tl.bfloat16)
             a_hi = _load_a(lo_ptrs + 16, row_mask, k_lo + 16, K - k0, EVEN_K).to(tl.bfloat16)
-            g_lo, g_hi = _load_mxfp4(g_ptrs, gs_ptrs, (K - k0) // 2, n_mask, offs_h, EVEN_K)
+            g_lo, g_hi = _load_mxfp4(g_ptrs, gs_ptrs, (K - k0) // 2, n_mask, offs_h, offs_s, EVEN_K)
             acc_g = _dot(a_hi, g_hi, _dot(a_lo, g_lo, acc_g, UPCAST), UPCAST)
             if GATED:
-                u_lo, u_hi = _load_mxfp4(u_ptrs, us_ptrs, (K - k0) // 2, n_mask, offs_h, EVEN_K)
+                u_lo, u_hi = _load_mxfp4(u_ptrs, us_ptrs, (K - k0) // 2, n_mask, offs_h, offs_s, EVEN_K)
                 acc_u = _dot(a_hi, u_hi, _dot(a_lo, u_lo, acc_u, UPCAST), UPCAST)
             lo_ptrs += BLOCK_K
             g_ptrs += BLOCK_K // 2
             u_ptrs += BLOCK_K // 2
             gs_ptrs += BLOCK_K // 32
             us_ptrs += BLOCK_K // 32
+        acc_g = acc_g * 16384.0  # _load_mxfp4's 2**-14
+        acc_u = acc_u * 16384.0
     else:
         g_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
         u_ptrs = g_ptrs + INTER * stride_wn
@@ -449,13 +458,11 @@ def moe_gemm2(
         k_lo = (offs_h // 16) * 32 + offs_h % 16
         lo_ptrs = inter_ptr + offs_m[:, None].to(tl.int64) * stride_im + k_lo[None, :]
         b_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_h[:, None]
-        bs_ptrs = (
-            ws_ptr + expert * stride_wse + offs_n[None, :].to(tl.int64) * stride_wsn + offs_h[:, None] // 16
-        )
+        offs_s = tl.arange(0, BLOCK_K // 32)
+        bs_ptrs = ws_ptr + expert * stride_wse + offs_n[None, :].to(tl.int64) * stride_wsn + offs_s[:, None]
     if B_QUANT == 4 and MX_DOT:
         k_perm = _mx_dot_order(BLOCK_K)
         a_ptrs = inter_ptr + offs_m[:, None].to(tl.int64) * stride_im + k_perm[None, :]
-        offs_s = tl.arange(0, BLOCK_K // 32)
         bs_ptrs = ws_ptr + expert * stride_wse + offs_n[:, None].to(tl.int64) * stride_wsn + offs_s[None, :]
         for k0 in range(0, K, BLOCK_K):
             a = _load_a(a_ptrs, row_mask, k_perm, K - k0, EVEN_K)
@@ -468,11 +475,12 @@ def moe_gemm2(
         for k0 in range(0, K, BLOCK_K):
             a_lo = _load_a(lo_ptrs, row_mask, k_lo, K - k0, EVEN_K).to(tl.bfloat16)
             a_hi = _load_a(lo_ptrs + 16, row_mask, k_lo + 16, K - k0, EVEN_K).to(tl.bfloat16)
-            b_lo, b_hi = _load_mxfp4(b_ptrs, bs_ptrs, (K - k0) // 2, n_mask, offs_h, EVEN_K)
+            b_lo, b_hi = _load_mxfp4(b_ptrs, bs_ptrs, (K - k0) // 2, n_mask, offs_h, offs_s, EVEN_K)
             acc = _dot(a_hi, b_hi, _dot(a_lo, b_lo, acc, UPCAST), UPCAST)
             lo_ptrs += BLOCK_K
             b_ptrs += BLOCK_K // 2
             bs_ptrs += BLOCK_K // 32
+        acc = acc * 16384.0  # _load_mxfp4's 2**-14
     else:
         b_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
         if B_QUANT == 3:
@@ -648,14 +656,42 @@ def _decode_w(w_row_ptrs, n_mask, offs_k, K):
 
 
 @triton.jit
-def _decode_mxfp4(w_row_ptrs, s_row_ptrs, n_mask, offs_h, k0, K):
-    """The two float32 halves ``[BLOCK_N, BLOCK_K/2]`` of an mxfp4 tile at K offset ``k0``
-    (byte ``j`` of a 32-block: elements ``j``, ``j + 16``)."""
-    mask = n_mask[:, None] & (k0 // 2 + offs_h < K // 2)[None, :]
-    packed = tl.load(w_row_ptrs[:, None] + k0 // 2 + offs_h[None, :], mask=mask, other=0).to(tl.int32)
-    s_ptrs = s_row_ptrs[:, None] + k0 // 32 + offs_h[None, :] // 16
-    scale = (tl.load(s_ptrs, mask=mask, other=0).to(tl.int32) << 23).to(tl.float32, bitcast=True)
-    return _e2m1(packed & 15, scale), _e2m1(packed >> 4, scale)
+def _e2m1_pair(bits):
+    """The two float32 ``e2m1 * 2**-14`` of the codes at bits 0-3 and 16-19 of int32 ``bits``, exact:
+    each code's bits placed in an fp16's exponent and mantissa (e2m1's subnormal is then fp16's;
+    no float32 subnormals). One 32-bit operation serves both 16-bit lanes."""
+    h = ((bits & 0x70007) << 9) | ((bits & 0x80008) << 12)
+    lo = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (h >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _decode_mxfp4(
+    w_row_ptrs, s_row_ptrs, n_mask, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT: tl.constexpr
+):
+    """``2**-14 * sum a[k] * w[n, k]`` over each 32-block of an mxfp4 tile at K offset ``k0``, the
+    blocks' e8m0 scales applied: float32 ``[BLOCK_N, NB]`` (``2**-14``: :func:`_e2m1_pair`'s). The bytes are read as int32 words: word ``w`` of
+    a block holds its bytes ``4w .. 4w + 3``; byte ``j`` holds elements ``j`` (low nibble) and ``j + 16``."""
+    kb_mask = k0 // 32 + offs_b < K // 32
+    offs_w = tl.arange(0, 4)
+    mask = n_mask[:, None, None] & kb_mask[None, :, None]
+    word_ptrs = (w_row_ptrs + k0 // 2).to(tl.pointer_type(tl.int32))
+    words = tl.load(
+        word_ptrs[:, None, None] + offs_b[None, :, None] * 4 + offs_w[None, None, :], mask=mask, other=0
+    )
+    base = offs_b[:, None] * 32 + offs_w[None, :] * 4  # [NB, 4]: element of byte 0 of each word
+    part = tl.zeros(words.shape, dtype=tl.float32)
+    for c in tl.static_range(4):  # bits 4c: byte c // 2's nibble c % 2; bits 16 + 4c: byte 2 + c // 2's
+        v0, v1 = _e2m1_pair(words >> (4 * c))
+        e0 = base + c // 2 + 16 * (c % 2)
+        a0, _s = _decode_a(a_row_ptr + k0, e0, K - k0, route, a_scale, A_QUANT)
+        a1, _s = _decode_a(a_row_ptr + k0 + 2, e0, K - k0 - 2, route, a_scale, A_QUANT)
+        part += v0 * a0[None, :, :]
+        part += v1 * a1[None, :, :]
+    s_mask = n_mask[:, None] & kb_mask[None, :]
+    s = tl.load(s_row_ptrs[:, None] + k0 // 32 + offs_b[None, :], mask=s_mask, other=0).to(tl.int32)
+    return tl.sum(part, axis=2) * (s << 23).to(tl.float32, bitcast=True)  # 2**(s - 127) (0: all-zero blocks)
 
 
 @triton.jit
@@ -685,19 +721,18 @@ def _decode_gemv(
     (``A_QUANT`` 3 with ``B_QUANT`` 3: ``BLOCK_K`` equals the group) are applied per step.
     """
     if B_QUANT == 4:
-        HALF: tl.constexpr = BLOCK_K // 2
-        offs_h = tl.arange(0, HALF)
-        k_lo = (offs_h // 16) * 32 + offs_h % 16
-        acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+        NB: tl.constexpr = BLOCK_K // 32
+        offs_b = tl.arange(0, NB)
+        acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            a_lo, _s = _decode_a(a_row_ptr + k0, k_lo, K - k0, route, a_scale, A_QUANT)
-            a_hi, _s = _decode_a(a_row_ptr + k0 + 16, k_lo, K - k0 - 16, route, a_scale, A_QUANT)
-            w_lo, w_hi = _decode_mxfp4(w_row_ptrs, s_row_ptrs, n_mask, offs_h, k0, K)
-            acc += w_lo * a_lo[None, :] + w_hi * a_hi[None, :]
+            acc += _decode_mxfp4(
+                w_row_ptrs, s_row_ptrs, n_mask, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT
+            )
             if GATED:
-                u_lo, u_hi = _decode_mxfp4(u_row_ptrs, su_row_ptrs, n_mask, offs_h, k0, K)
-                acc_u += u_lo * a_lo[None, :] + u_hi * a_hi[None, :]
+                acc_u += _decode_mxfp4(
+                    u_row_ptrs, su_row_ptrs, n_mask, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT
+                )
     else:
         offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -718,8 +753,12 @@ def _decode_gemv(
                 if GATED:
                     acc_u += u * a[None, :]
     out = tl.sum(acc, axis=1)
+    out_u = tl.sum(acc_u, axis=1)
+    if B_QUANT == 4:  # _e2m1_pair's factor
+        out = out * 16384.0
+        out_u = out_u * 16384.0
     if GATED:
-        return out, tl.sum(acc_u, axis=1)
+        return out, out_u
     return out, out
 
 
