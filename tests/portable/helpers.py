@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import pytest
 import torch
 
 from moe_core import moe_apply
 from moe_core.testing import random_routing
+from moe_plugin_portable.configs import lookup_decode
 
 HAS_GPU = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -24,8 +26,11 @@ gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA/ROCm GPU")
 
 def assert_graph_replay_matches_eager(plan, prepared, preset, x, topk_w, topk_ids, seed: int) -> None:
     """Capture ``moe_apply`` once, replay it on new inputs copied into the static buffers
-    (``x``, ``topk_w``, ``topk_ids`` are overwritten), and compare with an eager call: equal."""
+    (``x``, ``topk_w``, ``topk_ids`` are overwritten), and compare with an eager call on the path
+    the capture took (an eager call may take the decode path where a capture takes the sorted
+    one, :func:`moe_plugin_portable.configs.lookup_decode`): equal."""
     T = x.shape[0]
+    captured = lookup_decode(plan.spec, T, x.device, capturing=True)
     graph = torch.cuda.CUDAGraph()
     static_out = torch.empty_like(x)
     with torch.cuda.graph(graph):
@@ -36,5 +41,6 @@ def assert_graph_replay_matches_eager(plan, prepared, preset, x, topk_w, topk_id
     topk_ids.copy_(new_ids)
     static_out.fill_(float("nan"))
     graph.replay()
-    eager = moe_apply(plan, x, prepared, topk_w, topk_ids)
+    with mock.patch.dict(os.environ, {"MOE_PORTABLE_DECODE": "0" if captured is None else "1"}):
+        eager = moe_apply(plan, x, prepared, topk_w, topk_ids)
     assert torch.equal(static_out, eager)
