@@ -615,3 +615,14 @@ def test_gpu_matches_cpu_bit_for_bit(scheme):
     static = torch.tensor(0.01)
     want = q.fake_quantize_activation(x, scheme, static)
     assert torch.equal(q.fake_quantize_activation(x.cuda(), scheme, static).cpu(), want)
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "fp8_block"])
+def test_quantize_tensor_in_expert_chunks_is_exact(name, monkeypatch):
+    """Large block-scaled weights are quantized a few experts at a time: same bits as in one go."""
+    w = torch.randn(5, 128, 256) * torch.logspace(-3, 1, 5)[:, None, None]
+    whole = q.quantize_tensor(w, name)
+    monkeypatch.setattr(q, "_CHUNK_ELEMENTS", 2 * 128 * 256)
+    chunked = q.quantize_tensor(w, name)
+    for a, b in zip(whole[:2], chunked[:2]):
+        assert torch.equal(a, b)

@@ -535,6 +535,10 @@ def _scheme(scheme: QuantScheme | str) -> QuantScheme:
     return scheme
 
 
+#: block-scaled weights larger than this many elements are quantized a few experts at a time
+_CHUNK_ELEMENTS = 1 << 27
+
+
 def quantize_tensor(
     w: torch.Tensor, scheme: QuantScheme | str
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -552,6 +556,11 @@ def quantize_tensor(
         return w.to(scheme.weight_dtype), None, None
     if name == "fp8":
         return (*quantize_fp8(w, scheme.weight_scale), None)
+    if name in ("fp8_block", "mxfp4") and w.dim() > 2 and w.numel() > _CHUNK_ELEMENTS:
+        # blocks never cross experts: quantize a few experts at a time (bounded temporaries)
+        step = max(1, _CHUNK_ELEMENTS // w[0].numel())
+        parts = [quantize_tensor(w[i : i + step], scheme) for i in range(0, w.shape[0], step)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), None
     if name == "fp8_block":
         return (*quantize_fp8_block(w, scheme.block_shape), None)
     if name == "mxfp4":
