@@ -14,6 +14,8 @@
 #   tactics  tools/nvidia_tactics.py: which of FlashInfer's cutlass tactics run with the prebuilt module, and why not
 #   suite    moe bench $SUITE_ARGS with every installed plugin (e.g. "--models qwen3-30b-a3b --tokens 1,32 --quant bf16,fp8")
 #   bench    benchmarks/nvidia_overhead.py: plugin vs direct FlashInfer (tuned, autotuned, untuned), BENCH_QUANTS (bf16,fp8)
+#   dispatch benchmarks/dispatch.py over the portable and nvidia kernels: per-T tuned plan vs each single backend
+#            (DISPATCH_MODELS, default the two with shipped nvidia tactics; DISPATCH_BUDGET_S, default 300)
 # Carry: .whl third_party/flashinfer-device     Usage: STEPS="doctor tests" bash tools/device_nvidia.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -36,7 +38,7 @@ export FLASHINFER_DISABLE_JIT=1            # a missing module must fail, not com
 export FLASHINFER_WORKSPACE_BASE=/tmp/fiws # FlashInfer writes its generated sources and logs here
 export MOE_NVIDIA_TUNE_DIR="$L/tuned"      # `moe tune` writes here, the plugin reads it
 export MOE_BENCH_COMMIT=$(cat .whl/COMMIT 2>/dev/null)
-STEPS=${STEPS:-doctor tests plan hf tune bench}
+STEPS=${STEPS:-doctor tests plan hf tune bench dispatch}
 source "$(dirname "$0")/device_steps.sh"  # step NAME LIMIT_S COMMAND...
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader
@@ -61,4 +63,6 @@ step tactics "${TACTICS_TIMEOUT:-200}" python3 tools/nvidia_tactics.py ${TACTICS
 step suite "${SUITE_TIMEOUT:-240}" python3 -m moe_core bench ${SUITE_ARGS:-} --out "$L/suite"
 step bench "${BENCH_TIMEOUT:-240}" python3 benchmarks/nvidia_overhead.py --models "${BENCH_MODELS:-mixtral-8x7b,qwen3-30b-a3b}" \
   --tokens "${BENCH_TOKENS:-1,32,512,4096}" --quant "${BENCH_QUANTS:-bf16}" --out "$L/nvidia-overhead.json"
+step dispatch $(( ${DISPATCH_BUDGET_S:-300} + 90 )) python3 benchmarks/dispatch.py --models "${DISPATCH_MODELS:-qwen3-30b-a3b,mixtral-8x7b}" \
+  --kernels portable,nvidia --budget-s "${DISPATCH_BUDGET_S:-300}" --out "$L/dispatch"
 tar -czf "$OUT/nvidia-results.tgz" -C "$OUT" logs
