@@ -64,5 +64,5 @@ step suite "${SUITE_TIMEOUT:-240}" python3 -m moe_core bench ${SUITE_ARGS:-} --o
 step bench "${BENCH_TIMEOUT:-240}" python3 benchmarks/nvidia_overhead.py --models "${BENCH_MODELS:-mixtral-8x7b,qwen3-30b-a3b}" \
   --tokens "${BENCH_TOKENS:-1,32,512,4096}" --quant "${BENCH_QUANTS:-bf16}" --out "$L/nvidia-overhead.json"
 step dispatch $(( ${DISPATCH_BUDGET_S:-300} + 90 )) python3 benchmarks/dispatch.py --models "${DISPATCH_MODELS:-qwen3-30b-a3b,mixtral-8x7b}" \
-  --kernels portable,nvidia --budget-s "${DISPATCH_BUDGET_S:-300}" --out "$L/dispatch"
+  --kernels portable,nvidia --peers none --budget-s "${DISPATCH_BUDGET_S:-300}" --out "$L/dispatch"
 tar -czf "$OUT/nvidia-results.tgz" -C "$OUT" logs
