@@ -187,9 +187,12 @@ def test_lookup_decode_env_and_table(tmp_path, monkeypatch):
         # captured in a CUDA graph: the tuned entry decides
         assert configs.lookup_decode(spec, 1, gpu, capturing=True) is None
         assert configs.lookup_decode(spec, 5, gpu, capturing=True) == tiles
-        # eager: the rule (host-bound at these T), with the entry's tiles where it has them
+        # eager: the rule (host-bound at these T) or a tuned use, with the entry's tiles where it has them
         assert configs.lookup_decode(spec, 1, gpu) == configs.decode_heuristic(spec, 1, 132, False)
-        assert configs.lookup_decode(spec, 5, gpu) is None  # 15 entries on 7 experts: sorted
+        assert configs.lookup_decode(spec, 5, gpu) == tiles  # the rule says sorted (15 entries, 7 experts)
+        monkeypatch.setenv("MOE_PORTABLE_DECODE", "rule")
+        assert configs.lookup_decode(spec, 5, gpu) is None
+        monkeypatch.delenv("MOE_PORTABLE_DECODE")
         assert configs.MoEConfig.from_json(table["configs"][configs.layer_key(spec)]["8"]).block_m > 0
         # no entry: captured calls keep the sorted path, unless asked for the rule
         monkeypatch.setattr(configs, "_table_entry", lambda *args: None)
@@ -422,12 +425,13 @@ def test_fast_launch_refuses_unexpected_signatures(monkeypatch):
 
 @needs_triton
 def test_tuner_tunes_the_decode_path(tmp_path):
-    """At T=1 the tuner times the decode path too and records whether it beats the sorted one,
-    in the entry lookup_decode reads (the small space: the heuristic's tiles)."""
+    """At T <= DECODE_MAX_TOKENS the tuner times the decode path too and records whether it beats
+    the sorted one, in the entry lookup_decode reads (the small space: the heuristic's tiles)."""
     from moe_plugin_portable import tuning
 
     spec = MoESpec(**BASE)
-    found = tuning.tune_layer(spec, DEVICE, tokens=(1,), space="small")
+    found = tuning.tune_layer(spec, DEVICE, tokens=(1, 8, 9), space="small")
+    assert isinstance(found["8"]["decode"]["use"], bool) and "decode" not in found["32"]
     decode = found["1"]["decode"]
     assert isinstance(decode["use"], bool) and decode["timing"]["total_us"] > 0
     cfg = configs.DecodeConfig.from_json(decode)

@@ -170,10 +170,12 @@ def lookup_decode(
 ) -> DecodeConfig | None:
     """The decode path's config for ``spec`` at ``num_tokens``, or ``None`` for the sorted path.
 
-    ``MOE_PORTABLE_DECODE`` (``0``/``1``) first; then, for an eager call (``capturing``
-    false) or with ``MOE_PORTABLE_DECODE=rule``, :func:`use_decode`; for a call being
-    captured in a CUDA graph, the tuned entry's ``"decode": {"use": ...}`` (absent: the
-    sorted path). Tiles from the entry, else :func:`decode_heuristic`.
+    ``MOE_PORTABLE_DECODE`` (``0``/``1``) first; then, for a call being captured in a
+    CUDA graph, the tuned entry's ``"decode": {"use": ...}`` (absent: the sorted path);
+    for an eager call (``capturing`` false) :func:`use_decode` or a tuned ``use`` (eager
+    calls are also host-bound at these ``T``: the decode path's two launches cost less
+    host time), with ``MOE_PORTABLE_DECODE=rule`` the rule alone. Tiles from the entry,
+    else :func:`decode_heuristic`.
     """
     force = os.environ.get("MOE_PORTABLE_DECODE", "")
     if force == "0":
@@ -187,10 +189,11 @@ def lookup_decode(
         entry = _table_entry(spec, num_tokens, name)
         override = (entry or {}).get("decode") or {}
     if force != "1":
+        tuned = force != "rule" and bool(override.get("use", False))
         if capturing and force != "rule":
-            use = bool(override.get("use", False))
+            use = tuned
         else:
-            use = use_decode(num_tokens, spec.top_k, spec.num_experts)
+            use = tuned or use_decode(num_tokens, spec.top_k, spec.num_experts)
         if not use:
             return None
     if "gemm1" in override and "gemm2" in override:

@@ -20,12 +20,13 @@ block and mxfp4's at 32 or more (:func:`experts._block_k`, so no two
 candidates are the same launch), and drop tiles whose accumulators alone
 would take more than half of a thread's registers.
 
-Where the decode path is taken (:func:`configs.use_decode`; in practice the
-``T=1`` bucket), its two launches are tuned too (GEMM 1 tiles and pipelines,
-then GEMM 2's, from :func:`decode_space`) and the bucket's entry gets
+At every tuned ``T`` the decode path can take (``T <= configs.DECODE_MAX_TOKENS``:
+the ``1`` and ``8`` buckets) its two launches are tuned too (GEMM 1 tiles and
+pipelines, then GEMM 2's, from :func:`decode_space`) and the bucket's entry gets
 ``"decode": {"use": decode faster than sorted, "gemm1": ..., "gemm2": ...,
-"timing": ...}``, which :func:`configs.lookup_decode` reads (only the ``T=1``
-bucket: the others span token counts the rule treats differently).
+"timing": ...}``, which :func:`configs.lookup_decode` reads. Timed at the
+bucket's largest ``T`` (the most entries, the decode path's worst case), a
+``use`` holds for the bucket's smaller ``T`` too.
 
 Each entry also records ``"searched": [timed, failed]``: the candidates timed
 and those that did not compile or run.
@@ -422,7 +423,7 @@ def tune_layer(
         ]
         _, config, parts = min(timings, key=lambda r: r[0])
         entry = {**config.to_json(), "tuned_at_tokens": T, "timing": parts}
-        if T == 1 and configs.use_decode(T, spec.top_k, spec.num_experts):
+        if T <= configs.DECODE_MAX_TOKENS:
             decode, decode_parts = _time_decode(spec, tensors, T, device, search, space)
             use = decode_parts["total_us"] < parts["total_us"]
             entry["decode"] = {"use": use, **decode.to_json(), "timing": decode_parts}
