@@ -671,8 +671,12 @@ def _decode_mxfp4(
     w_row_ptrs, s_row_ptrs, n_mask, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT: tl.constexpr
 ):
     """``2**-14 * sum a[k] * w[n, k]`` over each 32-block of an mxfp4 tile at K offset ``k0``, the
-    blocks' e8m0 scales applied: float32 ``[BLOCK_N, NB]`` (``2**-14``: :func:`_e2m1_pair`'s). The bytes are read as int32 words: word ``w`` of
-    a block holds its bytes ``4w .. 4w + 3``; byte ``j`` holds elements ``j`` (low nibble) and ``j + 16``."""
+    blocks' e8m0 scales applied: float32 ``[BLOCK_N, NB]`` (``2**-14``: :func:`_e2m1_pair`'s).
+
+    The bytes are read as int32 words (rows of ``K/2`` bytes, ``K`` a multiple of 32: 16-byte
+    aligned): word ``w`` of a block holds its bytes ``4w .. 4w + 3``, byte ``j`` its elements
+    ``j`` (low nibble) and ``j + 16`` (high nibble). The activation (``a_row_ptr``, fp8-quantized
+    per ``A_QUANT``) is read at the elements each nibble position holds."""
     kb_mask = k0 // 32 + offs_b < K // 32
     offs_w = tl.arange(0, 4)
     mask = n_mask[:, None, None] & kb_mask[None, :, None]
@@ -691,7 +695,8 @@ def _decode_mxfp4(
         part += v1 * a1[None, :, :]
     s_mask = n_mask[:, None] & kb_mask[None, :]
     s = tl.load(s_row_ptrs[:, None] + k0 // 32 + offs_b[None, :], mask=s_mask, other=0).to(tl.int32)
-    return tl.sum(part, axis=2) * (s << 23).to(tl.float32, bitcast=True)  # 2**(s - 127) (0: all-zero blocks)
+    # e8m0 byte s: 2**(s - 127) from its bits (byte 0, only all-zero blocks in practice: 0)
+    return tl.sum(part, axis=2) * (s << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
