@@ -398,7 +398,9 @@ def test_mxfp4_dot_scaled_k_order(name, monkeypatch):
     """Compiled kernels take mxfp4 through ``tl.dot_scaled``, gathering A in the K order it reads
     this layout's nibbles in; the interpreter runs that path too when forced. Its ``dot_scaled``
     rounds bf16 through fp16, so the data stay within fp16's range (no binade spread) here."""
-    monkeypatch.setattr(experts, "_mx_dot", lambda spec, interpret, block_m: spec.quant.name == "mxfp4")
+    monkeypatch.setattr(
+        experts, "_mx_dot", lambda spec, interpret, block_m, tuned=None: spec.quant.name == "mxfp4"
+    )
     spec = _spec(name, **SWIGLU)
     weights = random_expert_weights(spec, device=DEVICE, seed=3)
     gen = torch.Generator(device=DEVICE).manual_seed(5)

@@ -168,3 +168,34 @@ def test_refusal_names_what_the_kernel_does_not_run():
     assert "sm_89" in tuning.refusal(spec, DeviceInfo.parse("sm_80"))
     fp16_w4a16 = get_preset("gpt-oss-120b").moe_spec(torch.float16, "mxfp4")
     assert "bf16 activations" in tuning.refusal(fp16_w4a16, H200)
+
+
+def test_mxfp4_space_ends_with_the_other_path():
+    """An mxfp4 layer's last round is the best tile and pipeline through the other mxfp4 path
+    (dot_scaled for tall tiles, the dequantization for short ones); the table keeps the choice
+    and the launch follows it (compiled kernels; the interpreter always dequantizes)."""
+    spec = get_preset("gpt-oss-120b").moe_spec(torch.bfloat16, "mxfp4")
+    best = GemmConfig(64, 128, 4, 3, 8)
+    for block_m in (16, 64):
+        last = tuning.gemm_space(block_m, 2, "quick", spec)[-1]
+        (flip,) = tuning._candidates(last, best, block_m, 2, spec.quant)
+        assert flip == GemmConfig(64, 128, 4, 3, 8, mx_dot=block_m > experts.MX_DOT_MAX_BLOCK_M)
+        assert experts._mx_dot(spec, False, block_m, flip.mx_dot) != experts._mx_dot(spec, False, block_m)
+    assert len(tuning.gemm_space(16, 2, "quick", spec)) == 3
+    assert len(tuning.gemm_space(16, 2, "quick", get_preset("gpt-oss-120b").moe_spec())) == 2
+    assert all(c.mx_dot is None for r in tuning.gemm_space(16, 2, "quick") for c in r)
+    cfg = configs.MoEConfig(16, GemmConfig(64, 128, mx_dot=False), GemmConfig(32, 64))
+    data = cfg.to_json()
+    assert data["gemm1"]["mx_dot"] is False and "mx_dot" not in data["gemm2"]
+    assert configs.MoEConfig.from_json(data) == cfg
+    assert experts._mx_dot(spec, True, 16, True) is False  # the interpreter
+
+
+def test_mx_dot_env_overrides_the_table(monkeypatch):
+    spec = get_preset("gpt-oss-120b").moe_spec(torch.bfloat16, "mxfp4")
+    monkeypatch.setenv("MOE_PORTABLE_MXFP4", "dequant")
+    assert experts._mx_dot(spec, False, 16, True) is False
+    monkeypatch.setenv("MOE_PORTABLE_MXFP4", "dot_scaled")
+    assert experts._mx_dot(spec, False, 64, False) is True
+    monkeypatch.setenv("MOE_PORTABLE_MXFP4", "auto")
+    assert experts._mx_dot(spec, False, 64, None) is False and experts._mx_dot(spec, False, 16, None)

@@ -16,7 +16,9 @@ Table format (``moe tune`` writes it)::
     {"device": "NVIDIA H100 80GB HBM3", "triton": "3.6.0",
      "configs": {"E=128,H=2048,I=768,k=8,bfloat16": {"1": {...}, "8": {...}, ..., "inf": {...}}}}
 
-where each ``{...}`` is ``MoEConfig.to_json()``. Buckets are upper bounds on
+where each ``{...}`` is ``MoEConfig.to_json()`` (an mxfp4 layer's GEMM configs may carry
+``"mx_dot": true|false``: ``tl.dot_scaled`` or the dequantization, as the tuner found faster;
+absent: the row rule). Buckets are upper bounds on
 ``T``: 1, 8, 32, 128, 512, 2048, inf. Quantized layers have keys of their own
 (:func:`layer_key` appends the scheme), so they never take a bf16 layer's tiles.
 
@@ -38,8 +40,10 @@ as measured on the H200 (``tools/profile_apply.py``, bf16, T = 1..8, four preset
 the decode path's device time was never better than the sorted path's by more than
 2% and up to 1.7x worse, while its host time per eager call was 2-3x smaller
 (~100 us against ~280 us at T=1: eager calls at these T are bound by the host).
-So eager calls follow the rule, and captured calls take the sorted path unless a
-tuned entry says ``"use": true`` (the tuner times both on the device).
+So eager calls follow the rule (or a tuned ``"use": true``), and captured calls take
+the sorted path unless a tuned entry says ``"use": true`` (the tuner times both on the
+device: on the H100, mxfp4 gpt-oss-120b at T = 8 ran the decode path in 289 us against
+427 us sorted, its GEMV reading each e2m1 byte once where the sorted tiles upcast them).
 ``MOE_PORTABLE_DECODE=rule`` applies the rule to captured calls too.
 """
 
@@ -85,13 +89,23 @@ DECODE_MAX_REREAD = 0.1
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """Tile and pipeline of one grouped GEMM."""
+    """Tile and pipeline of one grouped GEMM; ``mx_dot``: mxfp4 weights through ``tl.dot_scaled``
+    (``True``) or dequantized in registers (``False``), ``None`` for the row rule
+    (:func:`moe_plugin_portable.experts._mx_dot`); other schemes ignore it."""
 
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    mx_dot: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The table's form: ``mx_dot`` only where it is set."""
+        data = asdict(self)
+        if data["mx_dot"] is None:
+            del data["mx_dot"]
+        return data
 
 
 @dataclass(frozen=True)
@@ -103,7 +117,7 @@ class MoEConfig:
     gemm2: GemmConfig
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"block_m": self.block_m, "gemm1": self.gemm1.to_json(), "gemm2": self.gemm2.to_json()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MoEConfig:
@@ -122,7 +136,7 @@ class DecodeConfig:
     gemm2: GemmConfig
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"gemm1": self.gemm1.to_json(), "gemm2": self.gemm2.to_json()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DecodeConfig:

@@ -248,17 +248,20 @@ def _scale_strides(scale: torch.Tensor | None) -> tuple[int, int]:
 MX_DOT_MAX_BLOCK_M = 32
 
 
-def _mx_dot(spec: MoESpec, interpret: bool | None, block_m: int) -> bool:
-    """mxfp4 through ``tl.dot_scaled`` for tiles of up to :data:`MX_DOT_MAX_BLOCK_M` rows in
-    compiled kernels; ``MOE_PORTABLE_MXFP4=dot_scaled`` / ``dequant`` forces one way (``auto``, the
-    default, is the row rule). The interpreter always dequantizes: its ``dot_scaled`` rounds the
-    bf16 operand through fp16."""
+def _mx_dot(spec: MoESpec, interpret: bool | None, block_m: int, tuned: bool | None = None) -> bool:
+    """mxfp4 through ``tl.dot_scaled`` in compiled kernels: ``MOE_PORTABLE_MXFP4=dot_scaled`` /
+    ``dequant`` forces one way; ``auto`` (the default) takes the tuned config's ``mx_dot``
+    (``tuned``) where it is set, else the row rule (tiles of up to :data:`MX_DOT_MAX_BLOCK_M`
+    rows). The interpreter always dequantizes: its ``dot_scaled`` rounds the bf16 operand
+    through fp16."""
     if spec.quant.name != "mxfp4" or (interpreting() if interpret is None else interpret):
         return False
     mode = os.environ.get("MOE_PORTABLE_MXFP4", "auto")
     if mode not in ("auto", "dot_scaled", "dequant"):
         raise ValueError(f"MOE_PORTABLE_MXFP4 must be auto, dot_scaled or dequant, got {mode!r}")
-    return mode == "dot_scaled" or (mode == "auto" and block_m <= MX_DOT_MAX_BLOCK_M)
+    if mode != "auto":
+        return mode == "dot_scaled"
+    return tuned if tuned is not None else block_m <= MX_DOT_MAX_BLOCK_M
 
 
 def _block_k(spec: MoESpec, cfg: GemmConfig) -> int:
@@ -370,7 +373,7 @@ def gemm1_launch(
         EVEN_K=H % block_k == 0,
         # the interpreter multiplies bf16 as integers
         UPCAST=interpreting() if interpret is None else interpret,
-        MX_DOT=_mx_dot(spec, interpret, blocks.block_m),
+        MX_DOT=_mx_dot(spec, interpret, blocks.block_m, cfg.mx_dot),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -463,7 +466,7 @@ def gemm2_launch(
         GROUP_M=cfg.group_m,
         EVEN_K=inter % block_k == 0,
         UPCAST=interpreting() if interpret is None else interpret,
-        MX_DOT=_mx_dot(spec, interpret, blocks.block_m),
+        MX_DOT=_mx_dot(spec, interpret, blocks.block_m, cfg.mx_dot),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -18,7 +18,9 @@ then GEMM 2. Their spaces (:func:`gemm_space`) count the operands' bytes
 e2m1 weights are upcast to for the MMA), keep fp8_block's K step within its
 block and mxfp4's at 32 or more (:func:`experts._block_k`, so no two
 candidates are the same launch), and drop tiles whose accumulators alone
-would take more than half of a thread's registers.
+would take more than half of a thread's registers. mxfp4 layers get a last
+round: the best tile and pipeline through the other mxfp4 path (``tl.dot_scaled``
+or the dequantization, ``GemmConfig.mx_dot``), kept where it is faster.
 
 At every tuned ``T`` the decode path can take (``T <= configs.DECODE_MAX_TOKENS``:
 the ``1`` and ``8`` buckets) its two launches are tuned too (GEMM 1 tiles and
@@ -50,6 +52,7 @@ from . import configs
 from ._launch import run_launch
 from .configs import DecodeConfig, GemmConfig, MoEConfig
 from .experts import (
+    MX_DOT_MAX_BLOCK_M,
     Launch,
     _block_k,
     _decode_block_k,
@@ -170,7 +173,10 @@ def gemm_space(
         pipelines = [
             GemmConfig(0, 0, w, st, g) for w, st, g in itertools.product((4, 8), (2, 3, 4, 5), (1, 8))
         ]
-    return [_unique(tiles), pipelines]
+    rounds = [_unique(tiles), pipelines]
+    if quant.name == "mxfp4":  # the best tile and pipeline through the other mxfp4 path
+        rounds.append([GemmConfig(0, 0, 0, 0, 0, mx_dot=block_m > MX_DOT_MAX_BLOCK_M)])
+    return rounds
 
 
 def _launched(spec: MoESpec | None, cfg: GemmConfig) -> GemmConfig:
@@ -183,12 +189,18 @@ def _unique(cfgs: Iterable[GemmConfig]) -> list[GemmConfig]:
 
 
 def _filled(round_: list[GemmConfig], best: GemmConfig | None) -> Iterable[GemmConfig]:
-    """A round's candidates: templates (``block_n == 0``) take the tile of ``best`` (skipped before one)."""
+    """A round's candidates: templates (``block_n == 0``) take the tile of ``best`` (skipped before
+    one), and those with ``num_warps == 0`` its pipeline too (only their ``mx_dot`` is their own)."""
     for cfg in round_:
         if cfg.block_n == 0:
             if best is None:
                 continue
-            cfg = GemmConfig(best.block_n, best.block_k, cfg.num_warps, cfg.num_stages, cfg.group_m)
+            if cfg.num_warps == 0:
+                cfg = replace(best, mx_dot=cfg.mx_dot)
+            else:
+                cfg = GemmConfig(
+                    best.block_n, best.block_k, cfg.num_warps, cfg.num_stages, cfg.group_m, best.mx_dot
+                )
         yield cfg
 
 
