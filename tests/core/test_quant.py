@@ -622,7 +622,8 @@ def test_quantize_tensor_in_expert_chunks_is_exact(name, monkeypatch):
     """Large block-scaled weights are quantized a few experts at a time: same bits as in one go."""
     w = torch.randn(5, 128, 256) * torch.logspace(-3, 1, 5)[:, None, None]
     whole = q.quantize_tensor(w, name)
-    monkeypatch.setattr(q, "_CHUNK_ELEMENTS", 2 * 128 * 256)
-    chunked = q.quantize_tensor(w, name)
-    for a, b in zip(whole[:2], chunked[:2]):
-        assert torch.equal(a, b)
+    for chunk in (2 * 128 * 256, 1000):  # two experts per chunk; one expert over the bound: one each
+        monkeypatch.setattr(q, "_CHUNK_ELEMENTS", chunk)
+        chunked = q.quantize_tensor(w, name)
+        for a, b in zip(whole[:2], chunked[:2]):
+            assert torch.equal(a, b)

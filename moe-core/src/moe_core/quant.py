@@ -556,15 +556,16 @@ def quantize_tensor(
         return w.to(scheme.weight_dtype), None, None
     if name == "fp8":
         return (*quantize_fp8(w, scheme.weight_scale), None)
-    if name in ("fp8_block", "mxfp4") and w.dim() > 2 and w.numel() > _CHUNK_ELEMENTS:
+    if name in ("fp8_block", "mxfp4"):
+        quantize = (
+            (lambda t: quantize_fp8_block(t, scheme.block_shape)) if name == "fp8_block" else quantize_mxfp4
+        )
+        if w.dim() < 3 or w.numel() <= _CHUNK_ELEMENTS:
+            return (*quantize(w), None)
         # blocks never cross experts: quantize a few experts at a time (bounded temporaries)
         step = max(1, _CHUNK_ELEMENTS // w[0].numel())
-        parts = [quantize_tensor(w[i : i + step], scheme) for i in range(0, w.shape[0], step)]
+        parts = [quantize(w[i : i + step]) for i in range(0, w.shape[0], step)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), None
-    if name == "fp8_block":
-        return (*quantize_fp8_block(w, scheme.block_shape), None)
-    if name == "mxfp4":
-        return (*quantize_mxfp4(w), None)
     return quantize_nvfp4(w)
 
 
