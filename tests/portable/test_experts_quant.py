@@ -338,8 +338,9 @@ def test_layer_keys_and_heuristic():
     small = _spec("fp8_block-32x32")
     assert configs.heuristic_config(small, 7, 8, False).gemm1.block_k == 32
     mx = get_preset("gpt-oss-20b").moe_spec(quant="mxfp4")
-    assert configs.heuristic_config(mx, 1, 132, False).gemm1.block_k == 128
-    assert configs.heuristic_config(mx, 8192, 132, False).gemm1.block_k == 64
+    for T in (1, 8192):  # transposed mxfp4 tiles: weight rows are the MMA's M side, 64 or more
+        cfg = configs.heuristic_config(mx, T, 132, False)
+        assert cfg.gemm1.block_k == 128 and cfg.gemm1.block_n == 64 and cfg.gemm2.block_n >= 64
 
 
 # ----------------------------------------------------------------------------- GPU, real shapes

@@ -322,7 +322,7 @@ def heuristic_config(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool)
     until both GEMMs launch about two programs per SM, since small batches are
     bound by weight bandwidth and need every SM streaming weights. Quantized
     weights take larger K steps (fp8: 128, within fp8_block's scale block;
-    mxfp4: 128 for decode, 64 otherwise). fp8_block's GEMM 1 quantizes its
+    mxfp4: 128, with tiles of 64 or 128 weight rows: its tiles are transposed). fp8_block's GEMM 1 quantizes its
     output in its epilogue only when ``block_n`` is a multiple of the group
     (decode shapes shrink it below: the intermediate then takes a pre-pass).
     """
@@ -349,24 +349,22 @@ def heuristic_config(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool)
             # fp8 blocks keep a K step's product beside each accumulator: two 128 x 128 of them
             # spill on sm90 even with 8 warps (so do fp8 per-token gate/up tiles, just)
             block_n = 64
-        if scheme.name == "mxfp4" and block_m >= 64:
-            # dot_scaled's upcast of a 128-wide e2m1 tile beside a 64+ row accumulator spills (sm90 ptxas)
-            block_n = 64
-        while block_n > 16 and m_blocks * -(-n // block_n) < 2 * num_sms:
+        if scheme.name == "mxfp4":
+            # the weight rows are the MMA's M side (transposed tiles): 64 (a wgmma), 128 ungated at 64+ rows
+            block_n = 128 if block_m >= 64 and not gated else 64
+        while block_n > (64 if scheme.name == "mxfp4" else 16) and m_blocks * -(-n // block_n) < 2 * num_sms:
             block_n //= 2
         block_k = 64 if (block_m >= 128 or (gated and block_m >= 64)) else 128
-        if fp8:  # one byte per element: twice the K of a bf16 tile in the same shared memory
+        if fp8 or scheme.name == "mxfp4":  # a byte or half a byte: K 128 (a 128- or 64-byte row step)
             block_k = 128
-        elif scheme.name == "mxfp4":  # half a byte, dequantized in registers: K 128 while weight-bound
-            block_k = 128 if block_m <= 32 else 64
         block_k = min(block_k, max(32 if scheme.is_quantized else 16, 1 << (k - 1).bit_length()))
         if scheme.name == "fp8_block":
             block_k = min(block_k, scheme.block_shape[1])  # a K step never straddles a scale block
         warps = 8 if block_m >= 128 and block_n >= 128 else 4
         if scheme.is_quantized and gated and block_m * block_n >= 64 * 128:
             warps = 8  # scale and dequantization temporaries: 4 warps spill (sm90 ptxas)
-        if scheme.name == "mxfp4" and block_m >= 64:
-            warps = 8  # so do dot_scaled's e2m1 upcast temporaries
+        if scheme.name == "mxfp4":  # accumulators and the upcast weight tiles (bf16, in registers)
+            warps = 8 if (2 if gated else 1) * block_n * (block_m + block_k // 2) >= 128 * 128 else 4
         return GemmConfig(block_n, block_k, warps, stages, 8)
 
     return MoEConfig(

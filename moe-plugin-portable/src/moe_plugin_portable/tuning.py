@@ -96,17 +96,23 @@ def _operand_bytes(quant: QuantScheme) -> tuple[float, float]:
 def _acc_regs(cfg: GemmConfig, block_m: int, operands_b: int, quant: QuantScheme) -> float:
     """Registers per thread of the tile's float32 accumulators (fp8_block: and a K step's product)."""
     tiles = operands_b + (1 if quant.name == "fp8_block" else 0)
-    return tiles * block_m * cfg.block_n / (32 * cfg.num_warps)
+    regs = tiles * block_m * cfg.block_n
+    if quant.name == "mxfp4":  # and the weight tiles upcast to bf16 pairs, the MMA's register operand
+        regs += operands_b * cfg.block_n * cfg.block_k // 2
+    return regs / (32 * cfg.num_warps)
 
 
-def _tile_warps(block_m: int, block_n: int, operands_b: int, quant: QuantScheme) -> int:
+def _tile_warps(block_m: int, block_n: int, block_k: int, operands_b: int, quant: QuantScheme) -> int:
     """Warps of the tile round: 8 from ``block_m`` 128, and where :func:`configs.heuristic_config`
-    takes 8 for a quantized scheme's temporaries (gate/up tiles of 64 x 128, mxfp4 from 64 rows)."""
+    takes 8 for a quantized scheme's temporaries (gate/up tiles of 64 x 128; mxfp4: accumulators
+    and upcast weight tiles of 128 x 128 elements or more)."""
+    if quant.name == "mxfp4":
+        return 8 if operands_b * block_n * (block_m + block_k // 2) >= 128 * 128 else 4
     if block_m > 64:
         return 8
     if quant.is_quantized and operands_b == 2 and block_m * block_n >= 64 * 128:
         return 8
-    return 8 if quant.name == "mxfp4" and block_m >= 64 else 4
+    return 4
 
 
 def _fits(cfg: GemmConfig, block_m: int, operands_b: int, quant: QuantScheme = _BF16) -> bool:
@@ -116,8 +122,6 @@ def _fits(cfg: GemmConfig, block_m: int, operands_b: int, quant: QuantScheme = _
     smem = cfg.num_stages * stage
     if quant.name == "fp8_block":  # per K step: A's group scales and the weight blocks' scales
         smem += cfg.num_stages * (block_m + operands_b * cfg.block_n) * 4
-    if quant.name == "mxfp4":  # a weight tile upcast to bf16 for the MMA (not pipelined)
-        smem += cfg.block_n * cfg.block_k * 2
     # 8 warps on small tiles: idle (quantized tiles have temporaries to spread, down to 64 x 64)
     if smem > _SMEM_BUDGET or (
         cfg.num_warps == 8 and block_m * cfg.block_n < (64 * 64 if quant.is_quantized else 64 * 128)
@@ -161,9 +165,11 @@ def gemm_space(
     stages = 4 if block_m <= 32 else 3
     quick = space == "quick"
     tile_n = (32, 64, 128, 256) if not quick else ((32, 64, 128) if block_m <= 32 else (64, 128, 256))
+    if quant.name == "mxfp4":  # transposed tiles: the weight rows are the MMA's M side
+        tile_n = (64, 128) if quick else (64, 128, 256)
     tiles = []
     for bn, bk in itertools.product(tile_n, _tile_ks(quant, quick)):
-        warps = _tile_warps(block_m, bn, operands_b, quant)
+        warps = _tile_warps(block_m, bn, bk, operands_b, quant)
         cfg = _launched(spec, GemmConfig(bn, bk, warps, stages, 8))
         if _fits(cfg, block_m, operands_b, quant):
             tiles.append(cfg)

@@ -28,22 +28,23 @@ the weights; every ``0`` compiles to the bf16/fp16 kernel unchanged):
 2 tensor       fp8                             epilogue, one per expert (``[E]``)
 3 block        fp8                             every K step: ``dot * sa[m] * sb[n]``
                                                (``BLOCK_K`` divides ``GROUP_K``)
-4 mxfp4        e2m1 pairs ``[BLOCK_K/2, N]``   dequantized in registers to bf16
-                                               (e8m0 per 32 along K), then 2 dots
+4 mxfp4        e2m1 pairs ``[N, BLOCK_K/2]``   left operand of a transposed dot,
+                                               e8m0 per 32 along K (below)
 =============  ==============================  ===================================
 
 ``A_QUANT``: 1 per row (epilogue), 2 static per tensor (epilogue), 3 groups of
 ``GROUP_K`` along K (every K step, with ``B_QUANT`` 3). fp8 x fp8 tiles go to
-``tl.dot`` as fp8 (wgmma / CDNA3-4 MFMA). mxfp4 bytes hold the elements ``j``
-and ``j + 16`` of each 32-element block (low, high nibble; ``prepare`` re-packs
-the canonical pairs): a K step's low nibbles are the first halves of its
-blocks and its high nibbles the second halves, so the A tile is read as those
-two halves (contiguous 16-element runs) and multiplied by the two dequantized
-halves of the weight tile, with no interleaving in registers. The dot runs in
-bf16 (fp8 activations of W4A8 convert exactly); Hopper has no fp4 MMA.
-(``tl.dot_scaled`` would do the same on Hopper and use gfx950's scaled MFMA,
-but Triton's interpreter rounds its bf16 operand through fp16, so the CPU
-tests could not check it.)
+``tl.dot`` as fp8 (wgmma / CDNA3-4 MFMA).
+
+mxfp4 (canonical bytes: elements ``2j``, ``2j + 1`` in the low, high nibble)
+computes the transposed tile ``acc^T [BLOCK_N, BLOCK_M] = w [BLOCK_N, BLOCK_K] @
+x^T [BLOCK_K, BLOCK_M]``: the weight tile is read as stored (rows K-contiguous),
+dequantized in registers, which is where Hopper's wgmma takes its A operand
+(a right operand would go back through shared memory), and the few tokens of a
+tile are the MMA's narrow N side. ``MX_DOT``: through ``tl.dot_scaled`` (Hopper
+upcasts in registers; gfx950 has the scaled MFMA), else dequantized explicitly
+to bf16 and ``tl.dot`` (the interpreter: its ``dot_scaled`` rounds the bf16
+operand through fp16). fp8 activations of W4A8 convert to bf16 exactly.
 
 fp8 rounding is bit-exact with ``moe_core.quant`` on every backend: scales
 ``amax / 448`` with a correctly rounded division, rounded toward zero to 21
@@ -105,56 +106,57 @@ def _e2m1_f16(codes):
 
 
 @triton.jit
-def _load_mxfp4(ptrs, s_ptrs, k_remaining, n_mask, offs_h, offs_s, EVEN_K: tl.constexpr):
-    """The two bf16 halves ``[BLOCK_K/2, BLOCK_N]`` of an mxfp4 weight tile times ``2**-14`` (the
-    caller's epilogue multiplies by ``2**14``): its bytes (``ptrs [BLOCK_K/2, BLOCK_N]``, ``k_remaining``
-    of them left along K) and their e8m0 scales (``s_ptrs [BLOCK_K/32, BLOCK_N]``), each scale read
-    once. Exact for block scales of at least ``2**-111`` (bf16 normals)."""
+def _load_mx_rows(ptrs, s_ptrs, k_remaining, n_mask, offs_h, offs_s, EVEN_K: tl.constexpr):
+    """An mxfp4 weight tile as stored: bytes ``[BLOCK_N, BLOCK_K/2]`` (``ptrs``, K-contiguous rows)
+    and their e8m0 scales ``[BLOCK_N, BLOCK_K/32]`` (``s_ptrs``); ``k_remaining`` elements left
+    along K (a multiple of 32), past them zeros."""
     if EVEN_K:
-        packed = tl.load(ptrs, mask=n_mask[None, :], other=0)
-        s = tl.load(s_ptrs, mask=n_mask[None, :], other=0)
-    else:
-        packed = tl.load(ptrs, mask=(offs_h[:, None] < k_remaining) & n_mask[None, :], other=0)
-        s = tl.load(s_ptrs, mask=(offs_s[:, None] < k_remaining // 16) & n_mask[None, :], other=0)
-    packed = packed.to(tl.int32)
-    # e8m0 byte b: 2**(b - 127) from its bits (byte 0, only all-zero blocks in practice: 0)
-    scale = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-    NB: tl.constexpr = scale.shape[0]
-    BN: tl.constexpr = scale.shape[1]
-    scale = tl.reshape(tl.broadcast_to(scale[:, None, :], (NB, 16, BN)), (NB * 16, BN))
-    lo = (_e2m1_f16(packed & 15) * scale).to(tl.bfloat16)
-    return lo, (_e2m1_f16(packed >> 4) * scale).to(tl.bfloat16)
-
-
-@triton.jit
-def _mx_dot_order(BLOCK_K: tl.constexpr):
-    """The K order in which ``tl.dot_scaled`` reads this layout's mxfp4 bytes: it takes byte ``j``'s
-    low and high nibbles as elements ``2j`` and ``2j + 1``, which hold elements ``j`` and ``j + 16``
-    of their 32-block, so the A tile is gathered in that order (within each 32-block, same scale)."""
-    p = tl.arange(0, BLOCK_K)
-    return (p // 32) * 32 + (p % 2) * 16 + (p % 32) // 2
-
-
-@triton.jit
-def _load_mx_dot_b(ptrs, s_ptrs, k_remaining, n_mask, offs_h, offs_s, EVEN_K: tl.constexpr):
-    """mxfp4 bytes ``[BLOCK_K/2, BLOCK_N]`` and their e8m0 scales ``[BLOCK_N, BLOCK_K/32]`` (dot_scaled's)."""
-    if EVEN_K:
-        b = tl.load(ptrs, mask=n_mask[None, :], other=0)
+        b = tl.load(ptrs, mask=n_mask[:, None], other=0)
         s = tl.load(s_ptrs, mask=n_mask[:, None], other=0)
     else:
-        b = tl.load(ptrs, mask=(offs_h[:, None] < k_remaining // 2) & n_mask[None, :], other=0)
+        b = tl.load(ptrs, mask=n_mask[:, None] & (offs_h[None, :] < k_remaining // 2), other=0)
         s = tl.load(s_ptrs, mask=n_mask[:, None] & (offs_s[None, :] < k_remaining // 32), other=0)
     return b, s
 
 
 @triton.jit
-def _mx_dot(a, b, b_scale, acc, A_QUANT: tl.constexpr):
-    """``acc + a @ dequant(b)`` by ``tl.dot_scaled`` (bf16 or, W4A8, e4m3 activations x e2m1 weights)."""
-    if A_QUANT == 0:
-        acc = tl.dot_scaled(a, None, "bf16", b, b_scale, "e2m1", acc)
+def _dequant_mx_rows(b, s):
+    """bf16 ``[BLOCK_N, BLOCK_K]`` of mxfp4 bytes ``b [BLOCK_N, BLOCK_K/2]`` (byte ``j``: elements
+    ``2j``, ``2j + 1`` in its low, high nibble) with e8m0 scales ``s [BLOCK_N, BLOCK_K/32]``.
+    Exact for scales up to ``2**113`` (e8m0 bytes up to 240; byte 0, only all-zero blocks in
+    practice, reads as 0)."""
+    packed = b.to(tl.int32)
+    BN: tl.constexpr = b.shape[0]
+    BK: tl.constexpr = 2 * b.shape[1]
+    NB: tl.constexpr = s.shape[1]
+    v = tl.reshape(tl.join(_e2m1_f16(packed & 15), _e2m1_f16(packed >> 4)), (BN, BK))
+    # 2**(s - 127) from the bits, times 2**14 for _e2m1_f16's factor
+    scale = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True) * 16384.0
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BN, NB, 32)), (BN, BK))
+    return (v * scale).to(tl.bfloat16)
+
+
+@triton.jit
+def _mx_dot_t(b, b_scale, at, acc, A_QUANT: tl.constexpr, MX_DOT: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + dequant(b) @ at``: mxfp4 weights ``[BLOCK_N, BLOCK_K/2]`` (the left operand: dequantized
+    in registers, where Hopper's wgmma reads its A operand) times activations ``at [BLOCK_K, BLOCK_M]``
+    (bf16, or e4m3 codes for W4A8), by ``tl.dot_scaled`` (``MX_DOT``) or dequantized to bf16."""
+    if MX_DOT:
+        if A_QUANT == 0:
+            acc = tl.dot_scaled(b, b_scale, "e2m1", at, None, "bf16", acc)
+        else:
+            acc = tl.dot_scaled(b, b_scale, "e2m1", at, None, "e4m3", acc)
     else:
-        acc = tl.dot_scaled(a, None, "e4m3", b, b_scale, "e2m1", acc)
+        acc = _dot(_dequant_mx_rows(b, b_scale), at.to(tl.bfloat16), acc, UPCAST)
     return acc
+
+
+@triton.jit
+def _load_at(ptrs, row_mask, offs_k, k_remaining, EVEN_K: tl.constexpr):
+    """The transposed activation tile ``[BLOCK_K, BLOCK_M]`` (columns of padding read as 0)."""
+    if EVEN_K:
+        return tl.load(ptrs, mask=row_mask[None, :], other=0.0)
+    return tl.load(ptrs, mask=row_mask[None, :] & (offs_k[:, None] < k_remaining), other=0.0)
 
 
 @triton.jit
@@ -283,48 +285,30 @@ def moe_gemm1(
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
 
-    if B_QUANT == 4:  # mxfp4: byte j of a 32-block holds its elements j and j + 16
+    if B_QUANT == 4:  # mxfp4, transposed: acc^T [BLOCK_N, BLOCK_M] = w13 tile @ x^T
         offs_h = tl.arange(0, BLOCK_K // 2)
-        k_lo = (offs_h // 16) * 32 + offs_h % 16  # the elements of the low nibbles
-        lo_ptrs = x_ptr + token[:, None] * stride_xm + k_lo[None, :]
-        g_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_h[:, None]
         offs_s = tl.arange(0, BLOCK_K // 32)
-        gs_ptrs = ws_ptr + expert * stride_wse + offs_n[None, :].to(tl.int64) * stride_wsn + offs_s[:, None]
+        g_ptrs = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_h[None, :]
+        gs_ptrs = ws_ptr + expert * stride_wse + offs_n[:, None].to(tl.int64) * stride_wsn + offs_s[None, :]
         u_ptrs = g_ptrs + INTER * stride_wn
         us_ptrs = gs_ptrs + INTER * stride_wsn
-    if B_QUANT == 4 and MX_DOT:
-        k_perm = _mx_dot_order(BLOCK_K)
-        a_ptrs = x_ptr + token[:, None] * stride_xm + k_perm[None, :]
-        gs_ptrs = ws_ptr + expert * stride_wse + offs_n[:, None].to(tl.int64) * stride_wsn + offs_s[None, :]
-        us_ptrs = gs_ptrs + INTER * stride_wsn
+        at_ptrs = x_ptr + token[None, :] * stride_xm + offs_k[:, None]
+        acc_gt = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_ut = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            a = _load_a(a_ptrs, row_mask, k_perm, K - k0, EVEN_K)
-            g, g_s = _load_mx_dot_b(g_ptrs, gs_ptrs, K - k0, n_mask, offs_h, offs_s, EVEN_K)
-            acc_g = _mx_dot(a, g, g_s, acc_g, A_QUANT)
+            at = _load_at(at_ptrs, row_mask, offs_k, K - k0, EVEN_K)
+            g, g_s = _load_mx_rows(g_ptrs, gs_ptrs, K - k0, n_mask, offs_h, offs_s, EVEN_K)
+            acc_gt = _mx_dot_t(g, g_s, at, acc_gt, A_QUANT, MX_DOT, UPCAST)
             if GATED:
-                u, u_s = _load_mx_dot_b(u_ptrs, us_ptrs, K - k0, n_mask, offs_h, offs_s, EVEN_K)
-                acc_u = _mx_dot(a, u, u_s, acc_u, A_QUANT)
-            a_ptrs += BLOCK_K
+                u, u_s = _load_mx_rows(u_ptrs, us_ptrs, K - k0, n_mask, offs_h, offs_s, EVEN_K)
+                acc_ut = _mx_dot_t(u, u_s, at, acc_ut, A_QUANT, MX_DOT, UPCAST)
+            at_ptrs += BLOCK_K
             g_ptrs += BLOCK_K // 2
             u_ptrs += BLOCK_K // 2
             gs_ptrs += BLOCK_K // 32
             us_ptrs += BLOCK_K // 32
-    elif B_QUANT == 4:
-        for k0 in range(0, K, BLOCK_K):
-            a_lo = _load_a(lo_ptrs, row_mask, k_lo, K - k0, EVEN_K).to(tl.bfloat16)
-            a_hi = _load_a(lo_ptrs + 16, row_mask, k_lo + 16, K - k0, EVEN_K).to(tl.bfloat16)
-            g_lo, g_hi = _load_mxfp4(g_ptrs, gs_ptrs, (K - k0) // 2, n_mask, offs_h, offs_s, EVEN_K)
-            acc_g = _dot(a_hi, g_hi, _dot(a_lo, g_lo, acc_g, UPCAST), UPCAST)
-            if GATED:
-                u_lo, u_hi = _load_mxfp4(u_ptrs, us_ptrs, (K - k0) // 2, n_mask, offs_h, offs_s, EVEN_K)
-                acc_u = _dot(a_hi, u_hi, _dot(a_lo, u_lo, acc_u, UPCAST), UPCAST)
-            lo_ptrs += BLOCK_K
-            g_ptrs += BLOCK_K // 2
-            u_ptrs += BLOCK_K // 2
-            gs_ptrs += BLOCK_K // 32
-            us_ptrs += BLOCK_K // 32
-        acc_g = acc_g * 16384.0  # _load_mxfp4's 2**-14
-        acc_u = acc_u * 16384.0
+        acc_g = tl.trans(acc_gt)
+        acc_u = tl.trans(acc_ut)
     else:
         g_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
         u_ptrs = g_ptrs + INTER * stride_wn
@@ -453,34 +437,21 @@ def moe_gemm2(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_ptrs = inter_ptr + offs_m[:, None].to(tl.int64) * stride_im + offs_k[None, :]
 
-    if B_QUANT == 4:
+    if B_QUANT == 4:  # mxfp4, transposed: acc^T [BLOCK_N, BLOCK_M] = w2 tile @ inter^T
         offs_h = tl.arange(0, BLOCK_K // 2)
-        k_lo = (offs_h // 16) * 32 + offs_h % 16
-        lo_ptrs = inter_ptr + offs_m[:, None].to(tl.int64) * stride_im + k_lo[None, :]
-        b_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_h[:, None]
         offs_s = tl.arange(0, BLOCK_K // 32)
-        bs_ptrs = ws_ptr + expert * stride_wse + offs_n[None, :].to(tl.int64) * stride_wsn + offs_s[:, None]
-    if B_QUANT == 4 and MX_DOT:
-        k_perm = _mx_dot_order(BLOCK_K)
-        a_ptrs = inter_ptr + offs_m[:, None].to(tl.int64) * stride_im + k_perm[None, :]
+        b_ptrs = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_h[None, :]
         bs_ptrs = ws_ptr + expert * stride_wse + offs_n[:, None].to(tl.int64) * stride_wsn + offs_s[None, :]
+        at_ptrs = inter_ptr + offs_m[None, :].to(tl.int64) * stride_im + offs_k[:, None]
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            a = _load_a(a_ptrs, row_mask, k_perm, K - k0, EVEN_K)
-            b, b_s = _load_mx_dot_b(b_ptrs, bs_ptrs, K - k0, n_mask, offs_h, offs_s, EVEN_K)
-            acc = _mx_dot(a, b, b_s, acc, A_QUANT)
-            a_ptrs += BLOCK_K
+            at = _load_at(at_ptrs, row_mask, offs_k, K - k0, EVEN_K)
+            b, b_s = _load_mx_rows(b_ptrs, bs_ptrs, K - k0, n_mask, offs_h, offs_s, EVEN_K)
+            acc_t = _mx_dot_t(b, b_s, at, acc_t, A_QUANT, MX_DOT, UPCAST)
+            at_ptrs += BLOCK_K
             b_ptrs += BLOCK_K // 2
             bs_ptrs += BLOCK_K // 32
-    elif B_QUANT == 4:
-        for k0 in range(0, K, BLOCK_K):
-            a_lo = _load_a(lo_ptrs, row_mask, k_lo, K - k0, EVEN_K).to(tl.bfloat16)
-            a_hi = _load_a(lo_ptrs + 16, row_mask, k_lo + 16, K - k0, EVEN_K).to(tl.bfloat16)
-            b_lo, b_hi = _load_mxfp4(b_ptrs, bs_ptrs, (K - k0) // 2, n_mask, offs_h, offs_s, EVEN_K)
-            acc = _dot(a_hi, b_hi, _dot(a_lo, b_lo, acc, UPCAST), UPCAST)
-            lo_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K // 2
-            bs_ptrs += BLOCK_K // 32
-        acc = acc * 16384.0  # _load_mxfp4's 2**-14
+        acc = tl.trans(acc_t)
     else:
         b_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
         if B_QUANT == 3:
@@ -635,24 +606,32 @@ def _decode_row_amax(row_ptr, K, route, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _decode_a(row_ptr, offs, K, route, a_scale, A_QUANT: tl.constexpr):
-    """One K step of the activation row in float32; fp8-quantized codes (as float32) when
-    ``A_QUANT`` (1 per row, 2 static: ``a_scale`` given; 3 groups: this step is one group,
-    its scale returned second)."""
-    a = tl.load(row_ptr + offs, mask=offs < K, other=0.0).to(tl.float32) * route
+def _decode_quant(a, a_scale, A_QUANT: tl.constexpr):
+    """A float32 activation step ``a`` (``[..., BLOCK_K]``) as fp8 codes in float32 when ``A_QUANT``
+    (1 per row, 2 static: ``a_scale`` given, broadcastable; 3 groups: this step is one group per
+    row, its scales ``[...]`` returned second), else unchanged."""
     if A_QUANT == 3:
-        a_scale = _fp8_scale(tl.max(tl.abs(a), axis=0))
-    if A_QUANT != 0:
+        a_scale = _fp8_scale(tl.max(tl.abs(a), axis=len(a.shape) - 1))
+        a = _fp8_quantize(a, tl.expand_dims(a_scale, len(a.shape) - 1)).to(tl.float32)
+    elif A_QUANT != 0:
         a = _fp8_quantize(a, a_scale).to(tl.float32)
     return a, a_scale
 
 
 @triton.jit
+def _decode_a(row_ptr, offs, K, route, a_scale, A_QUANT: tl.constexpr):
+    """One K step of the activation row in float32; fp8-quantized codes (as float32) when
+    ``A_QUANT`` (:func:`_decode_quant`)."""
+    a = tl.load(row_ptr + offs, mask=offs < K, other=0.0).to(tl.float32) * route
+    return _decode_quant(a, a_scale, A_QUANT)
+
+
+@triton.jit
 def _decode_w(w_row_ptrs, n_mask, offs_k, K):
-    """A ``[BLOCK_N, BLOCK_K]`` float32 weight tile (bf16/fp16/fp8 codes)."""
+    """A ``[BLOCK_N, BLOCK_K]`` weight tile as stored (bf16/fp16/fp8 codes), zeros past ``K``."""
     return tl.load(
         w_row_ptrs[:, None] + offs_k[None, :], mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0
-    ).to(tl.float32)
+    )
 
 
 @triton.jit
@@ -674,9 +653,9 @@ def _decode_mxfp4(
     blocks' e8m0 scales applied: float32 ``[BLOCK_N, NB]`` (``2**-14``: :func:`_e2m1_pair`'s).
 
     The bytes are read as int32 words (rows of ``K/2`` bytes, ``K`` a multiple of 32: 16-byte
-    aligned): word ``w`` of a block holds its bytes ``4w .. 4w + 3``, byte ``j`` its elements
-    ``j`` (low nibble) and ``j + 16`` (high nibble). The activation (``a_row_ptr``, fp8-quantized
-    per ``A_QUANT``) is read at the elements each nibble position holds."""
+    aligned): word ``w`` of a block holds its elements ``8w .. 8w + 7``, element ``8w + c`` at
+    bits ``4c``. The activation (``a_row_ptr``, fp8-quantized per ``A_QUANT``) is read at the
+    elements each nibble position holds."""
     kb_mask = k0 // 32 + offs_b < K // 32
     offs_w = tl.arange(0, 4)
     mask = n_mask[:, None, None] & kb_mask[None, :, None]
@@ -684,13 +663,13 @@ def _decode_mxfp4(
     words = tl.load(
         word_ptrs[:, None, None] + offs_b[None, :, None] * 4 + offs_w[None, None, :], mask=mask, other=0
     )
-    base = offs_b[:, None] * 32 + offs_w[None, :] * 4  # [NB, 4]: element of byte 0 of each word
+    base = offs_b[:, None] * 32 + offs_w[None, :] * 8  # [NB, 4]: the first element of each word
     part = tl.zeros(words.shape, dtype=tl.float32)
-    for c in tl.static_range(4):  # bits 4c: byte c // 2's nibble c % 2; bits 16 + 4c: byte 2 + c // 2's
+    for c in tl.static_range(4):  # bits 4c: element base + c; bits 16 + 4c: element base + 4 + c
         v0, v1 = _e2m1_pair(words >> (4 * c))
-        e0 = base + c // 2 + 16 * (c % 2)
+        e0 = base + c
         a0, _s = _decode_a(a_row_ptr + k0, e0, K - k0, route, a_scale, A_QUANT)
-        a1, _s = _decode_a(a_row_ptr + k0 + 2, e0, K - k0 - 2, route, a_scale, A_QUANT)
+        a1, _s = _decode_a(a_row_ptr + k0 + 4, e0, K - k0 - 4, route, a_scale, A_QUANT)
         part += v0 * a0[None, :, :]
         part += v1 * a1[None, :, :]
     s_mask = n_mask[:, None] & kb_mask[None, :]
@@ -739,24 +718,45 @@ def _decode_gemv(
                     u_row_ptrs, su_row_ptrs, n_mask, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT
                 )
     else:
+        # register double buffering: the next K step's tiles are requested before this step's
+        # FMAs, so two steps of weights are in flight per program (Triton does not pipeline
+        # loads that feed no dot); past K the loads are masked off
         offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a, a_s = _decode_a(a_row_ptr + k0, offs_k, K - k0, route, a_scale, A_QUANT)
-            w = _decode_w(w_row_ptrs + k0, n_mask, offs_k, K - k0)
+        a_next = tl.load(a_row_ptr + offs_k, mask=offs_k < K, other=0.0)
+        w_next = _decode_w(w_row_ptrs, n_mask, offs_k, K)
+        if GATED:
+            u_next = _decode_w(u_row_ptrs, n_mask, offs_k, K)
+        if B_QUANT == 3:
+            bs_next = tl.load(s_row_ptrs, mask=n_mask, other=0.0)
             if GATED:
-                u = _decode_w(u_row_ptrs + k0, n_mask, offs_k, K - k0)
+                bus_next = tl.load(su_row_ptrs, mask=n_mask, other=0.0)
+        for k0 in range(0, K, BLOCK_K):
+            a_raw = a_next
+            w = w_next
+            k1 = k0 + BLOCK_K
+            a_next = tl.load(a_row_ptr + k1 + offs_k, mask=offs_k < K - k1, other=0.0)
+            w_next = _decode_w(w_row_ptrs + k1, n_mask, offs_k, K - k1)
+            if GATED:
+                u = u_next
+                u_next = _decode_w(u_row_ptrs + k1, n_mask, offs_k, K - k1)
             if B_QUANT == 3:
-                b_s = tl.load(s_row_ptrs + k0 // BLOCK_K, mask=n_mask, other=0.0)
-                acc += (w * a[None, :]) * (b_s * a_s)[:, None]
+                kb_next = tl.minimum(k1, K - 1) // BLOCK_K  # (the last block again past K: unused)
+                b_s = bs_next
+                bs_next = tl.load(s_row_ptrs + kb_next, mask=n_mask, other=0.0)
                 if GATED:
-                    bu_s = tl.load(su_row_ptrs + k0 // BLOCK_K, mask=n_mask, other=0.0)
-                    acc_u += (u * a[None, :]) * (bu_s * a_s)[:, None]
+                    bu_s = bus_next
+                    bus_next = tl.load(su_row_ptrs + kb_next, mask=n_mask, other=0.0)
+            a, a_s = _decode_quant(a_raw.to(tl.float32) * route, a_scale, A_QUANT)
+            if B_QUANT == 3:
+                acc += (w.to(tl.float32) * a[None, :]) * (b_s * a_s)[:, None]
+                if GATED:
+                    acc_u += (u.to(tl.float32) * a[None, :]) * (bu_s * a_s)[:, None]
             else:
-                acc += w * a[None, :]
+                acc += w.to(tl.float32) * a[None, :]
                 if GATED:
-                    acc_u += u * a[None, :]
+                    acc_u += u.to(tl.float32) * a[None, :]
     out = tl.sum(acc, axis=1)
     out_u = tl.sum(acc_u, axis=1)
     if B_QUANT == 4:  # _e2m1_pair's factor
@@ -878,6 +878,96 @@ def moe_decode_gemm1(
 
 
 @triton.jit
+def _decode_experts(topk_ids_ptr, expert_map_ptr, entries, slot_mask, num_experts, HAS_MAP: tl.constexpr):
+    """:func:`_decode_expert` of a vector of entries (``slot_mask`` off: ``-1``)."""
+    expert = tl.load(topk_ids_ptr + entries, mask=slot_mask, other=-1).to(tl.int32)
+    valid = (expert >= 0) & (expert < num_experts)
+    if HAS_MAP:
+        expert = tl.load(expert_map_ptr + tl.where(valid, expert, 0), mask=valid, other=-1).to(tl.int32)
+        valid = valid & (expert >= 0)
+    return tl.where(valid, expert, -1).to(tl.int64)
+
+
+@triton.jit
+def _decode_gemm2_slots(
+    inter_ptr, w_ptr, b_ptr, topk_ids_ptr, expert_map_ptr, topk_weights_ptr, ws_ptr, as_ptr,
+    token, offs_n, n_mask, num_experts, K, stride_im, stride_we, stride_wn, stride_be,
+    stride_wse, stride_wsn,
+    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MAP: tl.constexpr, APPLY_WEIGHT: tl.constexpr,
+    A_QUANT: tl.constexpr, B_QUANT: tl.constexpr, GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr,
+):  # fmt: skip
+    """:func:`moe_decode_gemm2`'s sum over the slots, all slots per K step (``SLOTS``), float32
+    ``[BLOCK_N]``: each step's ``[SLOTS, BLOCK_N, BLOCK_K]`` products reduced over K at once,
+    the next step's tiles requested before this step's FMAs; the slots' results are summed by
+    a fixed reduction tree (deterministic)."""
+    offs_j = tl.arange(0, SLOTS)
+    entries = token * TOP_K + offs_j
+    experts = _decode_experts(topk_ids_ptr, expert_map_ptr, entries, offs_j < TOP_K, num_experts, HAS_MAP)
+    kept = experts >= 0
+    e = tl.where(kept, experts, 0)
+    a_rows = inter_ptr + entries * stride_im  # [SLOTS]
+    w_rows = w_ptr + e[:, None] * stride_we + offs_n[None, :].to(tl.int64) * stride_wn  # [SLOTS, BN]
+    w_mask = kept[:, None] & n_mask[None, :]
+    offs_k = tl.arange(0, BLOCK_K)
+    a_scale = tl.full((SLOTS,), 1.0, tl.float32)
+    if A_QUANT == 1:  # per row: the amax of each slot's whole row first
+        amax = tl.zeros((SLOTS, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            v = tl.load(
+                a_rows[:, None] + k0 + offs_k[None, :], mask=kept[:, None] & (k0 + offs_k < K)[None, :]
+            )
+            amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
+        a_scale = _fp8_scale(tl.max(amax, axis=1))
+    elif A_QUANT == 2:
+        a_scale = a_scale * tl.load(as_ptr)
+    if B_QUANT == 3:
+        s_rows = ws_ptr + e[:, None] * stride_wse + (offs_n // GROUP_N)[None, :] * stride_wsn
+    acc = tl.zeros((SLOTS, BLOCK_N), dtype=tl.float32)
+    a_next = tl.load(a_rows[:, None] + offs_k[None, :], mask=kept[:, None] & (offs_k < K)[None, :], other=0.0)
+    w_next = tl.load(
+        w_rows[:, :, None] + offs_k[None, None, :],
+        mask=w_mask[:, :, None] & (offs_k < K)[None, None, :],
+        other=0.0,
+    )
+    for k0 in range(0, K, BLOCK_K):
+        a_raw = a_next
+        w = w_next
+        k1 = k0 + BLOCK_K
+        k_mask = offs_k < K - k1
+        a_next = tl.load(
+            a_rows[:, None] + k1 + offs_k[None, :], mask=kept[:, None] & k_mask[None, :], other=0.0
+        )
+        w_next = tl.load(
+            w_rows[:, :, None] + k1 + offs_k[None, None, :],
+            mask=w_mask[:, :, None] & k_mask[None, None, :],
+            other=0.0,
+        )
+        if A_QUANT == 3:
+            a, a_s = _decode_quant(a_raw.to(tl.float32), a_scale, A_QUANT)
+        else:
+            a, a_s = _decode_quant(a_raw.to(tl.float32), a_scale[:, None], A_QUANT)
+        part = tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)
+        if B_QUANT == 3:
+            b_s = tl.load(s_rows + k0 // BLOCK_K, mask=w_mask, other=0.0)
+            part = part * (b_s * a_s[:, None])
+        acc += part
+    if A_QUANT == 1 or A_QUANT == 2:
+        acc = acc * a_scale[:, None]
+    if B_QUANT == 1:
+        acc = acc * tl.load(ws_ptr + e[:, None] * stride_wse + offs_n[None, :], mask=w_mask, other=0.0)
+    elif B_QUANT == 2:
+        acc = acc * tl.load(ws_ptr + e * stride_wse, mask=kept, other=0.0)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + e[:, None] * stride_be + offs_n[None, :], mask=w_mask, other=0.0).to(
+            tl.float32
+        )
+    if APPLY_WEIGHT:
+        acc = acc * tl.load(topk_weights_ptr + entries, mask=kept, other=0.0).to(tl.float32)[:, None]
+    return tl.sum(acc, axis=0)  # (slots not kept: zeros, their loads masked)
+
+
+@triton.jit
 def moe_decode_gemm2(
     inter_ptr,
     w_ptr,
@@ -907,13 +997,28 @@ def moe_decode_gemm2(
     GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SLOTS: tl.constexpr = 0,
 ):
     """``out[t, n] = sum_j w[t, j] * (inter[t * TOP_K + j] @ w2[e_j].T + b2[e_j])`` over the kept
-    slots ``j`` in slot order (deterministic), grid ``(T, cdiv(N, BLOCK_N))``; a token with no
-    kept slot gets zeros. ``as_ptr``: the static scale of the intermediate (``A_QUANT`` 2)."""
+    slots ``j`` (deterministic), grid ``(T, cdiv(N, BLOCK_N))``; a token with no kept slot gets
+    zeros. ``as_ptr``: the static scale of the intermediate (``A_QUANT`` 2).
+
+    ``SLOTS`` (a power of two, at least ``TOP_K``; not mxfp4): every slot at once, a
+    ``[SLOTS, BLOCK_N, BLOCK_K]`` weight tile per K step, so that no slot waits for the one
+    before (a short ``K``, as ``I`` of expert-parallel layers, is then one step for all slots);
+    ``0``: one slot after the other, in slot order."""
     token = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    if SLOTS > 0:
+        total = _decode_gemm2_slots(
+            inter_ptr, w_ptr, b_ptr, topk_ids_ptr, expert_map_ptr, topk_weights_ptr, ws_ptr, as_ptr,
+            token, offs_n, n_mask, num_experts, K, stride_im, stride_we, stride_wn, stride_be,
+            stride_wse, stride_wsn, TOP_K, HAS_BIAS, HAS_MAP, APPLY_WEIGHT, A_QUANT, B_QUANT, GROUP_N,
+            BLOCK_N, BLOCK_K, SLOTS,
+        )  # fmt: skip
+        tl.store(out_ptr + token * stride_om + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+        return
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         entry = token * TOP_K + j
