@@ -5,7 +5,8 @@
 #   run      moe run --explain on qwen3-30b-a3b (planner choice, reference check)
 #   tests    the GPU-marked tests (pytest -m gpu ${TEST_PATHS:-tests} -n ${TEST_WORKERS:-3}: 8 workers ran the real-shape tests out of the H200's memory, 4 out of the H100's; 3: 223 passed in 245 s on the H100)
 #   quick    moe bench --quick (timed, bf16)
-#   quant    moe bench for fp8 / fp8_block / mxfp4 against this plugin's bf16 (QUANT_MODELS, QUANT_TOKENS, QUANTS)
+#   quant    moe bench for fp8 / fp8_block / mxfp4 against this plugin's bf16 (QUANT_MODELS, QUANT_TOKENS, QUANTS;
+#            QUANT_ARGS: more moe bench arguments, e.g. "--kernels portable" to leave the reference untimed)
 #   sorting  benchmarks/amd_sorting.py and benchmarks/routing_sorting.py
 #   full     moe bench on every BENCHMARKS.md shape, FULL_DTYPES (vLLM peer when .peers/vllm is carried)
 #   tune     tools/tune_device.py, once per ';'-separated argument set of TUNE_RUNS (e.g.
@@ -35,7 +36,7 @@ step run 120 python3 -m moe_core run --model qwen3-30b-a3b --tokens 64 --explain
 step tests "${TEST_TIMEOUT:-420}" python3 -m pytest -q -m gpu ${TEST_PATHS:-tests} -p no:cacheprovider -n "${TEST_WORKERS:-3}" --durations=15
 step quick 240 python3 -m moe_core bench --quick --out "$L/quick"
 step quant "${QUANT_TIMEOUT:-300}" python3 -m moe_core bench --models "${QUANT_MODELS:-qwen3-30b-a3b,deepseek-v3-tp8,gpt-oss-120b}" \
-  --tokens "${QUANT_TOKENS:-1,8,32,512,2048}" --quant "${QUANTS:-bf16,fp8,fp8_block,mxfp4}" --out "$L/quant"
+  --tokens "${QUANT_TOKENS:-1,8,32,512,2048}" --quant "${QUANTS:-bf16,fp8,fp8_block,mxfp4}" ${QUANT_ARGS:-} --out "$L/quant"
 step sorting 150 bash -c "python3 benchmarks/amd_sorting.py --out $L/amd-sorting.json && python3 benchmarks/routing_sorting.py --out $L/routing-sorting.json"
 step full "${FULL_TIMEOUT:-480}" python3 -m moe_core bench --dtypes "${FULL_DTYPES:-bf16,fp16}" --out "$L/full"
 step tune "${TUNE_TIMEOUT:-540}" bash -c 'IFS=";"; for a in ${TUNE_RUNS:- }; do IFS=" "; python3 tools/tune_device.py --out "$0" $a; done' "$L/configs"

@@ -172,7 +172,7 @@ def test_refusal_names_what_the_kernel_does_not_run():
 
 def test_mxfp4_space_ends_with_the_other_path():
     """An mxfp4 layer's last round is the best tile and pipeline through the other mxfp4 path
-    (dot_scaled for tall tiles, the dequantization for short ones); the table keeps the choice
+    (``experts.MX_DOT_MAX_BLOCK_M`` sets the default); the table keeps the choice
     and the launch follows it (compiled kernels; the interpreter always dequantizes)."""
     spec = get_preset("gpt-oss-120b").moe_spec(torch.bfloat16, "mxfp4")
     best = GemmConfig(64, 128, 4, 3, 8)
@@ -198,4 +198,5 @@ def test_mx_dot_env_overrides_the_table(monkeypatch):
     monkeypatch.setenv("MOE_PORTABLE_MXFP4", "dot_scaled")
     assert experts._mx_dot(spec, False, 64, False) is True
     monkeypatch.setenv("MOE_PORTABLE_MXFP4", "auto")
-    assert experts._mx_dot(spec, False, 64, None) is False and experts._mx_dot(spec, False, 16, None)
+    rule = [experts._mx_dot(spec, False, m, None) for m in (16, 64)]
+    assert rule == [m <= experts.MX_DOT_MAX_BLOCK_M for m in (16, 64)]

@@ -350,9 +350,10 @@ def heuristic_config(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool)
             # spill on sm90 even with 8 warps (so do fp8 per-token gate/up tiles, just)
             block_n = 64
         if scheme.name == "mxfp4":
-            # the weight rows are the MMA's M side (transposed tiles): 64 (a wgmma), 128 ungated at 64+ rows
+            # the weight rows are the MMA's M side (transposed tiles): 64 (a wgmma), 128 ungated at 64+ rows;
+            # fewer where the grid would be short of programs (mma.sync tiles)
             block_n = 128 if block_m >= 64 and not gated else 64
-        while block_n > (64 if scheme.name == "mxfp4" else 16) and m_blocks * -(-n // block_n) < 2 * num_sms:
+        while block_n > 16 and m_blocks * -(-n // block_n) < 2 * num_sms:
             block_n //= 2
         block_k = 64 if (block_m >= 128 or (gated and block_m >= 64)) else 128
         if fp8 or scheme.name == "mxfp4":  # a byte or half a byte: K 128 (a 128- or 64-byte row step)

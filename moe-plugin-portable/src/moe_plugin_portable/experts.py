@@ -229,10 +229,10 @@ def _scale_strides(scale: torch.Tensor | None) -> tuple[int, int]:
     return scale.stride(0), scale.stride(1) if scale.dim() > 1 else 0
 
 
-#: mxfp4 tiles of at most this many rows use ``tl.dot_scaled``; taller ones dequantize (H200,
-#: triton 3.6, W4A16: dot_scaled was 1.1-2.1x faster at T <= 32 (16-row tiles) and 1.6x slower at
-#: T = 2048 (64-row tiles) on deepseek-v3-tp8 and gpt-oss-120b shapes).
-MX_DOT_MAX_BLOCK_M = 32
+#: mxfp4 tiles of at most this many rows use ``tl.dot_scaled`` by default, taller ones the explicit
+#: dequantization: none (H200, triton 3.6, transposed tiles, tuned gpt-oss-120b and deepseek-v3-tp8
+#: W4A16 at T = 1..2048: the dequantization was kept in 19 of 20 GEMMs). Tuned tables choose per GEMM.
+MX_DOT_MAX_BLOCK_M = 0
 
 
 def _mx_dot(spec: MoESpec, interpret: bool | None, block_m: int, tuned: bool | None = None) -> bool:

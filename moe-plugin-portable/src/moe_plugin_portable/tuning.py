@@ -166,7 +166,7 @@ def gemm_space(
     quick = space == "quick"
     tile_n = (32, 64, 128, 256) if not quick else ((32, 64, 128) if block_m <= 32 else (64, 128, 256))
     if quant.name == "mxfp4":  # transposed tiles: the weight rows are the MMA's M side
-        tile_n = (64, 128) if quick else (64, 128, 256)
+        tile_n = (32, 64, 128) if quick else (16, 32, 64, 128, 256)
     tiles = []
     for bn, bk in itertools.product(tile_n, _tile_ks(quant, quick)):
         warps = _tile_warps(block_m, bn, bk, operands_b, quant)

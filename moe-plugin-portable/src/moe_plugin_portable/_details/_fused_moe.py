@@ -646,6 +646,21 @@ def _e2m1_pair(bits):
 
 
 @triton.jit
+def _word_elements(a):
+    """The 8 slices ``a[..., i]`` (``[NB, 4]`` each, in order) of ``a [NB, 4, 8]``."""
+    NB: tl.constexpr = a.shape[0]
+    a = tl.reshape(a, (NB, 4, 2, 2, 2))  # i = 4h + 2c1 + c0
+    e0, e1 = tl.split(a)  # c0
+    e00, e01 = tl.split(e0)  # c1
+    e10, e11 = tl.split(e1)
+    a0, a4 = tl.split(e00)  # h
+    a2, a6 = tl.split(e01)
+    a1, a5 = tl.split(e10)
+    a3, a7 = tl.split(e11)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
 def _decode_mxfp4(
     w_row_ptrs, s_row_ptrs, n_mask, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT: tl.constexpr
 ):
@@ -654,8 +669,8 @@ def _decode_mxfp4(
 
     The bytes are read as int32 words (rows of ``K/2`` bytes, ``K`` a multiple of 32: 16-byte
     aligned): word ``w`` of a block holds its elements ``8w .. 8w + 7``, element ``8w + c`` at
-    bits ``4c``. The activation (``a_row_ptr``, fp8-quantized per ``A_QUANT``) is read at the
-    elements each nibble position holds."""
+    bits ``4c``. The activation (``a_row_ptr``, fp8-quantized per ``A_QUANT``) is read once per
+    step and split into the elements each nibble position holds."""
     kb_mask = k0 // 32 + offs_b < K // 32
     offs_w = tl.arange(0, 4)
     mask = n_mask[:, None, None] & kb_mask[None, :, None]
@@ -663,15 +678,19 @@ def _decode_mxfp4(
     words = tl.load(
         word_ptrs[:, None, None] + offs_b[None, :, None] * 4 + offs_w[None, None, :], mask=mask, other=0
     )
-    base = offs_b[:, None] * 32 + offs_w[None, :] * 8  # [NB, 4]: the first element of each word
-    part = tl.zeros(words.shape, dtype=tl.float32)
-    for c in tl.static_range(4):  # bits 4c: element base + c; bits 16 + 4c: element base + 4 + c
-        v0, v1 = _e2m1_pair(words >> (4 * c))
-        e0 = base + c
-        a0, _s = _decode_a(a_row_ptr + k0, e0, K - k0, route, a_scale, A_QUANT)
-        a1, _s = _decode_a(a_row_ptr + k0 + 4, e0, K - k0 - 4, route, a_scale, A_QUANT)
-        part += v0 * a0[None, :, :]
-        part += v1 * a1[None, :, :]
+    # the activation step once, as [NB, 4, 8] (block, word, element of the word): contiguous
+    # loads, quantized once; then its 8 element slices [NB, 4], each shared by the BLOCK_N rows
+    offs_e = offs_b[:, None, None] * 32 + offs_w[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    a, _s = _decode_a(a_row_ptr + k0, offs_e, K - k0, route, a_scale, A_QUANT)
+    a0, a1, a2, a3, a4, a5, a6, a7 = _word_elements(a)
+    v0, v1 = _e2m1_pair(words)  # bits 4c: element c of the word; bits 16 + 4c: element 4 + c
+    part = v0 * a0[None, :, :] + v1 * a4[None, :, :]
+    v0, v1 = _e2m1_pair(words >> 4)
+    part += v0 * a1[None, :, :] + v1 * a5[None, :, :]
+    v0, v1 = _e2m1_pair(words >> 8)
+    part += v0 * a2[None, :, :] + v1 * a6[None, :, :]
+    v0, v1 = _e2m1_pair(words >> 12)
+    part += v0 * a3[None, :, :] + v1 * a7[None, :, :]
     s_mask = n_mask[:, None] & kb_mask[None, :]
     s = tl.load(s_row_ptrs[:, None] + k0 // 32 + offs_b[None, :], mask=s_mask, other=0).to(tl.int32)
     # e8m0 byte s: 2**(s - 127) from its bits (byte 0, only all-zero blocks in practice: 0)
