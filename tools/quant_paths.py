@@ -1,0 +1,184 @@
+"""On the GPU: each path and variant of portable.triton.fused_moe on quantized layers, L2-cold.
+
+    python tools/quant_paths.py [--models deepseek-v3-tp8,gpt-oss-120b] [--quant fp8,mxfp4]
+        [--tokens 1,8] [--copies 8] [--out DIR]
+
+Per layer (model x scheme) and ``T``, for each variant (environment settings of the plugin):
+
+- ``sorted``: ``MOE_PORTABLE_DECODE=0``; ``decode``: ``MOE_PORTABLE_DECODE=1``;
+- ``decode-serial``: the decode path with GEMM 2's slots one after the other
+  (``MOE_PORTABLE_DECODE_SLOTS=serial``, not mxfp4);
+- ``sorted-dot_scaled`` / ``sorted-dequant`` (mxfp4): ``MOE_PORTABLE_MXFP4`` forced;
+
+the device time of one ``moe_apply`` (CUDA graph of ``--copies`` calls, each on its own copy of
+the prepared weights, so that the experts a call reads are not in L2 from the call before;
+median replay / copies), its relative error against the float64 reference, and the config
+the lookup gave (tuned table entry or heuristic: ``table``). Tables: ``MOE_PORTABLE_CONFIG_DIR``
+or the package's. Writes ``quant_paths.json`` and ``quant_paths.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+VARIANTS = {
+    "sorted": {"MOE_PORTABLE_DECODE": "0"},
+    "decode": {"MOE_PORTABLE_DECODE": "1"},
+    "decode-serial": {"MOE_PORTABLE_DECODE": "1", "MOE_PORTABLE_DECODE_SLOTS": "serial"},
+    "sorted-dot_scaled": {"MOE_PORTABLE_DECODE": "0", "MOE_PORTABLE_MXFP4": "dot_scaled"},
+    "sorted-dequant": {"MOE_PORTABLE_DECODE": "0", "MOE_PORTABLE_MXFP4": "dequant"},
+}
+#: "cuda"; "cpu" when there is no GPU (a smoke run of this script under TRITON_INTERPRET=1)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+KNOBS = ("MOE_PORTABLE_DECODE", "MOE_PORTABLE_DECODE_SLOTS", "MOE_PORTABLE_MXFP4")
+
+
+def applies(variant: str, quant: str) -> bool:
+    if variant.startswith("sorted-"):
+        return quant.startswith("mxfp4")
+    return not (variant == "decode-serial" and quant.startswith("mxfp4"))
+
+
+def set_variant(name: str) -> None:
+    from moe_plugin_portable import experts
+
+    for k in KNOBS:
+        os.environ.pop(k, None)
+    os.environ.update(VARIANTS[name])
+    for cached in (experts._configs, experts._decode_kwargs, experts._decode_gemm2_tile):
+        cached.cache_clear()
+
+
+def graph_us(calls, reps: int = 20) -> float:
+    if DEV != "cuda":  # a smoke run (TRITON_INTERPRET=1): one pass, timings meaningless
+        t0 = time.perf_counter()
+        for c in calls:
+            c()
+        return (time.perf_counter() - t0) * 1e6 / len(calls)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for c in calls:  # compile and warm outside the graph
+            c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="deepseek-v3-tp8,gpt-oss-120b")
+    parser.add_argument("--quant", default="fp8,mxfp4")
+    parser.add_argument("--tokens", default="1,8")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--copies", type=int, default=8)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+
+    from moe_core import moe_apply, moe_plan
+    from moe_core.presets import get_preset
+    from moe_core.reference import fused_experts_reference
+    from moe_core.testing import random_expert_weights, random_routing, relative_error, tolerance
+    from moe_plugin_portable import configs
+    from moe_plugin_portable.experts import QUANT_VARIANTS
+
+    rows = []
+    start = time.monotonic()
+    name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
+    for model in args.models.split(","):
+        preset = get_preset(model)
+        for quant in args.quant.split(","):
+            spec = preset.moe_spec(torch.bfloat16, quant=QUANT_VARIANTS.get(quant, quant))
+            plan = moe_plan(spec, DEV, backend="portable.triton.fused_moe")
+            weights = random_expert_weights(spec, device=DEV, seed=0)
+            prepared = [plan.prepare(weights) for _ in range(args.copies)]
+            for T in (int(t) for t in args.tokens.split(",")):
+                gen = torch.Generator(device=DEV).manual_seed(T)
+                x = torch.randn(T, spec.hidden_size, generator=gen, device=DEV).to(spec.dtype)
+                topk_w, topk_ids = random_routing(preset.routing, T, spec.num_experts, device=DEV, seed=T)
+                want = fused_experts_reference(
+                    spec, x, weights, topk_w, topk_ids, compute_dtype=torch.float64
+                )
+                entry = configs._table_entry(spec, T, name)
+                for variant in args.variants.split(","):
+                    if not applies(variant, quant):
+                        continue
+                    set_variant(variant)
+                    row = {
+                        "model": model,
+                        "quant": quant,
+                        "T": T,
+                        "variant": variant,
+                        "table": entry is not None,
+                    }
+                    try:
+                        outs = [torch.full_like(x, float("nan")) for _ in prepared]
+                        calls = [
+                            functools.partial(moe_apply, plan, x, p, topk_w, topk_ids, out=o)
+                            for p, o in zip(prepared, outs)
+                        ]
+                        row["us"] = round(graph_us(calls), 1)
+                        row["rel_err"] = float(relative_error(outs[-1], want))
+                        row["ok"] = row["rel_err"] <= tolerance(spec)
+                        decode = configs.lookup_decode(spec, T, x.device, capturing=True)
+                        row["config"] = (
+                            str(decode)
+                            if decode is not None
+                            else str(configs.lookup_config(spec, T, x.device))
+                        )
+                    except Exception as exc:  # recorded, never fatal
+                        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            del prepared, weights
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+    for k in KNOBS:
+        os.environ.pop(k, None)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "device": name,
+        "torch": torch.__version__,
+        "copies": args.copies,
+        "wall_s": round(time.monotonic() - start),
+    }
+    (out / "quant_paths.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [
+        f"# quant_paths on {name}",
+        "",
+        json.dumps(meta),
+        "",
+        "| model | quant | T | variant | us | rel. err | ok | table |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['quant']} | {r['T']} | {r['variant']} | {r.get('us', '-')} | "
+            f"{r.get('rel_err', float('nan')):.1e} | {r.get('ok', r.get('error', ''))} | {r['table']} |"
+        )
+    (out / "quant_paths.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
