@@ -98,7 +98,8 @@ def main() -> None:
     from moe_core import moe_apply, moe_plan
     from moe_core.presets import get_preset
     from moe_core.reference import fused_experts_reference
-    from moe_core.testing import random_expert_weights, random_routing, relative_error, tolerance
+    from moe_core.bench.suite import uniform_routing
+    from moe_core.testing import random_expert_weights, relative_error, tolerance
     from moe_plugin_portable import configs
     from moe_plugin_portable.experts import QUANT_VARIANTS
 
@@ -115,7 +116,7 @@ def main() -> None:
             for T in (int(t) for t in args.tokens.split(",")):
                 gen = torch.Generator(device=DEV).manual_seed(T)
                 x = torch.randn(T, spec.hidden_size, generator=gen, device=DEV).to(spec.dtype)
-                topk_w, topk_ids = random_routing(preset.routing, T, spec.num_experts, device=DEV, seed=T)
+                topk_w, topk_ids = uniform_routing(preset.routing, T, preset.num_experts, device=DEV, seed=T)
                 want = fused_experts_reference(
                     spec, x, weights, topk_w, topk_ids, compute_dtype=torch.float64
                 )
