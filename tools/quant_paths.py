@@ -96,9 +96,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from moe_core import moe_apply, moe_plan
+    from moe_core.bench.suite import uniform_routing
     from moe_core.presets import get_preset
     from moe_core.reference import fused_experts_reference
-    from moe_core.bench.suite import uniform_routing
     from moe_core.testing import random_expert_weights, relative_error, tolerance
     from moe_plugin_portable import configs
     from moe_plugin_portable.experts import QUANT_VARIANTS
