@@ -6,8 +6,6 @@
 Per layer (model x scheme) and ``T``, for each variant (environment settings of the plugin):
 
 - ``sorted``: ``MOE_PORTABLE_DECODE=0``; ``decode``: ``MOE_PORTABLE_DECODE=1``;
-- ``decode-serial``: the decode path with GEMM 2's slots one after the other
-  (``MOE_PORTABLE_DECODE_SLOTS=serial``, not mxfp4);
 - ``sorted-dot_scaled`` / ``sorted-dequant`` (mxfp4): ``MOE_PORTABLE_MXFP4`` forced;
 
 the device time of one ``moe_apply`` (CUDA graph of ``--copies`` calls, each on its own copy of
@@ -31,19 +29,16 @@ import torch
 VARIANTS = {
     "sorted": {"MOE_PORTABLE_DECODE": "0"},
     "decode": {"MOE_PORTABLE_DECODE": "1"},
-    "decode-serial": {"MOE_PORTABLE_DECODE": "1", "MOE_PORTABLE_DECODE_SLOTS": "serial"},
     "sorted-dot_scaled": {"MOE_PORTABLE_DECODE": "0", "MOE_PORTABLE_MXFP4": "dot_scaled"},
     "sorted-dequant": {"MOE_PORTABLE_DECODE": "0", "MOE_PORTABLE_MXFP4": "dequant"},
 }
 #: "cuda"; "cpu" when there is no GPU (a smoke run of this script under TRITON_INTERPRET=1)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-KNOBS = ("MOE_PORTABLE_DECODE", "MOE_PORTABLE_DECODE_SLOTS", "MOE_PORTABLE_MXFP4")
+KNOBS = ("MOE_PORTABLE_DECODE", "MOE_PORTABLE_MXFP4")
 
 
 def applies(variant: str, quant: str) -> bool:
-    if variant.startswith("sorted-"):
-        return quant.startswith("mxfp4")
-    return not (variant == "decode-serial" and quant.startswith("mxfp4"))
+    return quant.startswith("mxfp4") or not variant.startswith("sorted-")
 
 
 def set_variant(name: str) -> None:
@@ -52,7 +47,7 @@ def set_variant(name: str) -> None:
     for k in KNOBS:
         os.environ.pop(k, None)
     os.environ.update(VARIANTS[name])
-    for cached in (experts._configs, experts._decode_kwargs, experts._decode_gemm2_tile):
+    for cached in (experts._configs, experts._decode_kwargs):
         cached.cache_clear()
 
 

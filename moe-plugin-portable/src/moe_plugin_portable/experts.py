@@ -54,7 +54,8 @@ operand that fp8 wgmma and MFMA want, so no re-layout is needed: fp8
 ``w13 [E, 2I, H]``/``w2 [E, H, I]`` e4m3 with float32 scales ``[E, N]``
 (per_channel), ``[E]`` (per_tensor) or ``[E, ceil(N/bn), ceil(K/bk)]``
 (blocks); mxfp4 ``[E, N, K/2]`` bytes as given (the canonical packing: the
-GEMMs read ``[BLOCK_N, BLOCK_K/2]`` rows and compute transposed tiles), e8m0 scales ``[E, N, K/32]`` as given; static
+GEMMs read ``[BLOCK_N, BLOCK_K/2]`` rows and compute transposed tiles), e8m0
+scales ``[E, N, K/32]`` as given; static
 activation scales ``a13_scale``/``a2_scale`` as float32 ``[1]``; biases as given
 (added in float32); the expert map as an int32 device tensor.
 """
@@ -614,7 +615,7 @@ def decode_launches(
     )
     gemm2 = (
         kernels.moe_decode_gemm2,
-        (T, triton_cdiv(H, kw2["BLOCK_N"])),
+        (T, triton_cdiv(H, cfg.gemm2.block_n)),
         (
             inter,
             w2,
@@ -652,39 +653,10 @@ def _decode_block_k(spec: MoESpec, cfg: GemmConfig) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _decode_gemm2_tile(spec: MoESpec, cfg: GemmConfig) -> tuple[int, int, int]:
-    """``(SLOTS, BLOCK_N, BLOCK_K)`` of decode GEMM 2: every slot at once (``SLOTS``, the next
-    power of two of ``top_k``; not mxfp4), its ``[SLOTS, BLOCK_N, BLOCK_K]`` tile cut to at most
-    32 elements per thread (K steps first down to 128, then rows, then K steps down to 32;
-    fp8_block's K step is its group); ``MOE_PORTABLE_DECODE_SLOTS=serial``: one slot after the
-    other (``SLOTS`` 0, the config's tile; read once per layer config, for A/B runs)."""
-    block_n, block_k = cfg.block_n, _decode_block_k(spec, cfg)
-    if spec.quant.name == "mxfp4" or os.environ.get("MOE_PORTABLE_DECODE_SLOTS", "all") == "serial":
-        return 0, block_n, block_k
-    slots = _next_pow2(spec.top_k)
-    fixed_k = spec.quant.name == "fp8_block"
-    budget = 32 * 32 * cfg.num_warps
-    while slots * block_n * block_k > budget:
-        if block_k > 128 and not fixed_k:
-            block_k //= 2
-        elif block_n > 1:
-            block_n //= 2
-        elif block_k > 32 and not fixed_k:
-            block_k //= 2
-        else:
-            break
-    return slots, block_n, block_k
-
-
-@functools.lru_cache(maxsize=1024)
 def _decode_kwargs(
     spec: MoESpec, cfg: DecodeConfig, has_bias: bool, has_map: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The decode launches' constexprs and options (shared dicts: callers must not modify them).
-
-    GEMM 2 takes every slot of a token at once (``SLOTS``, not mxfp4; its K step bounded to
-    keep the tile in registers); ``MOE_PORTABLE_DECODE_SLOTS=serial`` runs the slots one after
-    the other (read once per layer config, for A/B runs)."""
+    """The decode launches' constexprs and options (shared dicts: callers must not modify them)."""
     kernels = _kernels()
     common = dict(
         HAS_BIAS=has_bias,
@@ -705,14 +677,12 @@ def _decode_kwargs(
         num_warps=g1.num_warps,
         num_stages=g1.num_stages,
     )
-    slots, block_n2, block_k2 = _decode_gemm2_tile(spec, g2)
     kw2 = dict(
         TOP_K=spec.top_k,
         **common,
         APPLY_WEIGHT=not spec.apply_router_weight_on_input,
-        BLOCK_N=block_n2,
-        BLOCK_K=block_k2,
-        SLOTS=slots,
+        BLOCK_N=g2.block_n,
+        BLOCK_K=_decode_block_k(spec, g2),
         num_warps=g2.num_warps,
         num_stages=g2.num_stages,
     )

@@ -606,32 +606,24 @@ def _decode_row_amax(row_ptr, K, route, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _decode_quant(a, a_scale, A_QUANT: tl.constexpr):
-    """A float32 activation step ``a`` (``[..., BLOCK_K]``) as fp8 codes in float32 when ``A_QUANT``
-    (1 per row, 2 static: ``a_scale`` given, broadcastable; 3 groups: this step is one group per
-    row, its scales ``[...]`` returned second), else unchanged."""
+def _decode_a(row_ptr, offs, K, route, a_scale, A_QUANT: tl.constexpr):
+    """One K step of the activation row in float32; fp8-quantized codes (as float32) when
+    ``A_QUANT`` (1 per row, 2 static: ``a_scale`` given; 3 groups: this step is one group,
+    its scale returned second)."""
+    a = tl.load(row_ptr + offs, mask=offs < K, other=0.0).to(tl.float32) * route
     if A_QUANT == 3:
-        a_scale = _fp8_scale(tl.max(tl.abs(a), axis=len(a.shape) - 1))
-        a = _fp8_quantize(a, tl.expand_dims(a_scale, len(a.shape) - 1)).to(tl.float32)
-    elif A_QUANT != 0:
+        a_scale = _fp8_scale(tl.max(tl.abs(a), axis=0))
+    if A_QUANT != 0:
         a = _fp8_quantize(a, a_scale).to(tl.float32)
     return a, a_scale
 
 
 @triton.jit
-def _decode_a(row_ptr, offs, K, route, a_scale, A_QUANT: tl.constexpr):
-    """One K step of the activation row in float32; fp8-quantized codes (as float32) when
-    ``A_QUANT`` (:func:`_decode_quant`)."""
-    a = tl.load(row_ptr + offs, mask=offs < K, other=0.0).to(tl.float32) * route
-    return _decode_quant(a, a_scale, A_QUANT)
-
-
-@triton.jit
 def _decode_w(w_row_ptrs, n_mask, offs_k, K):
-    """A ``[BLOCK_N, BLOCK_K]`` weight tile as stored (bf16/fp16/fp8 codes), zeros past ``K``."""
+    """A ``[BLOCK_N, BLOCK_K]`` float32 weight tile (bf16/fp16/fp8 codes)."""
     return tl.load(
         w_row_ptrs[:, None] + offs_k[None, :], mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0
-    )
+    ).to(tl.float32)
 
 
 @triton.jit
@@ -737,45 +729,24 @@ def _decode_gemv(
                     u_row_ptrs, su_row_ptrs, n_mask, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT
                 )
     else:
-        # register double buffering: the next K step's tiles are requested before this step's
-        # FMAs, so two steps of weights are in flight per program (Triton does not pipeline
-        # loads that feed no dot); past K the loads are masked off
         offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        a_next = tl.load(a_row_ptr + offs_k, mask=offs_k < K, other=0.0)
-        w_next = _decode_w(w_row_ptrs, n_mask, offs_k, K)
-        if GATED:
-            u_next = _decode_w(u_row_ptrs, n_mask, offs_k, K)
-        if B_QUANT == 3:
-            bs_next = tl.load(s_row_ptrs, mask=n_mask, other=0.0)
-            if GATED:
-                bus_next = tl.load(su_row_ptrs, mask=n_mask, other=0.0)
         for k0 in range(0, K, BLOCK_K):
-            a_raw = a_next
-            w = w_next
-            k1 = k0 + BLOCK_K
-            a_next = tl.load(a_row_ptr + k1 + offs_k, mask=offs_k < K - k1, other=0.0)
-            w_next = _decode_w(w_row_ptrs + k1, n_mask, offs_k, K - k1)
+            a, a_s = _decode_a(a_row_ptr + k0, offs_k, K - k0, route, a_scale, A_QUANT)
+            w = _decode_w(w_row_ptrs + k0, n_mask, offs_k, K - k0)
             if GATED:
-                u = u_next
-                u_next = _decode_w(u_row_ptrs + k1, n_mask, offs_k, K - k1)
+                u = _decode_w(u_row_ptrs + k0, n_mask, offs_k, K - k0)
             if B_QUANT == 3:
-                kb_next = tl.minimum(k1, K - 1) // BLOCK_K  # (the last block again past K: unused)
-                b_s = bs_next
-                bs_next = tl.load(s_row_ptrs + kb_next, mask=n_mask, other=0.0)
+                b_s = tl.load(s_row_ptrs + k0 // BLOCK_K, mask=n_mask, other=0.0)
+                acc += (w * a[None, :]) * (b_s * a_s)[:, None]
                 if GATED:
-                    bu_s = bus_next
-                    bus_next = tl.load(su_row_ptrs + kb_next, mask=n_mask, other=0.0)
-            a, a_s = _decode_quant(a_raw.to(tl.float32) * route, a_scale, A_QUANT)
-            if B_QUANT == 3:
-                acc += (w.to(tl.float32) * a[None, :]) * (b_s * a_s)[:, None]
-                if GATED:
-                    acc_u += (u.to(tl.float32) * a[None, :]) * (bu_s * a_s)[:, None]
+                    bu_s = tl.load(su_row_ptrs + k0 // BLOCK_K, mask=n_mask, other=0.0)
+                    acc_u += (u * a[None, :]) * (bu_s * a_s)[:, None]
             else:
-                acc += w.to(tl.float32) * a[None, :]
+                acc += w * a[None, :]
                 if GATED:
-                    acc_u += u.to(tl.float32) * a[None, :]
+                    acc_u += u * a[None, :]
     out = tl.sum(acc, axis=1)
     out_u = tl.sum(acc_u, axis=1)
     if B_QUANT == 4:  # _e2m1_pair's factor
@@ -897,96 +868,6 @@ def moe_decode_gemm1(
 
 
 @triton.jit
-def _decode_experts(topk_ids_ptr, expert_map_ptr, entries, slot_mask, num_experts, HAS_MAP: tl.constexpr):
-    """:func:`_decode_expert` of a vector of entries (``slot_mask`` off: ``-1``)."""
-    expert = tl.load(topk_ids_ptr + entries, mask=slot_mask, other=-1).to(tl.int32)
-    valid = (expert >= 0) & (expert < num_experts)
-    if HAS_MAP:
-        expert = tl.load(expert_map_ptr + tl.where(valid, expert, 0), mask=valid, other=-1).to(tl.int32)
-        valid = valid & (expert >= 0)
-    return tl.where(valid, expert, -1).to(tl.int64)
-
-
-@triton.jit
-def _decode_gemm2_slots(
-    inter_ptr, w_ptr, b_ptr, topk_ids_ptr, expert_map_ptr, topk_weights_ptr, ws_ptr, as_ptr,
-    token, offs_n, n_mask, num_experts, K, stride_im, stride_we, stride_wn, stride_be,
-    stride_wse, stride_wsn,
-    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MAP: tl.constexpr, APPLY_WEIGHT: tl.constexpr,
-    A_QUANT: tl.constexpr, B_QUANT: tl.constexpr, GROUP_N: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr,
-):  # fmt: skip
-    """:func:`moe_decode_gemm2`'s sum over the slots, all slots per K step (``SLOTS``), float32
-    ``[BLOCK_N]``: each step's ``[SLOTS, BLOCK_N, BLOCK_K]`` products reduced over K at once,
-    the next step's tiles requested before this step's FMAs; the slots' results are summed by
-    a fixed reduction tree (deterministic)."""
-    offs_j = tl.arange(0, SLOTS)
-    entries = token * TOP_K + offs_j
-    experts = _decode_experts(topk_ids_ptr, expert_map_ptr, entries, offs_j < TOP_K, num_experts, HAS_MAP)
-    kept = experts >= 0
-    e = tl.where(kept, experts, 0)
-    a_rows = inter_ptr + entries * stride_im  # [SLOTS]
-    w_rows = w_ptr + e[:, None] * stride_we + offs_n[None, :].to(tl.int64) * stride_wn  # [SLOTS, BN]
-    w_mask = kept[:, None] & n_mask[None, :]
-    offs_k = tl.arange(0, BLOCK_K)
-    a_scale = tl.full((SLOTS,), 1.0, tl.float32)
-    if A_QUANT == 1:  # per row: the amax of each slot's whole row first
-        amax = tl.zeros((SLOTS, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            v = tl.load(
-                a_rows[:, None] + k0 + offs_k[None, :], mask=kept[:, None] & (k0 + offs_k < K)[None, :]
-            )
-            amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
-        a_scale = _fp8_scale(tl.max(amax, axis=1))
-    elif A_QUANT == 2:
-        a_scale = a_scale * tl.load(as_ptr)
-    if B_QUANT == 3:
-        s_rows = ws_ptr + e[:, None] * stride_wse + (offs_n // GROUP_N)[None, :] * stride_wsn
-    acc = tl.zeros((SLOTS, BLOCK_N), dtype=tl.float32)
-    a_next = tl.load(a_rows[:, None] + offs_k[None, :], mask=kept[:, None] & (offs_k < K)[None, :], other=0.0)
-    w_next = tl.load(
-        w_rows[:, :, None] + offs_k[None, None, :],
-        mask=w_mask[:, :, None] & (offs_k < K)[None, None, :],
-        other=0.0,
-    )
-    for k0 in range(0, K, BLOCK_K):
-        a_raw = a_next
-        w = w_next
-        k1 = k0 + BLOCK_K
-        k_mask = offs_k < K - k1
-        a_next = tl.load(
-            a_rows[:, None] + k1 + offs_k[None, :], mask=kept[:, None] & k_mask[None, :], other=0.0
-        )
-        w_next = tl.load(
-            w_rows[:, :, None] + k1 + offs_k[None, None, :],
-            mask=w_mask[:, :, None] & k_mask[None, None, :],
-            other=0.0,
-        )
-        if A_QUANT == 3:
-            a, a_s = _decode_quant(a_raw.to(tl.float32), a_scale, A_QUANT)
-        else:
-            a, a_s = _decode_quant(a_raw.to(tl.float32), a_scale[:, None], A_QUANT)
-        part = tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)
-        if B_QUANT == 3:
-            b_s = tl.load(s_rows + k0 // BLOCK_K, mask=w_mask, other=0.0)
-            part = part * (b_s * a_s[:, None])
-        acc += part
-    if A_QUANT == 1 or A_QUANT == 2:
-        acc = acc * a_scale[:, None]
-    if B_QUANT == 1:
-        acc = acc * tl.load(ws_ptr + e[:, None] * stride_wse + offs_n[None, :], mask=w_mask, other=0.0)
-    elif B_QUANT == 2:
-        acc = acc * tl.load(ws_ptr + e * stride_wse, mask=kept, other=0.0)[:, None]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + e[:, None] * stride_be + offs_n[None, :], mask=w_mask, other=0.0).to(
-            tl.float32
-        )
-    if APPLY_WEIGHT:
-        acc = acc * tl.load(topk_weights_ptr + entries, mask=kept, other=0.0).to(tl.float32)[:, None]
-    return tl.sum(acc, axis=0)  # (slots not kept: zeros, their loads masked)
-
-
-@triton.jit
 def moe_decode_gemm2(
     inter_ptr,
     w_ptr,
@@ -1016,28 +897,13 @@ def moe_decode_gemm2(
     GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SLOTS: tl.constexpr = 0,
 ):
     """``out[t, n] = sum_j w[t, j] * (inter[t * TOP_K + j] @ w2[e_j].T + b2[e_j])`` over the kept
-    slots ``j`` (deterministic), grid ``(T, cdiv(N, BLOCK_N))``; a token with no kept slot gets
-    zeros. ``as_ptr``: the static scale of the intermediate (``A_QUANT`` 2).
-
-    ``SLOTS`` (a power of two, at least ``TOP_K``; not mxfp4): every slot at once, a
-    ``[SLOTS, BLOCK_N, BLOCK_K]`` weight tile per K step, so that no slot waits for the one
-    before (a short ``K``, as ``I`` of expert-parallel layers, is then one step for all slots);
-    ``0``: one slot after the other, in slot order."""
+    slots ``j`` in slot order (deterministic), grid ``(T, cdiv(N, BLOCK_N))``; a token with no
+    kept slot gets zeros. ``as_ptr``: the static scale of the intermediate (``A_QUANT`` 2)."""
     token = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    if SLOTS > 0:
-        total = _decode_gemm2_slots(
-            inter_ptr, w_ptr, b_ptr, topk_ids_ptr, expert_map_ptr, topk_weights_ptr, ws_ptr, as_ptr,
-            token, offs_n, n_mask, num_experts, K, stride_im, stride_we, stride_wn, stride_be,
-            stride_wse, stride_wsn, TOP_K, HAS_BIAS, HAS_MAP, APPLY_WEIGHT, A_QUANT, B_QUANT, GROUP_N,
-            BLOCK_N, BLOCK_K, SLOTS,
-        )  # fmt: skip
-        tl.store(out_ptr + token * stride_om + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
-        return
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         entry = token * TOP_K + j
