@@ -322,7 +322,7 @@ def heuristic_config(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool)
     until both GEMMs launch about two programs per SM, since small batches are
     bound by weight bandwidth and need every SM streaming weights. Quantized
     weights take larger K steps (fp8: 128, within fp8_block's scale block;
-    mxfp4: 128, with tiles of 64 or 128 weight rows: its tiles are transposed). fp8_block's GEMM 1 quantizes its
+    mxfp4: 128, its transposed tiles 64 or 128 weight rows). fp8_block's GEMM 1 quantizes its
     output in its epilogue only when ``block_n`` is a multiple of the group
     (decode shapes shrink it below: the intermediate then takes a pre-pass).
     """
@@ -350,8 +350,8 @@ def heuristic_config(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool)
             # spill on sm90 even with 8 warps (so do fp8 per-token gate/up tiles, just)
             block_n = 64
         if scheme.name == "mxfp4":
-            # the weight rows are the MMA's M side (transposed tiles): 64 (a wgmma), 128 ungated at 64+ rows;
-            # fewer where the grid would be short of programs (mma.sync tiles)
+            # the weight rows are the MMA's M side (transposed tiles): 64 (a wgmma), 128 ungated at
+            # 64+ rows; fewer (as for the other schemes) where the grid would be short of programs
             block_n = 128 if block_m >= 64 and not gated else 64
         while block_n > 16 and m_blocks * -(-n // block_n) < 2 * num_sms:
             block_n //= 2
