@@ -397,10 +397,11 @@ def test_gpu_prepare_from_high_precision():
 
 @needs_triton
 @pytest.mark.parametrize("name", ["mxfp4-w4a16", "mxfp4-w4a8"])
-def test_mxfp4_dot_scaled_k_order(name, monkeypatch):
-    """Compiled kernels take mxfp4 through ``tl.dot_scaled``, gathering A in the K order it reads
-    this layout's nibbles in; the interpreter runs that path too when forced. Its ``dot_scaled``
-    rounds bf16 through fp16, so the data stay within fp16's range (no binade spread) here."""
+def test_mxfp4_dot_scaled_path(name, monkeypatch):
+    """The ``tl.dot_scaled`` variant of the transposed mxfp4 tiles (weights as its left operand, in
+    the canonical nibble order) matches the reference; the interpreter runs it when forced. Its
+    ``dot_scaled`` rounds bf16 through fp16, so the data stay within fp16's range (no binade
+    spread) here."""
     monkeypatch.setattr(
         experts, "_mx_dot", lambda spec, interpret, block_m, tuned=None: spec.quant.name == "mxfp4"
     )
