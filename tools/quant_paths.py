@@ -8,8 +8,9 @@ Per layer (model x scheme) and ``T``, for each variant (environment settings of 
 - ``sorted``: ``MOE_PORTABLE_DECODE=0``; ``decode``: ``MOE_PORTABLE_DECODE=1``;
 - ``sorted-dot_scaled`` / ``sorted-dequant`` (mxfp4): ``MOE_PORTABLE_MXFP4`` forced;
 
-the device time of one ``moe_apply`` (CUDA graph of ``--copies`` calls, each on its own copy of
-the prepared weights, so that the experts a call reads are not in L2 from the call before;
+the device time of one ``moe_apply`` (CUDA graph of ``--copies`` calls, each on its own weights,
+drawn with its own seed as ``moe bench`` does, so that the experts a call reads are not in L2
+from the call before; ``prepare`` may keep the caller's tensors, so copies of one draw would not do;
 median replay / copies), its relative error against the float64 reference, and the config
 the lookup gave (tuned table entry or heuristic: ``table``). Tables: ``MOE_PORTABLE_CONFIG_DIR``
 or the package's. Writes ``quant_paths.json`` and ``quant_paths.md`` under ``--out``.
@@ -106,14 +107,14 @@ def main() -> None:
         for quant in args.quant.split(","):
             spec = preset.moe_spec(torch.bfloat16, quant=QUANT_VARIANTS.get(quant, quant))
             plan = moe_plan(spec, DEV, backend="portable.triton.fused_moe")
-            weights = random_expert_weights(spec, device=DEV, seed=0)
-            prepared = [plan.prepare(weights) for _ in range(args.copies)]
+            drawn = [random_expert_weights(spec, device=DEV, seed=i) for i in range(args.copies)]
+            prepared = [plan.prepare(w) for w in drawn]
             for T in (int(t) for t in args.tokens.split(",")):
                 gen = torch.Generator(device=DEV).manual_seed(T)
                 x = torch.randn(T, spec.hidden_size, generator=gen, device=DEV).to(spec.dtype)
                 topk_w, topk_ids = uniform_routing(preset.routing, T, preset.num_experts, device=DEV, seed=T)
                 want = fused_experts_reference(
-                    spec, x, weights, topk_w, topk_ids, compute_dtype=torch.float64
+                    spec, x, drawn[0], topk_w, topk_ids, compute_dtype=torch.float64
                 )
                 entry = configs._table_entry(spec, T, name)
                 for variant in args.variants.split(","):
@@ -134,7 +135,7 @@ def main() -> None:
                             for p, o in zip(prepared, outs)
                         ]
                         row["us"] = round(graph_us(calls), 1)
-                        row["rel_err"] = float(relative_error(outs[-1], want))
+                        row["rel_err"] = float(relative_error(outs[0], want))
                         row["ok"] = row["rel_err"] <= tolerance(spec)
                         decode = configs.lookup_decode(spec, T, x.device, capturing=True)
                         row["config"] = (
@@ -146,7 +147,7 @@ def main() -> None:
                         row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-            del prepared, weights
+            del prepared, drawn
             if DEV == "cuda":
                 torch.cuda.empty_cache()
     for k in KNOBS:
