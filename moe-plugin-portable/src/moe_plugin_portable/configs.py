@@ -75,6 +75,7 @@ __all__ = [
     "layer_key",
     "lookup_config",
     "lookup_decode",
+    "mxfp4_warps",
     "t_bucket",
     "tuned_tables",
     "use_decode",
@@ -313,6 +314,13 @@ def lookup_config(spec: MoESpec, num_tokens: int, device: torch.device) -> MoECo
     return heuristic_config(spec, num_tokens, num_sms, is_amd)
 
 
+def mxfp4_warps(block_m: int, block_n: int, block_k: int, operands_b: int) -> int:
+    """Warps of an mxfp4 GEMM tile: 8 where its float32 accumulators and its weight tiles upcast
+    to bf16 (both in registers, transposed tiles) reach 128 x 128 elements, else 4 (sm90 ptxas
+    spilled 64-row, 128-wide ungated tiles on 4 warps)."""
+    return 8 if operands_b * block_n * (block_m + block_k // 2) >= 128 * 128 else 4
+
+
 @functools.lru_cache(maxsize=4096)
 def heuristic_config(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool) -> MoEConfig:
     """A reasonable config from the shape alone.
@@ -364,8 +372,8 @@ def heuristic_config(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool)
         warps = 8 if block_m >= 128 and block_n >= 128 else 4
         if scheme.is_quantized and gated and block_m * block_n >= 64 * 128:
             warps = 8  # scale and dequantization temporaries: 4 warps spill (sm90 ptxas)
-        if scheme.name == "mxfp4":  # accumulators and the upcast weight tiles (bf16, in registers)
-            warps = 8 if (2 if gated else 1) * block_n * (block_m + block_k // 2) >= 128 * 128 else 4
+        if scheme.name == "mxfp4":
+            warps = mxfp4_warps(block_m, block_n, block_k, 2 if gated else 1)
         return GemmConfig(block_n, block_k, warps, stages, 8)
 
     return MoEConfig(

@@ -230,9 +230,10 @@ def _scale_strides(scale: torch.Tensor | None) -> tuple[int, int]:
     return scale.stride(0), scale.stride(1) if scale.dim() > 1 else 0
 
 
-#: mxfp4 tiles of at most this many rows use ``tl.dot_scaled`` by default, taller ones the explicit
-#: dequantization: none (H200, triton 3.6, transposed tiles, tuned gpt-oss-120b and deepseek-v3-tp8
-#: W4A16 at T = 1..2048: the dequantization was kept in 19 of 20 GEMMs). Tuned tables choose per GEMM.
+#: Without a tuned choice, mxfp4 tiles of at most this many rows go through ``tl.dot_scaled`` and
+#: taller ones through the explicit dequantization. 0: always the dequantization (H200, triton 3.6,
+#: transposed tiles: the tuner kept it in 19 of 20 GEMMs of gpt-oss-120b and deepseek-v3-tp8 W4A16
+#: at T = 1..2048, and dot_scaled was slower in every A/B case).
 MX_DOT_MAX_BLOCK_M = 0
 
 

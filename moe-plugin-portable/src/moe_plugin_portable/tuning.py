@@ -104,10 +104,10 @@ def _acc_regs(cfg: GemmConfig, block_m: int, operands_b: int, quant: QuantScheme
 
 def _tile_warps(block_m: int, block_n: int, block_k: int, operands_b: int, quant: QuantScheme) -> int:
     """Warps of the tile round: 8 from ``block_m`` 128, and where :func:`configs.heuristic_config`
-    takes 8 for a quantized scheme's temporaries (gate/up tiles of 64 x 128; mxfp4: accumulators
-    and upcast weight tiles of 128 x 128 elements or more)."""
+    takes 8 for a quantized scheme's temporaries (gate/up tiles of 64 x 128; mxfp4:
+    :func:`configs.mxfp4_warps`)."""
     if quant.name == "mxfp4":
-        return 8 if operands_b * block_n * (block_m + block_k // 2) >= 128 * 128 else 4
+        return configs.mxfp4_warps(block_m, block_n, block_k, operands_b)
     if block_m > 64:
         return 8
     if quant.is_quantized and operands_b == 2 and block_m * block_n >= 64 * 128:
