@@ -43,7 +43,7 @@ the decode path's device time was never better than the sorted path's by more th
 So eager calls follow the rule (or a tuned ``"use": true``), and captured calls take
 the sorted path unless a tuned entry says ``"use": true`` (the tuner times both on the
 device: on the H200, mxfp4 deepseek-v3-tp8 at T = 8 ran the decode path in 135 us against
-185 us sorted, L2-cold, ``tools/quant_paths.py``).
+185 us sorted, ``tools/quant_paths.py``, weights not rotated).
 ``MOE_PORTABLE_DECODE=rule`` applies the rule to captured calls too.
 """
 
