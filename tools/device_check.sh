@@ -13,6 +13,7 @@
 #            "--models mixtral-8x7b;--models deepseek-v3-tp8 --quant fp8,fp8_block"; "": every shape, bf16)
 #            -> $OUT/logs/configs (TUNE_TIMEOUT, default 540)
 #   dispatch benchmarks/dispatch.py: per-T dispatch tuned for every benchmark shape vs each single backend
+#   paths    tools/quant_paths.py ${PATHS_ARGS} -> $OUT/logs/paths (PATHS_TIMEOUT, default 300)
 #   hf       benchmarks/hf_generate.py: tokens/s of a small HF MoE model per experts backend -> $OUT/logs/hf
 #            (needs transformers and its deps as cp312 wheels in .whl: ../shared/tools/device-wheels.sh)
 #   decode   tools/profile_apply.py: decode vs sorted path and fast vs normal launch, T=1..8 -> $OUT/logs/decode
@@ -42,5 +43,6 @@ step full "${FULL_TIMEOUT:-480}" python3 -m moe_core bench --dtypes "${FULL_DTYP
 step tune "${TUNE_TIMEOUT:-540}" bash -c 'IFS=";"; for a in ${TUNE_RUNS:- }; do IFS=" "; python3 tools/tune_device.py --out "$0" $a; done' "$L/configs"
 step dispatch 540 python3 benchmarks/dispatch.py --budget-s "${DISPATCH_BUDGET_S:-400}" --out "$L/dispatch"
 step hf 300 python3 benchmarks/hf_generate.py ${HF_ARGS:-} --out "$L/hf"
+step paths "${PATHS_TIMEOUT:-300}" python3 tools/quant_paths.py ${PATHS_ARGS:-} --out "$L/paths"
 step decode $(( ${DECODE_BUDGET_S:-420} + 60 )) python3 tools/profile_apply.py --budget-s "${DECODE_BUDGET_S:-420}" ${DECODE_ARGS:-} --out "$L/decode"
 tar -czf "$OUT/results.tgz" -C "$OUT" logs

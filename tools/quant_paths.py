@@ -7,6 +7,7 @@ Per layer (model x scheme) and ``T``, for each variant (environment settings of 
 
 - ``sorted``: ``MOE_PORTABLE_DECODE=0``; ``decode``: ``MOE_PORTABLE_DECODE=1``;
 - ``sorted-dot_scaled`` / ``sorted-dequant`` (mxfp4): ``MOE_PORTABLE_MXFP4`` forced;
+  ``sorted-no_ptx``: dequantized by the portable Triton code (``MOE_PORTABLE_MX_PTX=0``);
 
 the device time of one ``moe_apply`` (CUDA graph of ``--copies`` calls, each on its own weights,
 drawn with its own seed as ``moe bench`` does, so that the experts a call reads are not in L2
@@ -32,10 +33,15 @@ VARIANTS = {
     "decode": {"MOE_PORTABLE_DECODE": "1"},
     "sorted-dot_scaled": {"MOE_PORTABLE_DECODE": "0", "MOE_PORTABLE_MXFP4": "dot_scaled"},
     "sorted-dequant": {"MOE_PORTABLE_DECODE": "0", "MOE_PORTABLE_MXFP4": "dequant"},
+    "sorted-no_ptx": {
+        "MOE_PORTABLE_DECODE": "0",
+        "MOE_PORTABLE_MXFP4": "dequant",
+        "MOE_PORTABLE_MX_PTX": "0",
+    },
 }
 #: "cuda"; "cpu" when there is no GPU (a smoke run of this script under TRITON_INTERPRET=1)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-KNOBS = ("MOE_PORTABLE_DECODE", "MOE_PORTABLE_MXFP4")
+KNOBS = ("MOE_PORTABLE_DECODE", "MOE_PORTABLE_MXFP4", "MOE_PORTABLE_MX_PTX")
 
 
 def applies(variant: str, quant: str) -> bool:

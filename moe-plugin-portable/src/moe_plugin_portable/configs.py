@@ -307,7 +307,8 @@ def lookup_config(spec: MoESpec, num_tokens: int, device: torch.device) -> MoECo
     if name not in _warned:
         _warned.add(name)
         warnings.warn(
-            f"moe-plugin-portable: no tuned config for {layer_key(spec)} in {config_file_name(name)}; "
+            f"moe-plugin-portable: no tuned config for {layer_key(spec)} (T bucket {t_bucket(num_tokens)}) "
+            f"in {config_file_name(name)}; "
             "using the heuristic. `moe tune --model <preset>` writes one for this GPU.",
             stacklevel=3,
         )

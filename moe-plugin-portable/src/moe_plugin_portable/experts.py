@@ -53,9 +53,10 @@ tiles of ``w [E, N, K]`` rows with K contiguous, which is the K-major B
 operand that fp8 wgmma and MFMA want, so no re-layout is needed: fp8
 ``w13 [E, 2I, H]``/``w2 [E, H, I]`` e4m3 with float32 scales ``[E, N]``
 (per_channel), ``[E]`` (per_tensor) or ``[E, ceil(N/bn), ceil(K/bk)]``
-(blocks); mxfp4 ``[E, N, K/2]`` bytes as given (the canonical packing: the
-GEMMs read ``[BLOCK_N, BLOCK_K/2]`` rows and compute transposed tiles), e8m0
-scales ``[E, N, K/32]`` as given; static
+(blocks); mxfp4 ``[E, N, K/2]`` bytes swizzled (:func:`swizzle_mxfp4`: each
+16-byte group, one e8m0 block, as its 4 x 4 transpose; the GEMMs read
+``[BLOCK_N, BLOCK_K/2]`` rows and compute transposed tiles), e8m0 scales
+``[E, N, K/32]`` as given; static
 activation scales ``a13_scale``/``a2_scale`` as float32 ``[1]``; biases as given
 (added in float32); the expert map as an int32 device tensor.
 """
@@ -157,6 +158,20 @@ def _supports(spec: MoESpec, device: DeviceInfo) -> str | None:
     return None
 
 
+def swizzle_mxfp4(w: torch.Tensor) -> torch.Tensor:
+    """mxfp4 bytes ``[..., K/2]`` (``K/2`` a multiple of 16) with every 16-byte group (the 32
+    elements of one e8m0 scale) stored as its 4 x 4 transpose: byte ``4q + i`` of a group holds
+    canonical byte ``4i + q``. Its own inverse. A new contiguous tensor.
+
+    A thread of NVIDIA's MMA operand layouts (``mma.sync``, wgmma's register A) holds canonical
+    bytes ``q, q + 4, q + 8, q + 12`` of each group: after the swizzle one 32-bit word, which the
+    GEMMs load as such instead of byte by byte."""
+    if w.shape[-1] % 16:
+        raise ValueError(f"mxfp4 rows of {w.shape[-1]} bytes are not whole 16-byte groups")
+    groups = w.reshape(*w.shape[:-1], w.shape[-1] // 16, 4, 4)
+    return groups.transpose(-1, -2).contiguous().reshape(w.shape)
+
+
 def _prepare(spec: MoESpec, weights: ExpertWeights, device: DeviceInfo) -> dict[str, torch.Tensor]:
     """The kernels' layout (module docstring); high-precision weights of a quantized spec are quantized."""
     if spec.quant.is_quantized and mq.is_high_precision(weights.w13):
@@ -168,6 +183,8 @@ def _prepare(spec: MoESpec, weights: ExpertWeights, device: DeviceInfo) -> dict[
     for name in ("w13_scale", "w2_scale"):
         if name in tensors and spec.quant.name in ("fp8", "fp8_block"):
             tensors[name] = tensors[name].float().contiguous()
+    if spec.quant.name == "mxfp4":
+        tensors["w13"], tensors["w2"] = swizzle_mxfp4(tensors["w13"]), swizzle_mxfp4(tensors["w2"])
     emap = spec.expert_map_tensor(weights.device)
     if emap is not None:
         tensors["expert_map"] = emap
@@ -251,6 +268,26 @@ def _mx_dot(spec: MoESpec, interpret: bool | None, block_m: int, tuned: bool | N
     if mode != "auto":
         return mode == "dot_scaled"
     return tuned if tuned is not None else block_m <= MX_DOT_MAX_BLOCK_M
+
+
+def _mx_ptx(
+    spec: MoESpec, device: torch.device, interpret: bool | None, *, nvidia: bool | None = None
+) -> bool:
+    """mxfp4 tiles dequantized by PTX (``MXFP4_TO_BF16_PTX``): compiled kernels on NVIDIA sm_80
+    and newer (``nvidia``: whether ``device`` is one; default: asked of it);
+    ``MOE_PORTABLE_MX_PTX=0`` keeps the portable Triton dequantization."""
+    if spec.quant.name != "mxfp4" or (interpreting() if interpret is None else interpret):
+        return False
+    if os.environ.get("MOE_PORTABLE_MX_PTX", "1") == "0":
+        return False
+    if nvidia is None:
+        nvidia = device.type == "cuda" and torch.version.hip is None and _capability(device) >= (8, 0)
+    return nvidia
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def _block_k(spec: MoESpec, cfg: GemmConfig) -> int:
@@ -363,6 +400,7 @@ def gemm1_launch(
         # the interpreter multiplies bf16 as integers
         UPCAST=interpreting() if interpret is None else interpret,
         MX_DOT=_mx_dot(spec, interpret, blocks.block_m, cfg.mx_dot),
+        MX_PTX=_mx_ptx(spec, x.device, interpret),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -456,6 +494,7 @@ def gemm2_launch(
         EVEN_K=inter % block_k == 0,
         UPCAST=interpreting() if interpret is None else interpret,
         MX_DOT=_mx_dot(spec, interpret, blocks.block_m, cfg.mx_dot),
+        MX_PTX=_mx_ptx(spec, inter_buf.device, interpret),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

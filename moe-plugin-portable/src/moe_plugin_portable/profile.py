@@ -506,9 +506,12 @@ def _meta_weights(spec: MoESpec) -> ExpertWeights:
     return w
 
 
-def _expert_launches(spec: MoESpec, T: int, cfg: Any, ops: Sequence[str], decode: Any = None) -> list[Any]:
+def _expert_launches(
+    spec: MoESpec, T: int, cfg: Any, ops: Sequence[str], decode: Any = None, nvidia: bool = False
+) -> list[Any]:
     """The sorting launches (``ops``) and the fused MoE's, as ``moe_apply`` makes them, on meta tensors;
-    with ``decode`` (a ``DecodeConfig``) also the decode path's two launches."""
+    with ``decode`` (a ``DecodeConfig``) also the decode path's two launches. ``nvidia``: the
+    choices made from a CUDA device (meta tensors have none) as on one: ``MX_PTX``."""
     from . import experts, sorting
 
     weights = _meta_weights(spec)
@@ -528,6 +531,10 @@ def _expert_launches(spec: MoESpec, T: int, cfg: Any, ops: Sequence[str], decode
     launches += experts.fused_moe_launches(
         spec, x, tensors, topk_weights, topk_ids, out, cfg, blocks, interpret=False
     )
+    if nvidia:
+        for _kernel, _grid, _args, kwargs in launches:
+            if "MX_PTX" in kwargs:
+                kwargs["MX_PTX"] = experts._mx_ptx(spec, x.device, False, nvidia=True)
     if decode is not None:
         launches += experts.decode_launches(spec, x, tensors, topk_weights, topk_ids, out, decode)
     if "moe_sorting" in ops:
@@ -614,7 +621,7 @@ def launch_configs(
                         user = f"{name}/{_TYPE_NAMES[dtype]}/" + (f"{quant}/" if quant else "") + f"T={T}"
                         yield (
                             user + (f"/ep{ep}" if ep > 1 else ""),
-                            _expert_launches(spec, T, cfg, sorting_ops, decode),
+                            _expert_launches(spec, T, cfg, sorting_ops, decode, nvidia=not tgt.is_amd),
                         )
 
     return merge_launches(groups())

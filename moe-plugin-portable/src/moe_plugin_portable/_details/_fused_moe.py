@@ -36,15 +36,17 @@ the weights; every ``0`` compiles to the bf16/fp16 kernel unchanged):
 ``GROUP_K`` along K (every K step, with ``B_QUANT`` 3). fp8 x fp8 tiles go to
 ``tl.dot`` as fp8 (wgmma / CDNA3-4 MFMA).
 
-mxfp4 (canonical bytes: elements ``2j``, ``2j + 1`` in the low, high nibble)
+mxfp4 (canonical bytes: elements ``2j``, ``2j + 1`` in the low, high nibble;
+stored swizzled: each 16-byte group as its 4 x 4 transpose, ``experts.swizzle_mxfp4``)
 computes the transposed tile ``acc^T [BLOCK_N, BLOCK_M] = w [BLOCK_N, BLOCK_K] @
 x^T [BLOCK_K, BLOCK_M]``: the weight tile is read as stored (rows K-contiguous),
 dequantized in registers, which is where Hopper's wgmma takes its A operand
 (a right operand would go back through shared memory), and the few tokens of a
 tile are the MMA's narrow N side. ``MX_DOT``: through ``tl.dot_scaled`` (Hopper
 upcasts in registers; gfx950 has the scaled MFMA), else dequantized explicitly
-to bf16 and ``tl.dot`` (the interpreter: its ``dot_scaled`` rounds the bf16
-operand through fp16). fp8 activations of W4A8 convert to bf16 exactly.
+to bf16 (``MX_PTX``: by PTX on packed registers) and ``tl.dot`` (the interpreter:
+its ``dot_scaled`` rounds the bf16 operand through fp16). fp8 activations of
+W4A8 convert to bf16 exactly.
 
 fp8 rounding is bit-exact with ``moe_core.quant`` on every backend: scales
 ``amax / 448`` with a correctly rounded division, rounded toward zero to 21
@@ -107,7 +109,7 @@ def _e2m1_f16(codes):
 
 @triton.jit
 def _load_mx_rows(ptrs, s_ptrs, k_remaining, n_mask, offs_h, offs_s, EVEN_K: tl.constexpr):
-    """An mxfp4 weight tile as stored: bytes ``[BLOCK_N, BLOCK_K/2]`` (``ptrs``, K-contiguous rows)
+    """An mxfp4 weight tile as stored: swizzled bytes ``[BLOCK_N, BLOCK_K/2]`` (``ptrs``, K-contiguous rows)
     and their e8m0 scales ``[BLOCK_N, BLOCK_K/32]`` (``s_ptrs``); ``k_remaining`` elements left
     along K (a multiple of 32), past them zeros."""
     if EVEN_K:
@@ -120,15 +122,79 @@ def _load_mx_rows(ptrs, s_ptrs, k_remaining, n_mask, offs_h, offs_s, EVEN_K: tl.
 
 
 @triton.jit
-def _dequant_mx_rows(b, s):
+def _unswizzle_mx(b):
+    """The canonical bytes ``[BLOCK_N, BLOCK_K/2]`` of a swizzled mxfp4 tile (``experts.swizzle_mxfp4``:
+    each 16-byte group stored as its 4 x 4 transpose). Only a relabeling of registers: a thread of
+    NVIDIA's MMA operand layout holds canonical bytes ``q, q + 4, q + 8, q + 12`` of a group, which
+    the swizzle stores as one 32-bit word (one shared-memory matrix load, not 16 byte loads)."""
+    BN: tl.constexpr = b.shape[0]
+    G: tl.constexpr = b.shape[1] // 16
+    return tl.reshape(tl.permute(tl.reshape(b, (BN, G, 4, 4)), (0, 1, 3, 2)), (BN, b.shape[1]))
+
+
+#: PTX of :func:`_dequant_mx_rows`, per 4 bytes ``$4`` (elements ``lo(j)``, ``hi(j)`` of byte ``j``)
+#: and their scales ``$5``, ``$6`` (bf16 pairs of bytes 0-1, 2-3): ``$0``, ``$1`` the bf16 pairs of
+#: the low nibbles (bytes 0-1, 2-3), ``$2``, ``$3`` of the high nibbles. A nibble's magnitude
+#: (bits 0-2) selects the high and the low byte of its bf16 value from two 8-entry ``prmt``
+#: tables (0, 0.5, 1, 1.5, 2, 3, 4, 6); its bit 3 becomes the sign (bit 15 of each half); the
+#: scale is one ``bf16x2`` multiply (by ``fma`` with -0: exact, sm_80 and newer).
+MXFP4_TO_BF16_PTX = tl.constexpr("""{
+.reg .b32 q, r, u, h0, l0, h1, l1, v, m, t0, t1, t2, t3, nz;
+mov.b32 t0, 0x3F3F3F00;
+mov.b32 t1, 0x40404040;
+mov.b32 t2, 0xC0800000;
+mov.b32 t3, 0xC0804000;
+mov.b32 nz, 0x80008000;
+and.b32 q, $4, 0x77777777;
+shr.b32 r, q, 16;
+prmt.b32 h0, t0, t1, q;
+prmt.b32 l0, t2, t3, q;
+prmt.b32 h1, t0, t1, r;
+prmt.b32 l1, t2, t3, r;
+shl.b32 u, $4, 4;
+prmt.b32 v, l0, h0, 0x6240;
+prmt.b32 m, u, u, 0x1000;
+lop3.b32 v, v, m, 0x80008000, 0xF8;
+fma.rn.bf16x2 $0, v, $5, nz;
+prmt.b32 v, l1, h1, 0x6240;
+prmt.b32 m, u, u, 0x3020;
+lop3.b32 v, v, m, 0x80008000, 0xF8;
+fma.rn.bf16x2 $1, v, $6, nz;
+prmt.b32 v, l0, h0, 0x7351;
+prmt.b32 m, $4, $4, 0x1000;
+lop3.b32 v, v, m, 0x80008000, 0xF8;
+fma.rn.bf16x2 $2, v, $5, nz;
+prmt.b32 v, l1, h1, 0x7351;
+prmt.b32 m, $4, $4, 0x3020;
+lop3.b32 v, v, m, 0x80008000, 0xF8;
+fma.rn.bf16x2 $3, v, $6, nz;
+}""")
+
+
+@triton.jit
+def _dequant_mx_rows(b, s, PTX: tl.constexpr):
     """bf16 ``[BLOCK_N, BLOCK_K]`` of mxfp4 bytes ``b [BLOCK_N, BLOCK_K/2]`` (byte ``j``: elements
     ``2j``, ``2j + 1`` in its low, high nibble) with e8m0 scales ``s [BLOCK_N, BLOCK_K/32]``.
-    Exact for scales up to ``2**113`` (e8m0 bytes up to 240; byte 0, only all-zero blocks in
-    practice, reads as 0)."""
-    packed = b.to(tl.int32)
+    Exact for e8m0 bytes 2 to 240 (scales ``2**-125 .. 2**113``; byte 0, only all-zero blocks in
+    practice, reads as 0). ``PTX`` (NVIDIA sm_80+): :data:`MXFP4_TO_BF16_PTX` on packed registers
+    (about 3 instructions per element, against 8 for the portable float32 path)."""
     BN: tl.constexpr = b.shape[0]
     BK: tl.constexpr = 2 * b.shape[1]
     NB: tl.constexpr = s.shape[1]
+    if PTX:
+        # 2**(s - 127) as bf16 from the bits, one per byte of the tile
+        scale = (s.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BN, NB, 16)), (BN, BK // 2))
+        lo, hi = tl.inline_asm_elementwise(
+            MXFP4_TO_BF16_PTX,
+            "=r,=r,=r,=r,r,r,r",
+            [b, scale],
+            dtype=(tl.bfloat16, tl.bfloat16),
+            is_pure=True,
+            pack=4,
+        )
+        return tl.reshape(tl.join(lo, hi), (BN, BK))
+    packed = b.to(tl.int32)
     v = tl.reshape(tl.join(_e2m1_f16(packed & 15), _e2m1_f16(packed >> 4)), (BN, BK))
     # 2**(s - 127) from the bits, times 2**14 for _e2m1_f16's factor
     scale = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True) * 16384.0
@@ -137,17 +203,28 @@ def _dequant_mx_rows(b, s):
 
 
 @triton.jit
-def _mx_dot_t(b, b_scale, at, acc, A_QUANT: tl.constexpr, MX_DOT: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + dequant(b) @ at``: mxfp4 weights ``[BLOCK_N, BLOCK_K/2]`` (the left operand: dequantized
-    in registers, where Hopper's wgmma reads its A operand) times activations ``at [BLOCK_K, BLOCK_M]``
-    (bf16, or e4m3 codes for W4A8), by ``tl.dot_scaled`` (``MX_DOT``) or dequantized to bf16."""
+def _mx_dot_t(
+    b,
+    b_scale,
+    at,
+    acc,
+    A_QUANT: tl.constexpr,
+    MX_DOT: tl.constexpr,
+    MX_PTX: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """``acc + dequant(b) @ at``: swizzled mxfp4 weights ``[BLOCK_N, BLOCK_K/2]`` (the left operand:
+    dequantized in registers, where Hopper's wgmma reads its A operand) times activations ``at
+    [BLOCK_K, BLOCK_M]`` (bf16, or e4m3 codes for W4A8), by ``tl.dot_scaled`` (``MX_DOT``) or
+    dequantized to bf16 (by PTX when ``MX_PTX``)."""
+    b = _unswizzle_mx(b)
     if MX_DOT:
         if A_QUANT == 0:
             acc = tl.dot_scaled(b, b_scale, "e2m1", at, None, "bf16", acc)
         else:
             acc = tl.dot_scaled(b, b_scale, "e2m1", at, None, "e4m3", acc)
     else:
-        acc = _dot(_dequant_mx_rows(b, b_scale), at.to(tl.bfloat16), acc, UPCAST)
+        acc = _dot(_dequant_mx_rows(b, b_scale, MX_PTX), at.to(tl.bfloat16), acc, UPCAST)
     return acc
 
 
@@ -264,6 +341,7 @@ def moe_gemm1(
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
     MX_DOT: tl.constexpr = False,
+    MX_PTX: tl.constexpr = False,
 ):
     """``x_ptr`` rows are tokens (fp8 when ``A_QUANT``; ``xs_ptr`` their scales); ``ws_ptr``: the
     weight scales; ``os_ptr``: the output's static scale (``OUT_QUANT`` 1) or its group scales
@@ -298,10 +376,10 @@ def moe_gemm1(
         for k0 in range(0, K, BLOCK_K):
             at = _load_at(at_ptrs, row_mask, offs_k, K - k0, EVEN_K)
             g, g_s = _load_mx_rows(g_ptrs, gs_ptrs, K - k0, n_mask, offs_h, offs_s, EVEN_K)
-            acc_gt = _mx_dot_t(g, g_s, at, acc_gt, A_QUANT, MX_DOT, UPCAST)
+            acc_gt = _mx_dot_t(g, g_s, at, acc_gt, A_QUANT, MX_DOT, MX_PTX, UPCAST)
             if GATED:
                 u, u_s = _load_mx_rows(u_ptrs, us_ptrs, K - k0, n_mask, offs_h, offs_s, EVEN_K)
-                acc_ut = _mx_dot_t(u, u_s, at, acc_ut, A_QUANT, MX_DOT, UPCAST)
+                acc_ut = _mx_dot_t(u, u_s, at, acc_ut, A_QUANT, MX_DOT, MX_PTX, UPCAST)
             at_ptrs += BLOCK_K
             g_ptrs += BLOCK_K // 2
             u_ptrs += BLOCK_K // 2
@@ -420,6 +498,7 @@ def moe_gemm2(
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
     MX_DOT: tl.constexpr = False,
+    MX_PTX: tl.constexpr = False,
 ):
     """``inter_ptr`` rows are sorted positions (fp8 when ``A_QUANT``; ``xs_ptr`` their scales, by position)."""
     pid_m, pid_n = _pid_grid(tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -447,7 +526,7 @@ def moe_gemm2(
         for k0 in range(0, K, BLOCK_K):
             at = _load_at(at_ptrs, row_mask, offs_k, K - k0, EVEN_K)
             b, b_s = _load_mx_rows(b_ptrs, bs_ptrs, K - k0, n_mask, offs_h, offs_s, EVEN_K)
-            acc_t = _mx_dot_t(b, b_s, at, acc_t, A_QUANT, MX_DOT, UPCAST)
+            acc_t = _mx_dot_t(b, b_s, at, acc_t, A_QUANT, MX_DOT, MX_PTX, UPCAST)
             at_ptrs += BLOCK_K
             b_ptrs += BLOCK_K // 2
             bs_ptrs += BLOCK_K // 32
@@ -659,10 +738,11 @@ def _decode_mxfp4(
     """``2**-14 * sum a[k] * w[n, k]`` over each 32-block of an mxfp4 tile at K offset ``k0``, the
     blocks' e8m0 scales applied: float32 ``[BLOCK_N, NB]`` (``2**-14``: :func:`_e2m1_pair`'s).
 
-    The bytes are read as int32 words (rows of ``K/2`` bytes, ``K`` a multiple of 32: 16-byte
-    aligned): word ``w`` of a block holds its elements ``8w .. 8w + 7``, element ``8w + c`` at
-    bits ``4c``. The activation (``a_row_ptr``, fp8-quantized per ``A_QUANT``) is read once per
-    step and split into the elements each nibble position holds."""
+    The swizzled bytes are read as int32 words (rows of ``K/2`` bytes, ``K`` a multiple of 32:
+    16-byte aligned): word ``w`` of a block holds its canonical bytes ``w, w + 4, w + 8, w + 12``,
+    so bits ``4c`` hold element ``2w + 8 (c // 2) + c % 2``. The activation (``a_row_ptr``,
+    fp8-quantized per ``A_QUANT``) is read once per step and split into the elements each nibble
+    position holds."""
     kb_mask = k0 // 32 + offs_b < K // 32
     offs_w = tl.arange(0, 4)
     mask = n_mask[:, None, None] & kb_mask[None, :, None]
@@ -670,12 +750,14 @@ def _decode_mxfp4(
     words = tl.load(
         word_ptrs[:, None, None] + offs_b[None, :, None] * 4 + offs_w[None, None, :], mask=mask, other=0
     )
-    # the activation step once, as [NB, 4, 8] (block, word, element of the word): contiguous
-    # loads, quantized once; then its 8 element slices [NB, 4], each shared by the BLOCK_N rows
-    offs_e = offs_b[:, None, None] * 32 + offs_w[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    # the activation step once, as [NB, 4, 8] (block, word, nibble of the word), quantized once;
+    # then its 8 nibble slices [NB, 4], each shared by the BLOCK_N rows
+    offs_c = tl.arange(0, 8)
+    offs_c = (offs_c // 2) * 8 + offs_c % 2
+    offs_e = offs_b[:, None, None] * 32 + offs_w[None, :, None] * 2 + offs_c[None, None, :]
     a, _s = _decode_a(a_row_ptr + k0, offs_e, K - k0, route, a_scale, A_QUANT)
     a0, a1, a2, a3, a4, a5, a6, a7 = _word_elements(a)
-    v0, v1 = _e2m1_pair(words)  # bits 4c: element c of the word; bits 16 + 4c: element 4 + c
+    v0, v1 = _e2m1_pair(words)  # nibbles c and 4 + c of the word
     part = v0 * a0[None, :, :] + v1 * a4[None, :, :]
     v0, v1 = _e2m1_pair(words >> 4)
     part += v0 * a1[None, :, :] + v1 * a5[None, :, :]
