@@ -74,6 +74,8 @@ def run_ptx(program: str, operands: list[int]) -> list[int]:
             r = x[0] >> x[1]
         elif op == "shl.b32":
             r = x[0] << x[1]
+        elif op == "mul.lo.u32":
+            r = x[0] * x[1]
         elif op == "prmt.b32":
             r = _prmt(*x)
         elif op == "lop3.b32":
@@ -90,7 +92,16 @@ def test_emulator_knows_every_instruction():
     from moe_plugin_portable._details import _fused_moe
 
     ops = {m.group(1) for m in re.finditer(r"^\s*([a-z][\w.]*)\s", _fused_moe.MXFP4_TO_BF16_PTX.value, re.M)}
-    assert ops <= {"mov.b32", "and.b32", "shr.b32", "shl.b32", "prmt.b32", "lop3.b32", "fma.rn.bf16x2"}
+    assert ops <= {
+        "mov.b32",
+        "and.b32",
+        "shr.b32",
+        "shl.b32",
+        "mul.lo.u32",
+        "prmt.b32",
+        "lop3.b32",
+        "fma.rn.bf16x2",
+    }
 
 
 @pytest.mark.parametrize("scale_byte", [2, 100, 127, 128, 140, 240])
@@ -105,23 +116,22 @@ def test_ptx_dequantizes_every_byte(scale_byte):
     got = torch.empty(256, 2)
     for j in range(0, 256, 4):
         word = sum(int(codes[j + i]) << 8 * i for i in range(4))
-        lo01, lo23, hi01, hi23 = run_ptx(program, [0, 0, 0, 0, word, s_word, s_word])[:4]
-        got[j : j + 2, 0], got[j + 2 : j + 4, 0] = _bf16x2(lo01), _bf16x2(lo23)
-        got[j : j + 2, 1], got[j + 2 : j + 4, 1] = _bf16x2(hi01), _bf16x2(hi23)
+        pairs = run_ptx(program, [0, 0, 0, 0, word, s_word, s_word, s_word, s_word])[:4]
+        for i, pair in enumerate(pairs):
+            got[j + i] = _bf16x2(pair)  # (low nibble, high nibble) of byte j + i
     assert torch.equal(got, expect)  # exact, signs of zero included
     assert torch.equal(torch.signbit(got), torch.signbit(expect))
 
 
-def test_scales_per_element():
-    """Each element gets its own scale lane: the pairs ``$5`` (bytes 0-1) and ``$6`` (bytes 2-3)."""
+def test_scales_per_byte():
+    """Each byte gets its own scale pair: ``$5 .. $8`` for bytes 0 .. 3."""
     from moe_plugin_portable._details import _fused_moe
 
     program = _fused_moe.MXFP4_TO_BF16_PTX.value
-    word = 0x22222222  # every nibble: code 2, 1.0
-    s01, s23 = _word(torch.tensor([2.0, 4.0])), _word(torch.tensor([8.0, 16.0]))
-    lo01, lo23, hi01, hi23 = run_ptx(program, [0, 0, 0, 0, word, s01, s23])[:4]
-    assert _bf16x2(lo01).tolist() == _bf16x2(hi01).tolist() == [2.0, 4.0]
-    assert _bf16x2(lo23).tolist() == _bf16x2(hi23).tolist() == [8.0, 16.0]
+    word = 0xA2A2A2A2  # every byte: low nibble code 2 (1.0), high nibble code 10 (-1.0)
+    scales = [_word(torch.tensor([v, v])) for v in (2.0, 4.0, 8.0, 16.0)]
+    pairs = run_ptx(program, [0, 0, 0, 0, word, *scales])[:4]
+    assert [_bf16x2(p).tolist() for p in pairs] == [[2.0, -2.0], [4.0, -4.0], [8.0, -8.0], [16.0, -16.0]]
 
 
 def test_swizzle_is_a_group_transpose_and_its_own_inverse():
