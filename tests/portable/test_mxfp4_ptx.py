@@ -104,34 +104,37 @@ def test_emulator_knows_every_instruction():
     }
 
 
-@pytest.mark.parametrize("scale_byte", [2, 100, 127, 128, 140, 240])
+@pytest.mark.parametrize("scale_byte", [34, 100, 127, 128, 140, 160])
 def test_ptx_dequantizes_every_byte(scale_byte):
+    """Every byte, with the factor the kernel passes (``2**(s - 1 - MX_PTX_SHIFT)``): the weights
+    times ``2**-MX_PTX_SHIFT`` exactly (the GEMMs' epilogues multiply it back)."""
     from moe_plugin_portable._details import _fused_moe
 
-    program = _fused_moe.MXFP4_TO_BF16_PTX.value
-    scale = torch.tensor(float(mq.e8m0_to_float(torch.tensor([scale_byte], dtype=torch.uint8))[0]))
-    s_word = _word(torch.stack([scale, scale]))
+    program, shift = _fused_moe.MXFP4_TO_BF16_PTX.value, _fused_moe.MX_PTX_SHIFT.value
+    scale = float(mq.e8m0_to_float(torch.tensor([scale_byte], dtype=torch.uint8))[0])
+    factor = _word(torch.tensor([2.0 ** (scale_byte - 1 - shift)] * 2))
     codes = torch.arange(256, dtype=torch.int32)
-    expect = mq.e2m1_to_float(mq.unpack_e2m1(codes.to(torch.uint8)[:, None])) * scale  # [256, 2]
+    expect = mq.e2m1_to_float(mq.unpack_e2m1(codes.to(torch.uint8)[:, None])) * scale * 2.0**-shift
     got = torch.empty(256, 2)
     for j in range(0, 256, 4):
         word = sum(int(codes[j + i]) << 8 * i for i in range(4))
-        pairs = run_ptx(program, [0, 0, 0, 0, word, s_word, s_word, s_word, s_word])[:4]
+        pairs = run_ptx(program, [0, 0, 0, 0, word, factor, factor, factor, factor])[:4]
         for i, pair in enumerate(pairs):
             got[j + i] = _bf16x2(pair)  # (low nibble, high nibble) of byte j + i
     assert torch.equal(got, expect)  # exact, signs of zero included
     assert torch.equal(torch.signbit(got), torch.signbit(expect))
 
 
-def test_scales_per_byte():
-    """Each byte gets its own scale pair: ``$5 .. $8`` for bytes 0 .. 3."""
+def test_factors_per_byte():
+    """Each byte gets its own factor pair: ``$5 .. $8`` for bytes 0 .. 3."""
     from moe_plugin_portable._details import _fused_moe
 
     program = _fused_moe.MXFP4_TO_BF16_PTX.value
     word = 0xA2A2A2A2  # every byte: low nibble code 2 (1.0), high nibble code 10 (-1.0)
-    scales = [_word(torch.tensor([v, v])) for v in (2.0, 4.0, 8.0, 16.0)]
-    pairs = run_ptx(program, [0, 0, 0, 0, word, *scales])[:4]
-    assert [_bf16x2(p).tolist() for p in pairs] == [[2.0, -2.0], [4.0, -4.0], [8.0, -8.0], [16.0, -16.0]]
+    factors = [_word(torch.tensor([2.0**e] * 2)) for e in (126, 127, 100, 0)]
+    pairs = run_ptx(program, [0, 0, 0, 0, word, *factors])[:4]
+    got = [_bf16x2(p).tolist() for p in pairs]
+    assert got == [[1.0, -1.0], [2.0, -2.0], [2.0**-26, -(2.0**-26)], [2.0**-126, -(2.0**-126)]]
 
 
 def test_swizzle_is_a_group_transpose_and_its_own_inverse():

@@ -133,14 +133,13 @@ def _unswizzle_mx(b):
 
 
 #: PTX of :func:`_dequant_mx_rows`, per 4 bytes ``$4``: ``$0 .. $3`` the bf16 pairs (low nibble,
-#: high nibble) of bytes 0 .. 3, ``$5 .. $8`` their scales as bf16 pairs. Byte ``j``'s nibbles go
+#: high nibble) of bytes 0 .. 3, ``$5 .. $8`` their factors as bf16 pairs. Byte ``j``'s nibbles go
 #: to bits 0-3 and 16-19 (``prmt``; selector 8 reads a zero byte), a multiply by ``2**6 + 2**12``
 #: puts each magnitude (bits 0-2) at a bf16's bits 6-8 and its sign (bit 3) at bit 15: that bf16 is
-#: ``e2m1 * 2**-126`` (0.5 a subnormal), times ``2**126`` exact; then times the scale (``fma`` with
-#: -0: exact; sm_80 and newer).
+#: ``e2m1 * 2**-126`` (0.5 a subnormal); one multiply by the factor (``fma`` with -0: exact; sm_80
+#: and newer) scales it.
 MXFP4_TO_BF16_PTX = tl.constexpr("""{
-.reg .b32 lo, hi, y, k, nz;
-mov.b32 k, 0x7E807E80;
+.reg .b32 lo, hi, y, nz;
 mov.b32 nz, 0x80008000;
 and.b32 lo, $4, 0x0F0F0F0F;
 shr.b32 hi, $4, 4;
@@ -148,24 +147,24 @@ and.b32 hi, hi, 0x0F0F0F0F;
 prmt.b32 y, lo, hi, 0x8480;
 mul.lo.u32 y, y, 0x1040;
 and.b32 y, y, 0x81C081C0;
-fma.rn.bf16x2 y, y, k, nz;
 fma.rn.bf16x2 $0, y, $5, nz;
 prmt.b32 y, lo, hi, 0x8581;
 mul.lo.u32 y, y, 0x1040;
 and.b32 y, y, 0x81C081C0;
-fma.rn.bf16x2 y, y, k, nz;
 fma.rn.bf16x2 $1, y, $6, nz;
 prmt.b32 y, lo, hi, 0x8682;
 mul.lo.u32 y, y, 0x1040;
 and.b32 y, y, 0x81C081C0;
-fma.rn.bf16x2 y, y, k, nz;
 fma.rn.bf16x2 $2, y, $7, nz;
 prmt.b32 y, lo, hi, 0x8783;
 mul.lo.u32 y, y, 0x1040;
 and.b32 y, y, 0x81C081C0;
-fma.rn.bf16x2 y, y, k, nz;
 fma.rn.bf16x2 $3, y, $8, nz;
 }""")
+#: The PTX path's weights are ``2**-MX_PTX_SHIFT`` of the true ones (the GEMMs' epilogues multiply
+#: the accumulators back, exactly): its factor ``2**(s - 127 + 126 - MX_PTX_SHIFT)`` then is a
+#: normal bf16 for e8m0 bytes up to ``127 + MX_PTX_SHIFT + 1``.
+MX_PTX_SHIFT = tl.constexpr(32)
 
 
 @triton.jit
@@ -173,16 +172,20 @@ def _dequant_mx_rows(b, s, PTX: tl.constexpr):
     """bf16 ``[BLOCK_N, BLOCK_K]`` of mxfp4 bytes ``b [BLOCK_N, BLOCK_K/2]`` (byte ``j``: elements
     ``2j``, ``2j + 1`` in its low, high nibble) with e8m0 scales ``s [BLOCK_N, BLOCK_K/32]``.
     Exact for e8m0 bytes 2 to 240 (scales ``2**-125 .. 2**113``; byte 0, only all-zero blocks in
-    practice, reads as 0). ``PTX`` (NVIDIA sm_80+): :data:`MXFP4_TO_BF16_PTX` on packed registers
-    (under 3 instructions per element, against 8 for the portable float32 path; its bf16 pairs are
-    the MMA operand's registers as they are)."""
+    practice, reads as 0).
+
+    ``PTX`` (NVIDIA sm_80+): :data:`MXFP4_TO_BF16_PTX` on packed registers, under 3 instructions
+    per element against 8 for the portable float32 path, its bf16 pairs the MMA operand's
+    registers as they are. Its weights are ``2**-MX_PTX_SHIFT`` of the true ones (the caller
+    multiplies its accumulator back), exact for e8m0 bytes 34 to 160 (scales ``2**-93 ..
+    2**33``; larger ones saturate)."""
     BN: tl.constexpr = b.shape[0]
     BK: tl.constexpr = 2 * b.shape[1]
     NB: tl.constexpr = s.shape[1]
     if PTX:
-        # 2**(s - 127) as a bf16 pair from the bits, per byte of the tile
-        scale = (s.to(tl.int32) << 7) * 0x10001
-        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BN, NB, 16)), (BN, BK // 2))
+        # the factor 2**(s - 1 - MX_PTX_SHIFT) as a bf16 pair from the bits (saturated), per byte
+        scale = tl.minimum(s.to(tl.int32) + (126 - MX_PTX_SHIFT), 254) << 7
+        scale = tl.reshape(tl.broadcast_to((scale * 0x10001)[:, :, None], (BN, NB, 16)), (BN, BK // 2))
         pairs = tl.inline_asm_elementwise(
             MXFP4_TO_BF16_PTX, "=r,=r,=r,=r,r,r,r,r,r", [b, scale], dtype=tl.int32, is_pure=True, pack=4
         )
@@ -382,6 +385,9 @@ def moe_gemm1(
             us_ptrs += BLOCK_K // 32
         acc_g = tl.trans(acc_gt)
         acc_u = tl.trans(acc_ut)
+        if MX_PTX and not MX_DOT:  # _dequant_mx_rows' weights were 2**-MX_PTX_SHIFT of the true ones
+            acc_g = acc_g * (2.0**MX_PTX_SHIFT)
+            acc_u = acc_u * (2.0**MX_PTX_SHIFT)
     else:
         g_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
         u_ptrs = g_ptrs + INTER * stride_wn
@@ -526,6 +532,8 @@ def moe_gemm2(
             b_ptrs += BLOCK_K // 2
             bs_ptrs += BLOCK_K // 32
         acc = tl.trans(acc_t)
+        if MX_PTX and not MX_DOT:  # _dequant_mx_rows' weights were 2**-MX_PTX_SHIFT of the true ones
+            acc = acc * (2.0**MX_PTX_SHIFT)
     else:
         b_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
         if B_QUANT == 3:
