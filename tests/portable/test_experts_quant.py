@@ -416,3 +416,33 @@ def test_mxfp4_dot_scaled_path(name, monkeypatch):
     moe_apply(plan, x, plan.prepare(weights), topk_w, ids, out=out)
     want = fused_experts_reference(spec, x, weights, topk_w, ids, compute_dtype=torch.float64)
     assert relative_error(out, want) <= bound(spec)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", [QuantScheme("mxfp4"), QuantScheme("mxfp4", activation="fp8_per_tensor")])
+@pytest.mark.parametrize("T", [1, 33, 300])
+def test_gpu_mxfp4_ptx_is_bit_exact(scheme, T, monkeypatch):
+    """The PTX dequantization (``MX_PTX``) and the portable one give the same bits: both weights are
+    exact, the PTX path's ``2**-MX_PTX_SHIFT`` multiple only scales every product and sum by a power
+    of two, which its epilogue undoes. Sorted path (the decode GEMV has no PTX variant), weights
+    over several binades."""
+    monkeypatch.setenv("MOE_PORTABLE_DECODE", "0")
+    preset = get_preset("gpt-oss-20b")
+    spec = preset.moe_spec(torch.bfloat16, quant=scheme)
+    plan = moe_plan(spec, "cuda")
+    weights = random_expert_weights(spec, device="cuda", seed=T)
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    spread = 2.0 ** torch.randint(-4, 5, weights.w13_scale.shape, generator=gen, device="cuda")
+    weights.w13_scale = (weights.w13_scale.int() + spread.log2().int()).clamp(40, 150).to(torch.uint8)
+    prepared = plan.prepare(weights)
+    x = torch.randn(T, spec.hidden_size, device="cuda").to(spec.dtype)
+    topk_w, topk_ids = random_routing(preset.routing, T, preset.num_experts, device="cuda", seed=T)
+    outs = {}
+    for ptx in ("1", "0"):
+        monkeypatch.setenv("MOE_PORTABLE_MX_PTX", ptx)
+        outs[ptx] = torch.full((T, spec.hidden_size), float("nan"), dtype=spec.dtype, device="cuda")
+        moe_apply(plan, x, prepared, topk_w, topk_ids, out=outs[ptx])
+    assert torch.equal(outs["1"], outs["0"])
+    want = fused_experts_reference(spec, x, weights, topk_w, topk_ids, compute_dtype=torch.float64)
+    assert relative_error(outs["1"], want) <= tolerance(spec)
