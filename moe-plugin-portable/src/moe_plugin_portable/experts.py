@@ -692,6 +692,12 @@ def _decode_block_k(spec: MoESpec, cfg: GemmConfig) -> int:
     return cfg.block_k
 
 
+def _row_block(k: int) -> int:
+    """The decode kernels' step for a per-token amax over a row of ``k``: ``k`` rounded up to a
+    power of two, at most 8192 (one step for the benchmark shapes: one load latency, not ``k / BLOCK_K``)."""
+    return min(4096, 1 << max(0, k - 1).bit_length())
+
+
 @functools.lru_cache(maxsize=1024)
 def _decode_kwargs(
     spec: MoESpec, cfg: DecodeConfig, has_bias: bool, has_map: bool
@@ -714,6 +720,7 @@ def _decode_kwargs(
         WEIGHT_ON_INPUT=spec.apply_router_weight_on_input,
         BLOCK_N=g1.block_n,
         BLOCK_K=_decode_block_k(spec, g1),
+        ROW_BLOCK=_row_block(spec.hidden_size),
         num_warps=g1.num_warps,
         num_stages=g1.num_stages,
     )
@@ -723,6 +730,7 @@ def _decode_kwargs(
         APPLY_WEIGHT=not spec.apply_router_weight_on_input,
         BLOCK_N=g2.block_n,
         BLOCK_K=_decode_block_k(spec, g2),
+        ROW_BLOCK=_row_block(spec.intermediate_size),
         num_warps=g2.num_warps,
         num_stages=g2.num_stages,
     )

@@ -678,7 +678,9 @@ def moe_combine(
 
 @triton.jit
 def _decode_row_amax(row_ptr, K, route, BLOCK_K: tl.constexpr):
-    """``max |row[:K] * route|`` of one float row (per-token fp8 scale), in float32."""
+    """``max |row[:K] * route|`` of one float row (per-token fp8 scale), in float32, in steps of
+    ``BLOCK_K`` (the decode kernels' ``ROW_BLOCK``: ``K`` in one step where it fits, every load
+    in flight at once)."""
     offs = tl.arange(0, BLOCK_K)
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -775,6 +777,12 @@ def _decode_mxfp4(
 
 
 @triton.jit
+def _sum8(p):
+    """``[BLOCK_N, BLOCK_K / 8]``: the sums of ``p [BLOCK_N, BLOCK_K]`` over each 8 consecutive elements."""
+    return tl.sum(tl.reshape(p, (p.shape[0], p.shape[1] // 8, 8)), axis=2)
+
+
+@triton.jit
 def _decode_gemv(
     a_row_ptr,
     w_row_ptrs,
@@ -814,9 +822,11 @@ def _decode_gemv(
                     u_row_ptrs, su_row_ptrs, n_mask, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT
                 )
     else:
+        # partial sums per 8 consecutive elements (within a thread's vector load: no shuffles), so
+        # that the accumulators take BLOCK_K / 8 of the registers a [BLOCK_N, BLOCK_K] one would
         offs_k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             a, a_s = _decode_a(a_row_ptr + k0, offs_k, K - k0, route, a_scale, A_QUANT)
             w = _decode_w(w_row_ptrs + k0, n_mask, offs_k, K - k0)
@@ -824,14 +834,14 @@ def _decode_gemv(
                 u = _decode_w(u_row_ptrs + k0, n_mask, offs_k, K - k0)
             if B_QUANT == 3:
                 b_s = tl.load(s_row_ptrs + k0 // BLOCK_K, mask=n_mask, other=0.0)
-                acc += (w * a[None, :]) * (b_s * a_s)[:, None]
+                acc += _sum8(w * a[None, :]) * (b_s * a_s)[:, None]
                 if GATED:
                     bu_s = tl.load(su_row_ptrs + k0 // BLOCK_K, mask=n_mask, other=0.0)
-                    acc_u += (u * a[None, :]) * (bu_s * a_s)[:, None]
+                    acc_u += _sum8(u * a[None, :]) * (bu_s * a_s)[:, None]
             else:
-                acc += w * a[None, :]
+                acc += _sum8(w * a[None, :])
                 if GATED:
-                    acc_u += u * a[None, :]
+                    acc_u += _sum8(u * a[None, :])
     out = tl.sum(acc, axis=1)
     out_u = tl.sum(acc_u, axis=1)
     if B_QUANT == 4:  # _e2m1_pair's factor
@@ -887,6 +897,7 @@ def moe_decode_gemm1(
     GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROW_BLOCK: tl.constexpr,
 ):
     """``inter[entry, n] = act(x[entry // TOP_K] @ w13[e].T + b13[e])`` (float32), grid
     ``(T * TOP_K, cdiv(INTER, BLOCK_N))``; entries whose expert is not kept are skipped.
@@ -904,7 +915,7 @@ def moe_decode_gemm1(
         route = tl.load(topk_weights_ptr + entry).to(tl.float32)
     a_scale = 1.0
     if A_QUANT == 1:
-        a_scale = _fp8_scale(_decode_row_amax(x_row, K, route, BLOCK_K))
+        a_scale = _fp8_scale(_decode_row_amax(x_row, K, route, ROW_BLOCK))
     elif A_QUANT == 2:
         a_scale = tl.load(as_ptr)
     w_rows = w_ptr + expert * stride_we + offs_n.to(tl.int64) * stride_wn
@@ -982,6 +993,7 @@ def moe_decode_gemm2(
     GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROW_BLOCK: tl.constexpr,
 ):
     """``out[t, n] = sum_j w[t, j] * (inter[t * TOP_K + j] @ w2[e_j].T + b2[e_j])`` over the kept
     slots ``j`` in slot order (deterministic), grid ``(T, cdiv(N, BLOCK_N))``; a token with no
@@ -997,7 +1009,7 @@ def moe_decode_gemm2(
             a_row = inter_ptr + entry * stride_im
             a_scale = 1.0
             if A_QUANT == 1:
-                a_scale = _fp8_scale(_decode_row_amax(a_row, K, 1.0, BLOCK_K))
+                a_scale = _fp8_scale(_decode_row_amax(a_row, K, 1.0, ROW_BLOCK))
             elif A_QUANT == 2:
                 a_scale = tl.load(as_ptr)
             w_rows = w_ptr + expert * stride_we + offs_n.to(tl.int64) * stride_wn
