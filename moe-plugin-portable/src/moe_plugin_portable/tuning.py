@@ -368,7 +368,7 @@ def decode_space(
     if space == "small":
         return [[base]]
     tile_n = (4, 8, 16) if space == "quick" else (4, 8, 16, 32)
-    tile_k = (256, 512) if space == "quick" else (128, 256, 512)
+    tile_k = (256, 512, 1024) if space == "quick" else (128, 256, 512, 1024)
     tiles = [GemmConfig(bn, bk, base.num_warps, base.num_stages, 1) for bn in tile_n for bk in tile_k]
     if spec is not None:
         tiles = _unique(replace(c, block_k=_decode_block_k(spec, c)) for c in tiles)
