@@ -138,29 +138,22 @@ def _unswizzle_mx(b):
 #: puts each magnitude (bits 0-2) at a bf16's bits 6-8 and its sign (bit 3) at bit 15: that bf16 is
 #: ``e2m1 * 2**-126`` (0.5 a subnormal); one multiply by the factor (``fma`` with -0: exact; sm_80
 #: and newer) scales it.
-MXFP4_TO_BF16_PTX = tl.constexpr("""{
+_MXFP4_PAIR_PTX = """prmt.b32 y, lo, hi, {selector:#06x};
+mul.lo.u32 y, y, 0x1040;
+and.b32 y, y, 0x81C081C0;
+fma.rn.bf16x2 ${pair}, y, ${factor}, nz;
+"""
+MXFP4_TO_BF16_PTX = tl.constexpr(
+    """{
 .reg .b32 lo, hi, y, nz;
 mov.b32 nz, 0x80008000;
 and.b32 lo, $4, 0x0F0F0F0F;
 shr.b32 hi, $4, 4;
 and.b32 hi, hi, 0x0F0F0F0F;
-prmt.b32 y, lo, hi, 0x8480;
-mul.lo.u32 y, y, 0x1040;
-and.b32 y, y, 0x81C081C0;
-fma.rn.bf16x2 $0, y, $5, nz;
-prmt.b32 y, lo, hi, 0x8581;
-mul.lo.u32 y, y, 0x1040;
-and.b32 y, y, 0x81C081C0;
-fma.rn.bf16x2 $1, y, $6, nz;
-prmt.b32 y, lo, hi, 0x8682;
-mul.lo.u32 y, y, 0x1040;
-and.b32 y, y, 0x81C081C0;
-fma.rn.bf16x2 $2, y, $7, nz;
-prmt.b32 y, lo, hi, 0x8783;
-mul.lo.u32 y, y, 0x1040;
-and.b32 y, y, 0x81C081C0;
-fma.rn.bf16x2 $3, y, $8, nz;
-}""")
+"""
+    + "".join(_MXFP4_PAIR_PTX.format(selector=0x8480 + 0x101 * j, pair=j, factor=5 + j) for j in range(4))
+    + "}"
+)
 #: The PTX path's weights are ``2**-MX_PTX_SHIFT`` of the true ones (the GEMMs' epilogues multiply
 #: the accumulators back, exactly): its factor ``2**(s - 127 + 126 - MX_PTX_SHIFT)`` then is a
 #: normal bf16 for e8m0 bytes up to ``127 + MX_PTX_SHIFT + 1``.
