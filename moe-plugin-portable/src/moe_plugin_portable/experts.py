@@ -511,7 +511,6 @@ def quantize_launch(
     num_entries: int = 0,
     topk_weights: torch.Tensor | None = None,
     static_scale: torch.Tensor | None = None,
-    row_block: int = _QUANT_BLOCK,
 ) -> Launch:
     """The fp8 quantization pre-pass ``q, scale = quantize(x)`` per the scheme's activation mode.
 
@@ -519,20 +518,18 @@ def quantize_launch(
     where padding and rows past ``num_padded`` are skipped. ``scale``: ``[rows]`` per row,
     ``[rows, groups]`` per group; the static mode reads ``static_scale`` instead.
     ``topk_weights`` (top-1 weights on the input): rows are scaled by them first.
-    ``row_block``: columns per program or per loop step (per row and static modes; few rows
-    want the whole row in one step: one load latency).
     """
     kernels = _kernels()
 
     mode = kernels.A_QUANTS[spec.quant.activation]
     rows, K = x.shape
     if mode == kernels.A_QUANTS["fp8_per_token"]:
-        block, grid = min(row_block, _next_pow2(K)), (rows, 1)
+        block, grid = min(_QUANT_BLOCK, _next_pow2(K)), (rows, 1)
     elif mode == kernels.A_QUANTS["fp8_group"]:
         block = spec.quant.block_shape[1]
         grid = (rows, triton_cdiv(K, block))
     else:
-        block = min(row_block, _next_pow2(K))
+        block = min(_QUANT_BLOCK, _next_pow2(K))
         grid = (rows, triton_cdiv(K, block))
     sorted_ids = blocks.sorted_ids if blocks is not None else x
     args = (
@@ -613,13 +610,11 @@ def decode_launches(
     out: torch.Tensor,
     cfg: DecodeConfig,
 ) -> list[Launch]:
-    """The decode path's launches into ``out [T, H]`` (allocates the intermediate, runs nothing):
-    the tokens' fp8 quantization pre-pass where :func:`_decode_prepass`, GEMM 1, GEMM 2.
+    """The decode path's two launches into ``out [T, H]`` (allocates the intermediate, runs nothing).
 
     ``topk_weights``/``topk_ids`` contiguous ``[T, k]``. Every scheme of :data:`QUANT_SCHEMES`:
-    the tokens are quantized by the pre-pass (per token, static, or in fp8_block's groups,
-    which are then GEMM 1's K steps; inside GEMM 1 when the router weights go on the input),
-    the float32 intermediate inside GEMM 2 (per entry over its whole row, or static).
+    activations are quantized inside the GEMMs (per token over the whole row, static, or per
+    K step of fp8_block's group, which is then the K step), the intermediate stays float32.
     """
     kernels = _kernels()
     T, H = hidden_states.shape
@@ -630,29 +625,12 @@ def decode_launches(
     kw1, kw2 = _decode_kwargs(spec, cfg, b13 is not None, emap is not None)
     dummy = topk_weights
     ids_or_map = emap if emap is not None else topk_ids
-    device = hidden_states.device
-    launches: list[Launch] = []
-    x, x_scale = hidden_states, None
-    if kw1["A_CODES"]:
-        x = torch.empty(T, H, dtype=_FP8, device=device)
-        mode = spec.quant.activation
-        if mode == "fp8_per_token":
-            x_scale = torch.empty(T, dtype=torch.float32, device=device)
-        elif mode == "fp8_group":
-            x_scale = torch.empty(
-                T, triton_cdiv(H, spec.quant.block_shape[1]), dtype=torch.float32, device=device
-            )
-        launches.append(
-            quantize_launch(
-                spec, hidden_states, x, x_scale, static_scale=tensors.get("a13_scale"), row_block=8192
-            )
-        )
-    inter = torch.empty(T * k, inter_size, dtype=torch.float32, device=device)
+    inter = torch.empty(T * k, inter_size, dtype=torch.float32, device=hidden_states.device)
     gemm1 = (
         kernels.moe_decode_gemm1,
         (T * k, triton_cdiv(inter_size, cfg.gemm1.block_n)),
         (
-            x,
+            hidden_states,
             w13,
             b13 if b13 is not None else w13,
             inter,
@@ -661,12 +639,10 @@ def decode_launches(
             topk_weights,
             ws13 if ws13 is not None else dummy,
             tensors.get("a13_scale", dummy),
-            x_scale if x_scale is not None else dummy,
             spec.num_experts,
             H,
             inter_size,
-            x.stride(0),
-            x_scale.stride(0) if x_scale is not None and x_scale.dim() > 1 else 1,
+            hidden_states.stride(0),
             w13.stride(0),
             w13.stride(1),
             b13.stride(0) if b13 is not None else 0,
@@ -702,7 +678,7 @@ def decode_launches(
         ),
         kw2,
     )
-    return [*launches, gemm1, gemm2]
+    return [gemm1, gemm2]
 
 
 def _decode_block_k(spec: MoESpec, cfg: GemmConfig) -> int:
@@ -714,13 +690,6 @@ def _decode_block_k(spec: MoESpec, cfg: GemmConfig) -> int:
     if spec.quant.name == "mxfp4":
         return min(max(cfg.block_k, 32), 256 if spec.quant.activation != "none" else 512)
     return cfg.block_k
-
-
-def _decode_prepass(spec: MoESpec) -> bool:
-    """Whether the decode path quantizes the tokens in a pre-pass (once per token, the sorted
-    path's ``moe_quant_fp8``) rather than in every GEMM 1 program: fp8 activations, router
-    weights not on the input."""
-    return spec.quant.activation != "none" and not spec.apply_router_weight_on_input
 
 
 def _row_block(k: int) -> int:
@@ -748,7 +717,6 @@ def _decode_kwargs(
         GATED=spec.is_gated,
         ACTIVATION=kernels.ACTIVATIONS[spec.activation],
         **common,
-        A_CODES=_decode_prepass(spec),
         WEIGHT_ON_INPUT=spec.apply_router_weight_on_input,
         BLOCK_N=g1.block_n,
         BLOCK_K=_decode_block_k(spec, g1),

@@ -683,16 +683,10 @@ def _decode_row_amax(row_ptr, K, route, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _decode_a(row_ptr, offs, K, route, a_scale, A_QUANT: tl.constexpr, A_CODES: tl.constexpr, s_ptr):
+def _decode_a(row_ptr, offs, K, route, a_scale, A_QUANT: tl.constexpr):
     """One K step of the activation row in float32; fp8-quantized codes (as float32) when
     ``A_QUANT`` (1 per row, 2 static: ``a_scale`` given; 3 groups: this step is one group,
-    its scale returned second). ``A_CODES``: the row holds the codes already (the pre-pass's),
-    this step's group scale at ``s_ptr``."""
-    if A_CODES:
-        a = tl.load(row_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
-        if A_QUANT == 3:
-            a_scale = tl.load(s_ptr)
-        return a, a_scale
+    its scale returned second)."""
     a = tl.load(row_ptr + offs, mask=offs < K, other=0.0).to(tl.float32) * route
     if A_QUANT == 3:
         a_scale = _fp8_scale(tl.max(tl.abs(a), axis=0))
@@ -737,17 +731,7 @@ def _word_elements(a):
 
 @triton.jit
 def _decode_mxfp4(
-    w_row_ptrs,
-    s_row_ptrs,
-    n_mask,
-    offs_b,
-    k0,
-    K,
-    a_row_ptr,
-    route,
-    a_scale,
-    A_QUANT: tl.constexpr,
-    A_CODES: tl.constexpr,
+    w_row_ptrs, s_row_ptrs, n_mask, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT: tl.constexpr
 ):
     """``2**-14 * sum a[k] * w[n, k]`` over each 32-block of an mxfp4 tile at K offset ``k0``, the
     blocks' e8m0 scales applied: float32 ``[BLOCK_N, NB]`` (``2**-14``: :func:`_e2m1_pair`'s).
@@ -769,7 +753,7 @@ def _decode_mxfp4(
     offs_c = tl.arange(0, 8)
     offs_c = (offs_c // 2) * 8 + offs_c % 2
     offs_e = offs_b[:, None, None] * 32 + offs_w[None, :, None] * 2 + offs_c[None, None, :]
-    a, _s = _decode_a(a_row_ptr + k0, offs_e, K - k0, route, a_scale, A_QUANT, A_CODES, a_row_ptr)
+    a, _s = _decode_a(a_row_ptr + k0, offs_e, K - k0, route, a_scale, A_QUANT)
     a0, a1, a2, a3, a4, a5, a6, a7 = _word_elements(a)
     v0, v1 = _e2m1_pair(words)  # nibbles c and 4 + c of the word
     part = v0 * a0[None, :, :] + v1 * a4[None, :, :]
@@ -794,7 +778,6 @@ def _sum8(p):
 @triton.jit
 def _decode_gemv(
     a_row_ptr,
-    as_row_ptr,
     w_row_ptrs,
     s_row_ptrs,
     u_row_ptrs,
@@ -805,7 +788,6 @@ def _decode_gemv(
     a_scale,
     GATED: tl.constexpr,
     A_QUANT: tl.constexpr,
-    A_CODES: tl.constexpr,
     B_QUANT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -818,7 +800,6 @@ def _decode_gemv(
     rows (fp8_block: ``[kb]`` per row's block; mxfp4: e8m0 ``[K/32]``). Per-row / per-tensor
     activation and weight scales are the caller's (applied to the result); fp8 groups
     (``A_QUANT`` 3 with ``B_QUANT`` 3: ``BLOCK_K`` equals the group) are applied per step.
-    ``A_CODES``: ``a_row_ptr`` holds fp8 codes already, group scales at ``as_row_ptr``.
     """
     if B_QUANT == 4:
         NB: tl.constexpr = BLOCK_K // 32
@@ -827,21 +808,11 @@ def _decode_gemv(
         acc_u = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             acc += _decode_mxfp4(
-                w_row_ptrs, s_row_ptrs, n_mask, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT, A_CODES
+                w_row_ptrs, s_row_ptrs, n_mask, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT
             )
             if GATED:
                 acc_u += _decode_mxfp4(
-                    u_row_ptrs,
-                    su_row_ptrs,
-                    n_mask,
-                    offs_b,
-                    k0,
-                    K,
-                    a_row_ptr,
-                    route,
-                    a_scale,
-                    A_QUANT,
-                    A_CODES,
+                    u_row_ptrs, su_row_ptrs, n_mask, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT
                 )
     else:
         # partial sums per 8 consecutive elements (within a thread's vector load: no shuffles), so
@@ -850,9 +821,7 @@ def _decode_gemv(
         acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            a, a_s = _decode_a(
-                a_row_ptr + k0, offs_k, K - k0, route, a_scale, A_QUANT, A_CODES, as_row_ptr + k0 // BLOCK_K
-            )
+            a, a_s = _decode_a(a_row_ptr + k0, offs_k, K - k0, route, a_scale, A_QUANT)
             w = _decode_w(w_row_ptrs + k0, n_mask, offs_k, K - k0)
             if GATED:
                 u = _decode_w(u_row_ptrs + k0, n_mask, offs_k, K - k0)
@@ -898,12 +867,10 @@ def moe_decode_gemm1(
     topk_weights_ptr,
     ws_ptr,
     as_ptr,
-    xs_ptr,
     num_experts,
     K,
     INTER,
     stride_xm,
-    stride_xsm,
     stride_we,
     stride_wn,
     stride_be,
@@ -919,7 +886,6 @@ def moe_decode_gemm1(
     HAS_MAP: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
     A_QUANT: tl.constexpr,
-    A_CODES: tl.constexpr,
     B_QUANT: tl.constexpr,
     GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -928,9 +894,7 @@ def moe_decode_gemm1(
 ):
     """``inter[entry, n] = act(x[entry // TOP_K] @ w13[e].T + b13[e])`` (float32), grid
     ``(T * TOP_K, cdiv(INTER, BLOCK_N))``; entries whose expert is not kept are skipped.
-    ``as_ptr``: the static activation scale (``A_QUANT`` 2); ``ws_ptr``: weight scales.
-    ``A_CODES``: ``x_ptr`` rows are the quantization pre-pass's e4m3 codes, ``xs_ptr`` their
-    scales (``[T]`` per token, ``[T, K / GROUP]`` in groups), not quantized again here."""
+    ``as_ptr``: the static activation scale (``A_QUANT`` 2); ``ws_ptr``: weight scales."""
     entry = tl.program_id(0)
     expert = _decode_expert(topk_ids_ptr, expert_map_ptr, entry, num_experts, HAS_MAP)
     if expert < 0:
@@ -943,12 +907,8 @@ def moe_decode_gemm1(
     if WEIGHT_ON_INPUT:  # (before the activation's quantization: the reference's order)
         route = tl.load(topk_weights_ptr + entry).to(tl.float32)
     a_scale = 1.0
-    xs_row = xs_ptr + token * stride_xsm
     if A_QUANT == 1:
-        if A_CODES:
-            a_scale = tl.load(xs_row)
-        else:
-            a_scale = _fp8_scale(_decode_row_amax(x_row, K, route, ROW_BLOCK))
+        a_scale = _fp8_scale(_decode_row_amax(x_row, K, route, ROW_BLOCK))
     elif A_QUANT == 2:
         a_scale = tl.load(as_ptr)
     w_rows = w_ptr + expert * stride_we + offs_n.to(tl.int64) * stride_wn
@@ -964,7 +924,6 @@ def moe_decode_gemm1(
         su_rows = ws_ptr
     gate, up = _decode_gemv(
         x_row,
-        xs_row,
         w_rows,
         s_rows,
         u_rows,
@@ -975,7 +934,6 @@ def moe_decode_gemm1(
         a_scale,
         GATED,
         A_QUANT,
-        A_CODES,
         B_QUANT,
         BLOCK_N,
         BLOCK_K,
@@ -1056,7 +1014,6 @@ def moe_decode_gemm2(
                 s_rows = ws_ptr
             y, _y = _decode_gemv(
                 a_row,
-                a_row,
                 w_rows,
                 s_rows,
                 w_rows,
@@ -1067,7 +1024,6 @@ def moe_decode_gemm2(
                 a_scale,
                 False,
                 A_QUANT,
-                False,
                 B_QUANT,
                 BLOCK_N,
                 BLOCK_K,
