@@ -441,7 +441,7 @@ def test_tuner_tunes_the_decode_path(tmp_path):
     entry = json.loads(path.read_text())["configs"][configs.layer_key(spec)]["1"]
     assert configs.DecodeConfig.from_json(entry["decode"]) == cfg
     assert configs.MoEConfig.from_json(entry).block_m == found["1"]["block_m"]
-    assert [len(r) for r in tuning.decode_space(cfg.gemm1, "quick")] == [6, 9]
+    assert [len(r) for r in tuning.decode_space(cfg.gemm1, "quick")] == [9, 9]
 
 
 def test_fast_launch_falls_back_when_the_launcher_rejects_its_arguments(monkeypatch):
