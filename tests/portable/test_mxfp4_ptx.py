@@ -28,15 +28,6 @@ def _prmt(a: int, b: int, c: int) -> int:
     return out
 
 
-def _lop3(a: int, b: int, c: int, lut: int) -> int:
-    out = 0
-    for k in range(8):
-        if lut >> k & 1:
-            x = (a if k & 4 else ~a) & (b if k & 2 else ~b) & (c if k & 1 else ~c)
-            out |= x & M32
-    return out
-
-
 def _bf16x2(word: int) -> torch.Tensor:
     halves = torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16)
     return halves.view(torch.bfloat16).float()
@@ -72,14 +63,10 @@ def run_ptx(program: str, operands: list[int]) -> list[int]:
             r = x[0] & x[1]
         elif op == "shr.b32":
             r = x[0] >> x[1]
-        elif op == "shl.b32":
-            r = x[0] << x[1]
         elif op == "mul.lo.u32":
             r = x[0] * x[1]
         elif op == "prmt.b32":
             r = _prmt(*x)
-        elif op == "lop3.b32":
-            r = _lop3(*x)
         elif op == "fma.rn.bf16x2":
             r = _fma_bf16x2(*x)
         else:
@@ -92,16 +79,7 @@ def test_emulator_knows_every_instruction():
     from moe_plugin_portable._details import _fused_moe
 
     ops = {m.group(1) for m in re.finditer(r"^\s*([a-z][\w.]*)\s", _fused_moe.MXFP4_TO_BF16_PTX.value, re.M)}
-    assert ops <= {
-        "mov.b32",
-        "and.b32",
-        "shr.b32",
-        "shl.b32",
-        "mul.lo.u32",
-        "prmt.b32",
-        "lop3.b32",
-        "fma.rn.bf16x2",
-    }
+    assert ops <= {"mov.b32", "and.b32", "shr.b32", "mul.lo.u32", "prmt.b32", "fma.rn.bf16x2"}
 
 
 @pytest.mark.parametrize("scale_byte", [34, 100, 127, 128, 140, 160])
