@@ -9,6 +9,7 @@ kernel's bound, as in test_experts_quant.py: the activation quantization is bit-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -141,10 +142,58 @@ def test_decode_is_two_launches_without_sorting(monkeypatch):
     out = torch.empty_like(x)
     experts.fused_moe(spec, x, prepared.tensors, torch.rand(1, 3, device=DEVICE), ids, out)  # T=1: the rule
     cfg = configs.decode_heuristic(spec, 1, 8, False)
+    groups, chunks = configs.gemm2_split(cfg.gemm2.split, spec.top_k)
     assert launched == [
-        ("moe_decode_gemm1", (3, -(-40 // cfg.gemm1.block_n))),
-        ("moe_decode_gemm2", (1, -(-72 // cfg.gemm2.block_n))),
+        ("moe_decode_gemm1", (3, -(-40 // cfg.gemm1.block_n), cfg.gemm1.split)),
+        ("moe_decode_gemm2", (1, -(-72 // cfg.gemm2.block_n), groups * chunks)),
     ]
+    assert cfg.gemm2.split > 1  # 18 programs on 8 "SMs": split
+
+
+#: (GEMM 1 split, GEMM 2 split) with K = 72 (GEMM 1) and 40 (GEMM 2) in steps of 16: 5 and 3 steps
+SPLITS = [(1, 1), (2, 1), (5, 2), (7, 3), (1, 5), (3, 9), (2, 30)]
+
+
+@needs_triton
+@pytest.mark.parametrize(("split1", "split2"), SPLITS)
+@pytest.mark.parametrize("case", ["swiglu_oai-alpha-limit-bias", "expert_map", "relu2-bias"])
+def test_decode_split_matches_reference(case, split1, split2):
+    """Split launches (K chunks in GEMM 1; slot groups and K chunks in GEMM 2, some of them empty)
+    give the unsplit result up to float32 summation order, and leave every counter at 0."""
+    spec = MoESpec(**{**BASE, **CASES[case][0]})
+    T = 3
+    weights = random_expert_weights(spec, device=DEVICE, seed=split1 + 7 * split2)
+    prepared = moe_plan(spec, DEVICE).prepare(weights)
+    gen = torch.Generator(device=DEVICE).manual_seed(split2)
+    x = (torch.randn(T, spec.hidden_size, generator=gen, device=DEVICE) * 1.5).to(spec.dtype)
+    topk_w = torch.rand(T, spec.top_k, generator=gen, device=DEVICE) + 0.05
+    ids = torch.rand(T, spec.num_experts, generator=gen, device=DEVICE).argsort(dim=1)[:, : spec.top_k].int()
+    want = fused_experts_reference(spec, x, weights, topk_w, ids, compute_dtype=torch.float64)
+    outs = []
+    for s1, s2 in ((1, 1), (split1, split2)):
+        cfg = configs.DecodeConfig(
+            configs.GemmConfig(8, 16, 4, 1, 1, split=s1), configs.GemmConfig(16, 16, 4, 1, 1, split=s2)
+        )
+        out = torch.full((T, spec.hidden_size), float("nan"), dtype=spec.dtype, device=DEVICE)
+        experts.fused_moe(spec, x, prepared.tensors, topk_w, ids, out, config=cfg)
+        outs.append(out)
+        err = relative_error(out, want)
+        assert err <= tolerance(spec), f"split {(s1, s2)}: relative error {err:.3e} for {spec.describe()}"
+    assert relative_error(outs[1], outs[0]) <= 1e-2  # both bf16-rounded: a few ulps apart at most
+    assert not experts._split_counters(torch.device(DEVICE), 0).any()
+
+
+def test_gemm2_split_and_decode_split():
+    assert configs.gemm2_split(1, 8) == (1, 1)
+    assert configs.gemm2_split(5, 8) == (5, 1)
+    assert configs.gemm2_split(8, 8) == (8, 1)
+    assert configs.gemm2_split(12, 4) == (4, 3)
+    assert configs.gemm2_split(10, 4) == (4, 3)
+    # 576 programs on 132 SMs: 4 per tile (16 per SM); never more than the steps; big grids: 1
+    assert configs.decode_split(576, 14, 132) == 4
+    assert configs.decode_split(576, 2, 132) == 2
+    assert configs.decode_split(4096, 14, 132) == 1
+    assert configs.decode_split(0, 3, 132) == 3
 
 
 def test_use_decode_rule():
@@ -265,6 +314,47 @@ GPU_CASES = [
     ("qwen3-30b-a3b", torch.bfloat16, None, "fp8"),
     ("gpt-oss-20b", torch.bfloat16, None, "mxfp4"),
 ]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", [None, "fp8", "mxfp4", "fp8_block"])
+@pytest.mark.parametrize("T", [1, 8])
+@pytest.mark.parametrize(("split1", "split2"), [(4, 5), (14, 18), (3, 1)])
+def test_gpu_decode_split_real_shapes(quant, T, split1, split2):
+    """Split decode launches on deepseek-v3-tp8 (GEMM 1: 14 K steps of 512; GEMM 2: 9 slots, some
+    split in K): the reference; bit-equal run to run (the partials are summed in split order);
+    a CUDA graph replayed 3 times equals the eager call each time (the counters reset)."""
+    from moe_core.presets import get_preset
+    from moe_core.testing import random_routing
+
+    preset = get_preset("deepseek-v3-tp8")
+    spec = preset.moe_spec(torch.bfloat16, experts.QUANT_VARIANTS.get(quant, quant))
+    weights = random_expert_weights(spec, device="cuda", seed=T + split1)
+    prepared = moe_plan(spec, "cuda").prepare(weights)
+    x = torch.randn(T, spec.hidden_size, device="cuda").to(spec.dtype)
+    topk_w, topk_ids = random_routing(preset.routing, T, preset.num_experts, device="cuda", seed=T)
+    base = configs.decode_heuristic(spec, T, 132, False)
+    cfg = configs.DecodeConfig(
+        dataclasses.replace(base.gemm1, split=split1), dataclasses.replace(base.gemm2, split=split2)
+    )
+
+    def run(out):
+        return experts.fused_moe(spec, x, prepared.tensors, topk_w, topk_ids, out, config=cfg)
+
+    out = run(torch.full((T, spec.hidden_size), float("nan"), dtype=spec.dtype, device="cuda"))
+    want = fused_experts_reference(spec, x, weights, topk_w, topk_ids, compute_dtype=torch.float64)
+    assert relative_error(out, want) <= (tq.bound(spec) if quant else tolerance(spec))
+    assert torch.equal(run(torch.empty_like(out)), out)
+    static = torch.empty_like(out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(static)
+    for i in range(3):
+        x.copy_(torch.randn_like(x))
+        static.fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(static, run(torch.empty_like(out))), f"replay {i}"
 
 
 @gpu
@@ -441,7 +531,7 @@ def test_tuner_tunes_the_decode_path(tmp_path):
     entry = json.loads(path.read_text())["configs"][configs.layer_key(spec)]["1"]
     assert configs.DecodeConfig.from_json(entry["decode"]) == cfg
     assert configs.MoEConfig.from_json(entry).block_m == found["1"]["block_m"]
-    assert [len(r) for r in tuning.decode_space(cfg.gemm1, "quick")] == [9, 9]
+    assert [len(r) for r in tuning.decode_space(cfg.gemm1, "quick")] == [9, 4, 9]
 
 
 def test_fast_launch_falls_back_when_the_launcher_rejects_its_arguments(monkeypatch):

@@ -86,13 +86,17 @@ _PACKAGE_DIR = Path(__file__).parent / "configs"
 #: the decode path's bounds (module docstring)
 DECODE_MAX_TOKENS = 8
 DECODE_MAX_REREAD = 0.1
+#: programs per SM a decode launch is split up to (:func:`decode_split`): each holds one K step's
+#: loads in flight, and fewer leave the weight stream latency-bound
+DECODE_PROGRAMS_PER_SM = 16
 
 
 @dataclass(frozen=True)
 class GemmConfig:
     """Tile and pipeline of one grouped GEMM; ``mx_dot``: mxfp4 weights through ``tl.dot_scaled``
     (``True``) or dequantized in registers (``False``), ``None`` for the row rule
-    (:func:`moe_plugin_portable.experts._mx_dot`); other schemes ignore it."""
+    (:func:`moe_plugin_portable.experts._mx_dot`); other schemes ignore it. ``split``: programs
+    per output tile of a decode launch (:class:`DecodeConfig`; the sorted path ignores it)."""
 
     block_n: int
     block_k: int
@@ -100,12 +104,15 @@ class GemmConfig:
     num_stages: int = 3
     group_m: int = 8
     mx_dot: bool | None = None
+    split: int = 1
 
     def to_json(self) -> dict[str, Any]:
-        """The table's form: ``mx_dot`` only where it is set."""
+        """The table's form: ``mx_dot`` only where it is set, ``split`` where it is not 1."""
         data = asdict(self)
         if data["mx_dot"] is None:
             del data["mx_dot"]
+        if data["split"] == 1:
+            del data["split"]
         return data
 
 
@@ -129,8 +136,9 @@ class MoEConfig:
 class DecodeConfig:
     """The decode path's two GEMV-like launches: ``block_n`` rows x ``block_k`` of K per step.
 
-    ``gemm1``: programs ``(T * k, cdiv(I, block_n))``; ``gemm2``: ``(T, cdiv(H, block_n))``
-    (``group_m`` unused).
+    ``gemm1``: programs ``(T * k, cdiv(I, block_n), split)``, K in ``split`` chunks; ``gemm2``:
+    ``(T, cdiv(H, block_n), split)``, the ``k`` slots times K steps in ``split`` parts
+    (:func:`gemm2_split`); ``group_m`` unused.
     """
 
     gemm1: GemmConfig
@@ -142,6 +150,20 @@ class DecodeConfig:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DecodeConfig:
         return cls(GemmConfig(**data["gemm1"]), GemmConfig(**data["gemm2"]))
+
+
+def gemm2_split(split: int, top_k: int) -> tuple[int, int]:
+    """Decode GEMM 2's ``(slot groups, K chunks)`` for a ``split``: up to ``top_k`` groups of slots,
+    beyond that every slot alone and its K in ``cdiv(split, top_k)`` chunks."""
+    if split <= top_k:
+        return max(1, split), 1
+    return top_k, -(-split // top_k)
+
+
+def decode_split(programs: int, steps: int, num_sms: int) -> int:
+    """Programs per tile so that a launch of ``programs`` tiles of ``steps`` serial K steps runs
+    at least ``DECODE_PROGRAMS_PER_SM`` programs per SM (at most one step each)."""
+    return max(1, min(steps, -(-DECODE_PROGRAMS_PER_SM * num_sms // max(1, programs))))
 
 
 def use_decode(num_tokens: int, top_k: int, num_experts: int) -> bool:
@@ -161,22 +183,24 @@ def decode_heuristic(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool)
     of two, within ``[32, 512]``: long contiguous row segments, 16-byte vector loads), then
     ``block_n`` rows so that a tile holds about 4096 elements (2048 per gated half), halved
     (down to 4) until a GEMM launches about two programs per SM (decode is weight-bandwidth
-    bound: every SM must stream). fp8_block steps are its K block (one scale per step)."""
+    bound: every SM must stream), then split (:func:`decode_split`: GEMM 1's K steps, GEMM 2's
+    slots times K steps). fp8_block steps are its K block (one scale per step)."""
     scheme = spec.quant
     stages = 2 if is_amd else 3
 
-    def tile(programs: int, n: int, k: int, gated: bool) -> GemmConfig:
+    def tile(programs: int, n: int, k: int, gated: bool, slots: int) -> GemmConfig:
         block_k = max(32, min(512, 1 << max(0, k - 1).bit_length()))
         if scheme.name == "fp8_block":
             block_k = scheme.block_shape[1]
         block_n = max(4, min(64, (2048 if gated else 4096) // block_k))
         while block_n > 4 and programs * -(-n // block_n) < 2 * num_sms:
             block_n //= 2
-        return GemmConfig(block_n, block_k, 4, stages, 1)
+        split = decode_split(programs * -(-n // block_n), slots * -(-k // block_k), num_sms)
+        return GemmConfig(block_n, block_k, 4, stages, 1, split=split)
 
     return DecodeConfig(
-        tile(num_tokens * spec.top_k, spec.intermediate_size, spec.hidden_size, spec.is_gated),
-        tile(num_tokens, spec.hidden_size, spec.intermediate_size, False),
+        tile(num_tokens * spec.top_k, spec.intermediate_size, spec.hidden_size, spec.is_gated, 1),
+        tile(num_tokens, spec.hidden_size, spec.intermediate_size, False, spec.top_k),
     )
 
 

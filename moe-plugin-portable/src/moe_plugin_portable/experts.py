@@ -76,7 +76,7 @@ from moe_core.sorting import SortingRequest, align_block_size, max_padded_len
 
 from ._common import PRIORITY, interpreting, triton_refusal
 from ._launch import run_launch
-from .configs import DecodeConfig, GemmConfig, MoEConfig, lookup_config, lookup_decode
+from .configs import DecodeConfig, GemmConfig, MoEConfig, gemm2_split, lookup_config, lookup_decode
 
 __all__ = [
     "QUANT_SCHEMES",
@@ -625,10 +625,22 @@ def decode_launches(
     kw1, kw2 = _decode_kwargs(spec, cfg, b13 is not None, emap is not None)
     dummy = topk_weights
     ids_or_map = emap if emap is not None else topk_ids
-    inter = torch.empty(T * k, inter_size, dtype=torch.float32, device=hidden_states.device)
+    device = hidden_states.device
+    inter = torch.empty(T * k, inter_size, dtype=torch.float32, device=device)
+    tiles1, tiles2 = triton_cdiv(inter_size, cfg.gemm1.block_n), triton_cdiv(H, cfg.gemm2.block_n)
+    split1, split2 = kw1["SPLIT"], kw2["SLOT_GROUPS"] * kw2["K_SPLITS"]
+    # partials and counters only where split (else any tensor: never read)
+    part1 = (
+        torch.empty(split1, T * k, 2 * inter_size, dtype=torch.float32, device=device)
+        if split1 > 1
+        else inter
+    )
+    part2 = torch.empty(split2, T, H, dtype=torch.float32, device=device) if split2 > 1 else inter
+    off2 = -(-T * k * tiles1 // 32) * 32 if split1 > 1 else 0  # 128-byte aligned
+    counts = _split_counters(device, off2 + (T * tiles2 if split2 > 1 else 0))
     gemm1 = (
         kernels.moe_decode_gemm1,
-        (T * k, triton_cdiv(inter_size, cfg.gemm1.block_n)),
+        (T * k, tiles1, split1),
         (
             hidden_states,
             w13,
@@ -639,6 +651,8 @@ def decode_launches(
             topk_weights,
             ws13 if ws13 is not None else dummy,
             tensors.get("a13_scale", dummy),
+            part1,
+            counts,
             spec.num_experts,
             H,
             inter_size,
@@ -648,6 +662,7 @@ def decode_launches(
             b13.stride(0) if b13 is not None else 0,
             inter.stride(0),
             *_scale_strides(ws13),
+            part1.stride(0),
             float(spec.swiglu_alpha or 0.0),
             float(spec.swiglu_limit or 0.0),
         ),
@@ -655,7 +670,7 @@ def decode_launches(
     )
     gemm2 = (
         kernels.moe_decode_gemm2,
-        (T, triton_cdiv(H, cfg.gemm2.block_n)),
+        (T, tiles2, split2),
         (
             inter,
             w2,
@@ -666,6 +681,8 @@ def decode_launches(
             topk_weights,
             ws2 if ws2 is not None else dummy,
             tensors.get("a2_scale", dummy),
+            part2,
+            counts[off2:] if off2 else counts,
             spec.num_experts,
             inter_size,
             H,
@@ -675,10 +692,39 @@ def decode_launches(
             b2.stride(0) if b2 is not None else 0,
             out.stride(0),
             *_scale_strides(ws2),
+            part2.stride(0),
         ),
         kw2,
     )
     return [gemm1, gemm2]
+
+
+#: (device, stream) -> int32 counters of the split decode launches, all 0 between launches
+_COUNTERS: dict[tuple[Any, ...], torch.Tensor] = {}
+#: every counter buffer ever handed out: a CUDA graph that captured one keeps using it
+_KEEP: list[torch.Tensor] = []
+_MIN_COUNTERS = 1 << 18
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least ``n`` zero int32 counters for the split decode launches on the current stream.
+
+    Each launch leaves them at 0 (the last program of a tile resets its counter), so one
+    buffer per stream serves every launch in stream order, and launches on different streams
+    (which may run concurrently) get different buffers. A CUDA graph replays on the buffer of
+    the stream it was captured on: graphs captured on one stream must not be replayed
+    concurrently. A buffer too small is replaced by a bigger zero one (at least 256 Ki
+    counters: 1 MiB; the old one is kept, captured graphs may hold it)."""
+    if device.type == "cuda":
+        key: tuple[Any, ...] = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device.type, device.index)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+        _KEEP.append(buf)
+    return buf
 
 
 def _decode_block_k(spec: MoESpec, cfg: GemmConfig) -> int:
@@ -722,6 +768,7 @@ def _decode_kwargs(
         BLOCK_N=g1.block_n,
         BLOCK_K=_decode_block_k(spec, g1),
         ROW_BLOCK=_row_block(spec.hidden_size),
+        SPLIT=max(1, min(g1.split, triton_cdiv(spec.hidden_size, _decode_block_k(spec, g1)))),
         num_warps=g1.num_warps,
         num_stages=g1.num_stages,
     )
@@ -732,6 +779,7 @@ def _decode_kwargs(
         BLOCK_N=g2.block_n,
         BLOCK_K=_decode_block_k(spec, g2),
         ROW_BLOCK=_row_block(spec.intermediate_size),
+        **dict(zip(("SLOT_GROUPS", "K_SPLITS"), gemm2_split(g2.split, spec.top_k))),
         num_warps=g2.num_warps,
         num_stages=g2.num_stages,
     )

@@ -195,17 +195,24 @@ def _unique(cfgs: Iterable[GemmConfig]) -> list[GemmConfig]:
 
 
 def _filled(round_: list[GemmConfig], best: GemmConfig | None) -> Iterable[GemmConfig]:
-    """A round's candidates: templates (``block_n == 0``) take the tile of ``best`` (skipped before
-    one), and those with ``num_warps == 0`` its pipeline too (only their ``mx_dot`` is their own)."""
+    """A round's candidates: templates (``block_n == 0``) take the tile and split of ``best``
+    (skipped before one), and those with ``num_warps == 0`` its pipeline too (only their
+    ``mx_dot``, and their ``split`` where it is not 0, are their own)."""
     for cfg in round_:
         if cfg.block_n == 0:
             if best is None:
                 continue
             if cfg.num_warps == 0:
-                cfg = replace(best, mx_dot=cfg.mx_dot)
+                cfg = replace(best, mx_dot=cfg.mx_dot, split=cfg.split or best.split)
             else:
                 cfg = GemmConfig(
-                    best.block_n, best.block_k, cfg.num_warps, cfg.num_stages, cfg.group_m, best.mx_dot
+                    best.block_n,
+                    best.block_k,
+                    cfg.num_warps,
+                    cfg.num_stages,
+                    cfg.group_m,
+                    best.mx_dot,
+                    best.split,
                 )
         yield cfg
 
@@ -360,21 +367,31 @@ def _time_block_m(
 def decode_space(
     base: GemmConfig, space: str = "full", spec: MoESpec | None = None
 ) -> list[list[GemmConfig]]:
-    """Config rounds for one decode launch around the heuristic's ``base``: tiles, then pipelines
-    (templates with ``block_n == 0`` as in :func:`gemm_space`); ``small``: ``base`` alone.
-    ``spec``: tiles as the decode kernels launch them (fp8_block: its K block), each once."""
+    """Config rounds for one decode launch around the heuristic's ``base``: tiles (at ``base``'s
+    split), then splits, then pipelines (templates with ``block_n == 0`` as in
+    :func:`gemm_space`); ``small``: ``base`` alone. ``spec``: tiles as the decode kernels launch
+    them (fp8_block: its K block), each once."""
     if space not in SPACES:
         raise ValueError(f"unknown tuning space {space!r}; expected one of {SPACES}")
     if space == "small":
         return [[base]]
     tile_n = (4, 8, 16) if space == "quick" else (4, 8, 16, 32)
     tile_k = (256, 512, 1024) if space == "quick" else (128, 256, 512, 1024)
-    tiles = [GemmConfig(bn, bk, base.num_warps, base.num_stages, 1) for bn in tile_n for bk in tile_k]
+    tiles = [
+        GemmConfig(bn, bk, base.num_warps, base.num_stages, 1, split=base.split)
+        for bn in tile_n
+        for bk in tile_k
+    ]
     if spec is not None:
         tiles = _unique(replace(c, block_k=_decode_block_k(spec, c)) for c in tiles)
+    splits = (1, 2, 4, 8) if space == "quick" else (1, 2, 3, 4, 6, 8, 12, 16)
     warps = (2, 4, 8)
     stages = (1, 2, 3) if space == "quick" else (1, 2, 3, 4)
-    return [tiles, [GemmConfig(0, 0, w, st, 1) for w in warps for st in stages]]
+    return [
+        tiles,
+        [GemmConfig(0, 0, 0, 0, 1, split=n) for n in splits],
+        [GemmConfig(0, 0, w, st, 1) for w in warps for st in stages],
+    ]
 
 
 def _time_decode(

@@ -667,6 +667,14 @@ def moe_combine(
 # once at the end. Weights are read once per entry that hits them (configs.use_decode says
 # when that pays). Activations are quantized in the kernel, per K step or per row, with the
 # pre-pass's arithmetic (same codes); the intermediate is float32 (never rounded twice).
+#
+# Split (``SPLIT > 1``, the third grid axis): at decode ``T`` a program's K steps are serial
+# load latencies, and too few programs keep too few bytes in flight to stream the weights.
+# GEMM 1 then splits K into ``SPLIT`` chunks, GEMM 2 its (slot, K) steps into ``SLOT_GROUPS``
+# groups of slots times ``K_SPLITS`` chunks. Each program stores its float32 partial at its
+# split index; the last of a tile's programs to arrive (an acq_rel counter per tile in
+# ``count_ptr``, which it resets to 0) sums the partials in split order (deterministic) and
+# runs the epilogue. Counters start at 0 and are 0 again after every launch.
 
 
 @triton.jit
@@ -784,6 +792,8 @@ def _decode_gemv(
     su_row_ptrs,
     n_mask,
     K,
+    k_lo,
+    k_hi,
     route,
     a_scale,
     GATED: tl.constexpr,
@@ -792,7 +802,8 @@ def _decode_gemv(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``sum_k a[k] * w[n, k]`` for one ``BLOCK_N`` slice of rows, float32 ``[BLOCK_N]``, and the
+    """``sum a[k] * w[n, k]`` over ``k_lo <= k < k_hi`` (``k_lo`` a multiple of ``BLOCK_K``, ``k_hi <= K``)
+    for one ``BLOCK_N`` slice of rows, float32 ``[BLOCK_N]``, and the
     same for the ``u`` rows when ``GATED`` (gate and up in one loop: one activation load and
     twice the weight loads in flight per step; else the first result is returned twice).
 
@@ -806,7 +817,7 @@ def _decode_gemv(
         offs_b = tl.arange(0, NB)
         acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             acc += _decode_mxfp4(
                 w_row_ptrs, s_row_ptrs, n_mask, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT
             )
@@ -820,7 +831,7 @@ def _decode_gemv(
         offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             a, a_s = _decode_a(a_row_ptr + k0, offs_k, K - k0, route, a_scale, A_QUANT)
             w = _decode_w(w_row_ptrs + k0, n_mask, offs_k, K - k0)
             if GATED:
@@ -846,6 +857,34 @@ def _decode_gemv(
 
 
 @triton.jit
+def _split_range(K, chunk, chunks, BLOCK_K: tl.constexpr):
+    """``[k_lo, k_hi)``: chunk ``chunk`` of ``chunks`` of ``K``'s ``BLOCK_K`` steps (maybe empty)."""
+    per = tl.cdiv(tl.cdiv(K, BLOCK_K), chunks) * BLOCK_K
+    k_lo = chunk * per
+    return k_lo, tl.minimum(k_lo + per, K)
+
+
+@triton.jit
+def _split_arrive(count_ptr, SPLIT: tl.constexpr):
+    """After this program stored its partials: whether it is the last of the tile's ``SPLIT``
+    programs (then every partial is visible to it, and the counter is reset to 0)."""
+    tl.debug_barrier()  # every thread's partial stored before the release
+    last = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
+    if last:
+        tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
+def _split_sum(part_ptrs, stride_split, mask, SPLIT: tl.constexpr):
+    """``sum_s part[s]`` in split order (float32), read past L1 (other programs wrote them)."""
+    total = tl.load(part_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    for s in tl.static_range(1, SPLIT):
+        total += tl.load(part_ptrs + s * stride_split, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
 def _decode_expert(topk_ids_ptr, expert_map_ptr, entry, num_experts, HAS_MAP: tl.constexpr):
     """The local expert of ``entry`` (int64), ``-1`` unless it is kept (in range and local)."""
     expert = tl.load(topk_ids_ptr + entry).to(tl.int32)
@@ -867,6 +906,8 @@ def moe_decode_gemm1(
     topk_weights_ptr,
     ws_ptr,
     as_ptr,
+    part_ptr,
+    count_ptr,
     num_experts,
     K,
     INTER,
@@ -877,6 +918,7 @@ def moe_decode_gemm1(
     stride_im,
     stride_wse,
     stride_wsn,
+    stride_ps,
     alpha,
     limit,
     TOP_K: tl.constexpr,
@@ -891,10 +933,13 @@ def moe_decode_gemm1(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ROW_BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """``inter[entry, n] = act(x[entry // TOP_K] @ w13[e].T + b13[e])`` (float32), grid
-    ``(T * TOP_K, cdiv(INTER, BLOCK_N))``; entries whose expert is not kept are skipped.
-    ``as_ptr``: the static activation scale (``A_QUANT`` 2); ``ws_ptr``: weight scales."""
+    ``(T * TOP_K, cdiv(INTER, BLOCK_N), SPLIT)``; entries whose expert is not kept are skipped.
+    ``as_ptr``: the static activation scale (``A_QUANT`` 2); ``ws_ptr``: weight scales;
+    ``SPLIT > 1``: K in ``SPLIT`` chunks, partials ``part [SPLIT, T * TOP_K, 2 * INTER]``
+    (split stride ``stride_ps``; row stride ``2 * INTER``), counters ``[T * TOP_K, tiles]``."""
     entry = tl.program_id(0)
     expert = _decode_expert(topk_ids_ptr, expert_map_ptr, entry, num_experts, HAS_MAP)
     if expert < 0:
@@ -922,6 +967,9 @@ def moe_decode_gemm1(
     else:
         s_rows = ws_ptr
         su_rows = ws_ptr
+    k_lo, k_hi = 0, K
+    if SPLIT > 1:
+        k_lo, k_hi = _split_range(K, tl.program_id(2), SPLIT, BLOCK_K)
     gate, up = _decode_gemv(
         x_row,
         w_rows,
@@ -930,6 +978,8 @@ def moe_decode_gemm1(
         su_rows,
         n_mask,
         K,
+        k_lo,
+        k_hi,
         route,
         a_scale,
         GATED,
@@ -938,22 +988,38 @@ def moe_decode_gemm1(
         BLOCK_N,
         BLOCK_K,
     )
-    if A_QUANT == 1 or A_QUANT == 2:
-        gate = gate * a_scale
-        up = up * a_scale
-    if B_QUANT == 1:
-        gate = gate * tl.load(ws_ptr + expert * stride_wse + offs_n, mask=n_mask, other=0.0)
-        up = up * tl.load(ws_ptr + expert * stride_wse + INTER + offs_n, mask=n_mask, other=0.0)
-    elif B_QUANT == 2:
-        w_s = tl.load(ws_ptr + expert * stride_wse)
-        gate = gate * w_s
-        up = up * w_s
-    if HAS_BIAS:
-        gate += tl.load(b_ptr + expert * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    last = True
+    if SPLIT > 1:
+        p_row = part_ptr + entry.to(tl.int64) * (2 * INTER) + offs_n
+        tl.store(p_row + tl.program_id(2) * stride_ps, gate, mask=n_mask)
         if GATED:
-            up += tl.load(b_ptr + expert * stride_be + INTER + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    h = _activation(gate, up, ACTIVATION, alpha, limit)
-    tl.store(inter_ptr + entry.to(tl.int64) * stride_im + offs_n, h, mask=n_mask)
+            tl.store(p_row + tl.program_id(2) * stride_ps + INTER, up, mask=n_mask)
+        last = _split_arrive(count_ptr + entry * tl.num_programs(1) + tl.program_id(1), SPLIT)
+        if last:
+            gate = _split_sum(p_row, stride_ps, n_mask, SPLIT)
+            if GATED:
+                up = _split_sum(p_row + INTER, stride_ps, n_mask, SPLIT)
+            else:
+                up = gate
+    if last:
+        if A_QUANT == 1 or A_QUANT == 2:
+            gate = gate * a_scale
+            up = up * a_scale
+        if B_QUANT == 1:
+            gate = gate * tl.load(ws_ptr + expert * stride_wse + offs_n, mask=n_mask, other=0.0)
+            up = up * tl.load(ws_ptr + expert * stride_wse + INTER + offs_n, mask=n_mask, other=0.0)
+        elif B_QUANT == 2:
+            w_s = tl.load(ws_ptr + expert * stride_wse)
+            gate = gate * w_s
+            up = up * w_s
+        if HAS_BIAS:
+            gate += tl.load(b_ptr + expert * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if GATED:
+                up += tl.load(b_ptr + expert * stride_be + INTER + offs_n, mask=n_mask, other=0.0).to(
+                    tl.float32
+                )
+        h = _activation(gate, up, ACTIVATION, alpha, limit)
+        tl.store(inter_ptr + entry.to(tl.int64) * stride_im + offs_n, h, mask=n_mask)
 
 
 @triton.jit
@@ -967,6 +1033,8 @@ def moe_decode_gemm2(
     topk_weights_ptr,
     ws_ptr,
     as_ptr,
+    part_ptr,
+    count_ptr,
     num_experts,
     K,
     N,
@@ -977,6 +1045,7 @@ def moe_decode_gemm2(
     stride_om,
     stride_wse,
     stride_wsn,
+    stride_ps,
     TOP_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_MAP: tl.constexpr,
@@ -987,18 +1056,37 @@ def moe_decode_gemm2(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ROW_BLOCK: tl.constexpr,
+    SLOT_GROUPS: tl.constexpr,
+    K_SPLITS: tl.constexpr,
 ):
     """``out[t, n] = sum_j w[t, j] * (inter[t * TOP_K + j] @ w2[e_j].T + b2[e_j])`` over the kept
-    slots ``j`` in slot order (deterministic), grid ``(T, cdiv(N, BLOCK_N))``; a token with no
-    kept slot gets zeros. ``as_ptr``: the static scale of the intermediate (``A_QUANT`` 2)."""
+    slots ``j`` (deterministic order), grid ``(T, cdiv(N, BLOCK_N), SLOT_GROUPS * K_SPLITS)``; a
+    token with no kept slot gets zeros. ``as_ptr``: the static scale of the intermediate
+    (``A_QUANT`` 2). Program ``s`` takes the slots of group ``s // K_SPLITS`` (``cdiv(TOP_K,
+    SLOT_GROUPS)`` consecutive ones) over K chunk ``s % K_SPLITS``; more than one program per tile:
+    partials ``part [SLOT_GROUPS * K_SPLITS, T, N]`` (split stride ``stride_ps``), counters
+    ``[T, tiles]``."""
+    SPLIT: tl.constexpr = SLOT_GROUPS * K_SPLITS
+    PER_GROUP: tl.constexpr = (TOP_K + SLOT_GROUPS - 1) // SLOT_GROUPS
     token = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    j0 = 0
+    chunk = 0
+    k_lo, k_hi = 0, K
+    if SPLIT > 1:
+        j0 = (tl.program_id(2) // K_SPLITS) * PER_GROUP
+        chunk = tl.program_id(2) % K_SPLITS
+        if K_SPLITS > 1:
+            k_lo, k_hi = _split_range(K, chunk, K_SPLITS, BLOCK_K)
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
+    for jj in tl.static_range(PER_GROUP):
+        j = j0 + jj
         entry = token * TOP_K + j
-        expert = _decode_expert(topk_ids_ptr, expert_map_ptr, entry, num_experts, HAS_MAP)
-        if expert >= 0:
+        expert = _decode_expert(
+            topk_ids_ptr, expert_map_ptr, tl.minimum(entry, token * TOP_K + TOP_K - 1), num_experts, HAS_MAP
+        )
+        if (j < TOP_K) & (expert >= 0):
             a_row = inter_ptr + entry * stride_im
             a_scale = 1.0
             if A_QUANT == 1:
@@ -1020,6 +1108,8 @@ def moe_decode_gemm2(
                 s_rows,
                 n_mask,
                 K,
+                k_lo,
+                k_hi,
                 1.0,
                 a_scale,
                 False,
@@ -1035,8 +1125,19 @@ def moe_decode_gemm2(
             elif B_QUANT == 2:
                 y = y * tl.load(ws_ptr + expert * stride_wse)
             if HAS_BIAS:
-                y += tl.load(b_ptr + expert * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                bias = tl.load(b_ptr + expert * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                if K_SPLITS > 1:  # once per slot: in its first K chunk
+                    bias = tl.where(chunk == 0, bias, 0.0)
+                y += bias
             if APPLY_WEIGHT:
                 y = y * tl.load(topk_weights_ptr + entry).to(tl.float32)
             total += y
-    tl.store(out_ptr + token * stride_om + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+    out_ptrs = out_ptr + token * stride_om + offs_n
+    if SPLIT > 1:
+        p_row = part_ptr + token * N + offs_n
+        tl.store(p_row + tl.program_id(2) * stride_ps, total, mask=n_mask)
+        if _split_arrive(count_ptr + token * tl.num_programs(1) + tl.program_id(1), SPLIT):
+            total = _split_sum(p_row, stride_ps, n_mask, SPLIT)
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=n_mask)
