@@ -637,7 +637,9 @@ def decode_launches(
     )
     part2 = torch.empty(split2, T, H, dtype=torch.float32, device=device) if split2 > 1 else inter
     off2 = -(-T * k * tiles1 // 32) * 32 if split1 > 1 else 0  # 128-byte aligned
-    counts = _split_counters(device, off2 + (T * tiles2 if split2 > 1 else 0))
+    counts = inter  # never read unless split: no stream lookup on the unsplit path
+    if split1 > 1 or split2 > 1:
+        counts = _split_counters(device, off2 + (T * tiles2 if split2 > 1 else 0))
     gemm1 = (
         kernels.moe_decode_gemm1,
         (T * k, tiles1, split1),
@@ -759,6 +761,7 @@ def _decode_kwargs(
         GROUP_N=_groups(spec)[0],
     )
     g1, g2 = cfg.gemm1, cfg.gemm2
+    block_k1 = _decode_block_k(spec, g1)
     kw1 = dict(
         TOP_K=spec.top_k,
         GATED=spec.is_gated,
@@ -766,9 +769,9 @@ def _decode_kwargs(
         **common,
         WEIGHT_ON_INPUT=spec.apply_router_weight_on_input,
         BLOCK_N=g1.block_n,
-        BLOCK_K=_decode_block_k(spec, g1),
+        BLOCK_K=block_k1,
         ROW_BLOCK=_row_block(spec.hidden_size),
-        SPLIT=max(1, min(g1.split, triton_cdiv(spec.hidden_size, _decode_block_k(spec, g1)))),
+        SPLIT=max(1, min(g1.split, triton_cdiv(spec.hidden_size, block_k1))),
         num_warps=g1.num_warps,
         num_stages=g1.num_stages,
     )
