@@ -96,8 +96,8 @@ def test_version_tuple():
 def test_build_refuses_unknown_arch_and_scheme(tmp_path):
     with pytest.raises(build.BuildError, match="arch"):
         build.build_module("8.0", ["bf16"], output=tmp_path)
-    with pytest.raises(ValueError, match="mxfp4"):
-        build.build_module("9.0a", "mxfp4", output=tmp_path)
+    with pytest.raises(ValueError, match="int8"):
+        build.build_module("9.0a", "int8", output=tmp_path)
 
 
 FAKE_NINJA = """ninja_required_version = 1.3

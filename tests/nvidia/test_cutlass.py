@@ -20,6 +20,8 @@ SM90 = DeviceInfo.parse("sm_90")
 SM100 = DeviceInfo.parse("sm_100")
 BASE = {"num_experts": 8, "top_k": 2, "hidden_size": 64, "intermediate_size": 48}
 FP8_PT = QuantScheme("fp8", activation="fp8_per_tensor", weight_scale="per_tensor")
+BLOCK = {"quant": "fp8_block", "hidden_size": 256, "intermediate_size": 128}
+MX = {"quant": "mxfp4", "hidden_size": 96, "intermediate_size": 160}  # both padded to 128 / 256
 
 
 def _spec(**kw) -> MoESpec:
@@ -45,8 +47,17 @@ def test_planner_picks_cutlass_on_sm90_when_built(monkeypatch):
         ({"quants": ["bf16"]}, {"dtype": torch.float16}, SM90, "has no fp16 kernels"),
         ({}, {"dtype": torch.float32}, SM90, "bf16 or fp16"),
         ({}, {"quant": "fp8"}, SM90, "per-tensor weight scales and static per-tensor activation"),
-        ({}, {"quant": "mxfp4", "intermediate_size": 64}, SM90, "quant mxfp4"),
-        ({}, {"quant": "fp8_block", "hidden_size": 128, "intermediate_size": 128}, SM90, "DeepGEMM"),
+        ({"quants": ["bf16"]}, BLOCK, SM90, "has no fp8_block kernels (built: bf16)"),
+        ({}, {**BLOCK, "dtype": torch.float16}, SM90, "takes bf16 activations"),
+        ({"built": False}, BLOCK, SM100, "SM90 only"),
+        ({}, {**BLOCK, "intermediate_size": 192}, SM90, "multiples of 128 (DeepGEMM 128x128 blocks)"),
+        ({}, {**BLOCK, "has_bias": True}, SM90, "biases is not wired"),
+        ({}, {**BLOCK, "activation": "swiglu_oai"}, SM90, "activation swiglu_oai not wired"),
+        ({}, {**BLOCK, "quant": QuantScheme("fp8_block", block_shape=(64, 128))}, SM90, "128x128"),
+        ({"quants": ["bf16", "fp8"]}, MX, SM90, "has no mxfp4 kernels"),
+        ({}, {**MX, "quant": QuantScheme("mxfp4", activation="fp8_per_tensor")}, SM90, "W4A8"),
+        ({}, {**MX, "activation": "gelu"}, SM90, "activation gelu not wired"),
+        ({}, {**MX, "dtype": torch.float16}, SM90, "takes bf16 activations"),
         ({}, {"hidden_size": 60}, SM90, "multiples of 8"),
         ({}, {"quant": FP8_PT, "intermediate_size": 40}, SM90, "multiples of 16"),
         ({}, {"ep_size": 3}, SM90, "equal slices"),
@@ -73,6 +84,10 @@ def test_supports_accepts(monkeypatch):
         {"quant": FP8_PT},
         {"ep_size": 4, "ep_rank": 3},
         {"expert_map": (-1, -1, -1, -1, 0, 1, 2, 3)},
+        BLOCK,
+        {**BLOCK, "activation": "gelu", "ep_size": 2, "ep_rank": 1},
+        MX,
+        {**MX, "activation": "swiglu_oai", "has_bias": True},
     ):
         assert supports(_spec(**kw), SM90) is None, kw
 
@@ -143,6 +158,90 @@ def test_prepare_fp8_quantizes_and_folds_scales():
     torch.testing.assert_close(back.a2_scale, quantized.a2_scale.float())
 
 
+def test_prepare_fp8_block_swaps_gate_and_up_blocks_with_their_scales():
+    spec = _spec(**BLOCK)
+    high = random_expert_weights(spec, seed=6, quantize=False)
+    p = prepare(spec, high, SM90)
+    t = p.tensors
+    E, H, inter = spec.num_experts, spec.hidden_size, spec.intermediate_size
+    assert t["fc1"].dtype == torch.float8_e4m3fn and t["fc1"].shape == (E, 2 * inter, H)
+    assert t["fc1_block_scale"].shape == (E, 2 * inter // 128, H // 128)
+    assert t["fc2_block_scale"].shape == (E, H // 128, inter // 128)
+    assert t["fc1_block_scale"].dtype == torch.float32 and t["fc1_block_scale"].is_contiguous()
+    quantized = random_expert_weights(spec, seed=6)  # the reference quantizer, same data
+    nb = inter // 128
+    assert torch.equal(t["fc1_block_scale"][:, :nb], quantized.w13_scale[:, nb:].float())  # up blocks first
+    back = to_canonical(spec, p)
+    assert torch.equal(back.w13.view(torch.uint8), quantized.w13.view(torch.uint8))
+    assert torch.equal(back.w13_scale, quantized.w13_scale.float())
+    assert torch.equal(back.w2_scale, quantized.w2_scale.float())
+
+
+@pytest.mark.parametrize("kw", [MX, {**MX, "activation": "swiglu_oai", "has_bias": True, "ep_size": 2}])
+def test_prepare_mxfp4_pads_to_128_and_round_trips(kw):
+    spec = _spec(**kw)
+    w = random_expert_weights(spec, seed=8)
+    p = prepare(spec, w, SM90)
+    t = p.tensors
+    E, H, inter = spec.num_local_experts, spec.hidden_size, spec.intermediate_size
+    Hp, Ip = 128, 256
+    assert not p.meta["interleaved"]  # CPU tensors: FlashInfer's interleave runs on CUDA only
+    assert t["fc1"].shape == (E, 2 * Ip, Hp // 2) and t["fc1"].dtype == torch.uint8
+    assert t["fc1_scale"].shape == (E, 2 * Ip, Hp // 32) and t["fc2_scale"].shape == (E, Hp, Ip // 32)
+    assert t["fc2"].shape == (E, Hp, Ip // 2)
+    # up rows first; padding: zero codes (exact zeros whatever the scale), scale 2**0
+    assert torch.equal(t["fc1"][:, :inter, : H // 2], w.w13[:, inter:])
+    assert (
+        not t["fc1"][:, inter:Ip].any() and not t["fc1"][:, :, H // 2 :].any() and not t["fc2"][:, H:].any()
+    )
+    assert (t["fc1_scale"][:, inter:Ip] == 127).all()
+    if spec.has_bias:
+        assert t["fc1_bias"].shape == (E, 2 * Ip) and t["fc2_bias"].shape == (E, Hp)
+        assert not t["fc1_bias"][:, inter:Ip].any() and not t["fc2_bias"][:, H:].any()
+        assert torch.equal(t["fc1_bias"][:, :inter], w.b13[:, inter:].to(spec.dtype))
+    back = to_canonical(spec, p)
+    for name, ref in w.tensors().items():
+        ref = ref.to(spec.dtype) if name in ("b13", "b2") else ref  # biases are kept in bf16
+        assert torch.equal(getattr(back, name), ref), name
+    high = random_expert_weights(spec, seed=8, quantize=False)  # quantized by prepare: the same codes
+    assert torch.equal(prepare(spec, high, SM90).tensors["fc1"], t["fc1"])
+
+
+def test_mxfp4_input_is_padded_and_output_copied_back(monkeypatch):
+    seen = {}
+
+    def fake(**kw):
+        seen.update(kw)
+        kw["output"].fill_(2.0)
+
+    monkeypatch.setattr(cutlass, "_flashinfer", lambda: (fake, None))
+    monkeypatch.setattr(cutlass, "_ACT", {v: v for v in cutlass.ACTIVATION_TYPES.values()})
+    spec = _spec(**MX)
+    p, x, tw, ids, out = _call(spec, T=3)
+    cutlass.apply(spec, x, p, tw, ids, out.fill_(float("nan")))
+    assert seen["input"].shape == (3, 128) and torch.equal(seen["input"][:, :96], x)
+    assert not seen["input"][:, 96:].any()
+    assert seen["output"].shape == (3, 128) and torch.equal(out, torch.full_like(out, 2.0))
+    assert seen["use_w4_group_scaling"] is True and seen["use_deepseek_fp8_block_scale"] is False
+    assert [s.data_ptr() for s in seen["quant_scales"]] == [
+        p.tensors[k].data_ptr() for k in ("fc1_scale", "fc2_scale")
+    ]
+
+
+def test_fp8_block_runs_its_one_tactic_without_the_tune_cache(monkeypatch, recwarn):
+    seen = {}
+    monkeypatch.setattr(cutlass, "_flashinfer", lambda: (lambda **kw: seen.update(kw), None))
+    monkeypatch.setattr(cutlass, "_ACT", {v: v for v in cutlass.ACTIVATION_TYPES.values()})
+    spec = _spec(**BLOCK)
+    p, x, tw, ids, out = _call(spec, T=4)
+    p.meta["device_name"] = "NVIDIA H200"
+    cutlass.apply(spec, x, p, tw, ids, out)
+    assert not [w for w in recwarn if "moe tune" in str(w.message)]
+    assert seen["profile_ids"] == cutlass.FIXED_TACTICS and seen["input"] is x and seen["output"] is out
+    assert seen["use_deepseek_fp8_block_scale"] is True and seen["use_w4_group_scaling"] is False
+    assert seen["quant_scales"] == [p.tensors["fc1_block_scale"], p.tensors["fc2_block_scale"]]
+
+
 def test_prepare_refuses_uneven_ep():
     spec = _spec(ep_size=3, ep_rank=0)
     with pytest.raises(UnsupportedError, match="equal slices"):
@@ -162,7 +261,14 @@ def _call(spec, T=5):
 @needs_flashinfer
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"activation": "swiglu_oai", "has_bias": True}, {"quant": FP8_PT}, {"ep_size": 2, "ep_rank": 1}],
+    [
+        {},
+        {"activation": "swiglu_oai", "has_bias": True},
+        {"quant": FP8_PT},
+        {"ep_size": 2, "ep_rank": 1},
+        BLOCK,
+        {**MX, "activation": "swiglu_oai", "has_bias": True},
+    ],
 )
 def test_kwargs_bind_to_flashinfer_signature(kw):
     from flashinfer.fused_moe import ActivationType, cutlass_fused_moe
@@ -176,7 +282,10 @@ def test_kwargs_bind_to_flashinfer_signature(kw):
     assert bound.arguments["token_final_scales"].dtype == torch.float32
     assert bound.arguments["activation_type"] == act
     assert act.name == {"silu": "Swiglu", "swiglu_oai": "SwigluBias"}[spec.activation]
-    assert bound.arguments["output"] is out and bound.arguments["profile_ids"] == [3, 7]
+    tactics = cutlass.FIXED_TACTICS if spec.quant.name == "fp8_block" else [3, 7]
+    assert bound.arguments["output"] is out and bound.arguments["profile_ids"] == tactics
+    assert bound.arguments["use_deepseek_fp8_block_scale"] == (spec.quant.name == "fp8_block")
+    assert bound.arguments["use_w4_group_scaling"] == (spec.quant.name == "mxfp4")
 
 
 @needs_flashinfer
@@ -188,6 +297,8 @@ def test_kwargs_bind_to_flashinfer_signature(kw):
         {"quant": FP8_PT},
         {"activation": "relu2"},
         {"ep_size": 4, "ep_rank": 1, "has_bias": True},
+        BLOCK,
+        {**MX, "hidden_size": 128, "activation": "swiglu_oai", "has_bias": True},
     ],
 )
 def test_recorded_call_through_flashinfers_wrapper(monkeypatch, kw):
@@ -206,6 +317,7 @@ def test_recorded_call_through_flashinfers_wrapper(monkeypatch, kw):
     monkeypatch.setattr(core, "get_compute_capability", lambda device: (9, 0))
     monkeypatch.setattr(core, "get_cutlass_fused_moe_module", lambda arch: Module())
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(core, "is_cuda_version_at_least", lambda v: True, raising=False)
     spec = _spec(**kw)
     p, x, tw, ids, out = _call(spec)
     xin = x.float().to(torch.float8_e4m3fn) if spec.quant.name == "fp8" else x
@@ -222,17 +334,22 @@ def test_recorded_call_through_flashinfers_wrapper(monkeypatch, kw):
     assert args[4] is t["fc1"] and args[6] is t["fc2"]
     assert args[5] is t.get("fc1_bias") and args[7] is t.get("fc2_bias")
     assert args[8] == spec.dtype
-    if spec.quant.name == "fp8":
-        assert [s.data_ptr() for s in args[9]] == [
-            t[k].data_ptr() for k in ("fc1_dequant", "fc2_quant", "fc2_dequant", "fc1_input_scale")
-        ]
-    else:
-        assert args[9] == []
+    scales = {
+        "fp8": ("fc1_dequant", "fc2_quant", "fc2_dequant", "fc1_input_scale"),
+        "fp8_block": ("fc1_block_scale", "fc2_block_scale"),
+        "mxfp4": ("fc1_scale", "fc2_scale"),
+    }.get(spec.quant.name, ())
+    assert [s.data_ptr() for s in args[9]] == [t[k].data_ptr() for k in scales]
     assert args[11] is t.get("swiglu_alpha") and args[13] is t.get("swiglu_limit")
     assert (args[18], args[19], args[20], args[21]) == (1, 0, spec.ep_size, spec.ep_rank)  # tp, ep
     assert kwargs["activation_type"] == ActivationType(p.meta["activation"])
-    assert kwargs["profile_ids"] == [1, 2] and kwargs["enable_pdl"] is True  # FlashInfer's SM90 default
-    assert kwargs["use_deepseek_fp8_block_scale"] is False and kwargs["use_fused_finalize"] is True
+    tactics = cutlass.FIXED_TACTICS if spec.quant.name == "fp8_block" else [1, 2]
+    assert kwargs["profile_ids"] == tactics and kwargs["enable_pdl"] is True  # FlashInfer's SM90 default
+    assert kwargs["use_deepseek_fp8_block_scale"] is (spec.quant.name == "fp8_block")
+    assert (
+        kwargs["use_w4_group_scaling"] is (spec.quant.name == "mxfp4")
+        and kwargs["use_fused_finalize"] is True
+    )
 
 
 def test_apply_takes_tactics_from_the_tune_cache_once_per_layer(tmp_path, monkeypatch):

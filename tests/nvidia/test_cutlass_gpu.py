@@ -75,6 +75,23 @@ CASES = {
     "bias": {"has_bias": True},
     "k1": {"top_k": 1},
     "fp8": {"quant": FP8_PT, "hidden_size": 128, "intermediate_size": 64},
+    "fp8_block": {"quant": "fp8_block", "hidden_size": 256, "intermediate_size": 128},
+    "fp8_block-gelu": {
+        "quant": "fp8_block",
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "activation": "gelu",
+    },
+    # H and I padded to 128 by prepare (96 -> 128, 160 -> 256)
+    "mxfp4": {"quant": "mxfp4", "hidden_size": 96, "intermediate_size": 160},
+    "mxfp4-swiglu_oai-bias": {
+        "quant": "mxfp4",
+        "hidden_size": 256,
+        "intermediate_size": 64,
+        "activation": "swiglu_oai",
+        "has_bias": True,
+        "swiglu_limit": 1.5,
+    },
 }
 
 
@@ -87,9 +104,12 @@ def test_matches_reference(case, T):
     _run(spec, T, seed=T)
 
 
+@pytest.mark.parametrize("quant", ["bf16", "fp8_block", "mxfp4"])
 @pytest.mark.parametrize("ep_rank", [0, 2])
-def test_expert_parallel_skips_other_ranks_experts(ep_rank):
-    spec = MoESpec(8, 2, 128, 64, ep_size=4, ep_rank=ep_rank)
+def test_expert_parallel_skips_other_ranks_experts(ep_rank, quant):
+    if not _built(quant):
+        pytest.skip(f"prebuilt fused_moe_90 has no {quant}")
+    spec = MoESpec(8, 2, 256, 128, ep_size=4, ep_rank=ep_rank, quant=quant)
     _run(spec, 33, seed=5)
 
 
@@ -115,10 +135,23 @@ def test_wrong_gate_up_order_would_be_caught():
     assert relative_error(bad, out) > 0.3
 
 
-@pytest.mark.parametrize(("model", "T"), [("mixtral-8x7b", 1), ("qwen3-30b-a3b", 512), ("gpt-oss-20b", 33)])
-def test_real_shapes(model, T):
+@pytest.mark.parametrize(
+    ("model", "quant", "T"),
+    [
+        ("mixtral-8x7b", None, 1),
+        ("qwen3-30b-a3b", None, 512),
+        ("gpt-oss-20b", None, 33),
+        ("deepseek-v3-tp8", "fp8_block", 1),
+        ("deepseek-v3-tp8", "fp8_block", 300),
+        ("gpt-oss-120b", "mxfp4", 1),
+        ("gpt-oss-120b", "mxfp4", 300),
+    ],
+)
+def test_real_shapes(model, quant, T):
+    if quant and not _built(quant):
+        pytest.skip(f"prebuilt fused_moe_90 has no {quant}")
     preset = get_preset(model)
-    spec = preset.moe_spec(torch.bfloat16, None)
+    spec = preset.moe_spec(torch.bfloat16, quant)
     w, ids = random_routing(preset.routing, T, preset.num_experts, device="cuda", seed=T)
     plan = moe_plan(spec, "cuda")
     assert plan.kernel == KERNEL, plan.explain()
@@ -132,10 +165,15 @@ def test_real_shapes(model, T):
     assert relative_error(out, want) <= tolerance(spec)
 
 
-def test_graph_replay_matches_eager():
+@pytest.mark.parametrize(
+    ("model", "quant"), [("qwen3-30b-a3b", None), ("deepseek-v3-tp8", "fp8_block"), ("gpt-oss-120b", "mxfp4")]
+)
+def test_graph_replay_matches_eager(model, quant):
     """FlashInfer's fused finalize reduces with atomics: replay vs eager agree to rounding, not bitwise."""
-    preset = get_preset("qwen3-30b-a3b")
-    spec = preset.moe_spec(torch.bfloat16, None)
+    if quant and not _built(quant):
+        pytest.skip(f"prebuilt fused_moe_90 has no {quant}")
+    preset = get_preset(model)
+    spec = preset.moe_spec(torch.bfloat16, quant)
     T = 8
     plan = moe_plan(spec, "cuda")
     prepared = plan.prepare(random_expert_weights(spec, device="cuda"))

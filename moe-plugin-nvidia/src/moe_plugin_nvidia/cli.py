@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .aot.units import QUANT_SCHEMES
+
 __all__ = ["add_command", "main"]
 
 
@@ -25,7 +27,7 @@ def add_command(subparsers: Any) -> None:
         "only the kernels of the given quant schemes, and install it in FlashInfer's AOT slot",
     )
     p.add_argument("--arch", default="9.0a", choices=("9.0a",))
-    p.add_argument("--quant", default="bf16", help="comma list of bf16, fp16, fp8, fp8_block (default bf16)")
+    p.add_argument("--quant", default="bf16", help=f"comma list of {', '.join(QUANT_SCHEMES)} (default bf16)")
     p.add_argument("--jobs", type=int, default=None, help="parallel nvcc jobs (default: CPU count)")
     p.add_argument("--nice", type=int, default=0, help="run the compilers at this niceness")
     p.add_argument(

@@ -23,18 +23,26 @@ name                shape / dtype              meaning
 ``fc2_quant``       ``[]`` float32             fp8: ``1 / a2_scale``
 ``fc2_dequant``     ``[E]`` float32            fp8: ``a2_scale * w2_scale``
 ``fc1_input_scale`` ``[]`` float32             fp8: ``a13_scale`` (input quantization)
+``fc1_block_scale`` ``[E, 2I/128, H/128]`` f32 fp8_block: ``w13_scale``, row blocks swapped as ``fc1``
+``fc2_block_scale`` ``[E, H/128, I/128]`` f32  fp8_block: ``w2_scale``
 ==================  =========================  =======================================
+
+mxfp4 weights are padded to multiples of 128 and interleaved for the SM90
+mixed-input GEMM: their layout is in :mod:`.mxfp4`.
 
 ``meta``: ``activation`` (FlashInfer ``ActivationType`` value), ``ep_size``,
 ``ep_rank``, ``module`` (FlashInfer module name), ``enable_pdl`` (FlashInfer's
 default: SM90+), ``device_name`` (for the tune cache) and, after the first
 call, ``_tactics`` (the layer's tuned buckets).
 
-Quant schemes: ``bf16``/``fp16`` (weights of ``spec.dtype``) and ``fp8`` with
+Quant schemes: ``bf16``/``fp16`` (weights of ``spec.dtype``); ``fp8`` with
 per-tensor weight scales and static per-tensor activation scales
 (``QuantScheme("fp8", activation="fp8_per_tensor", weight_scale="per_tensor")``,
 ``a13_scale``/``a2_scale`` given): FlashInfer's SM90 fp8 path takes exactly
-these. Expert parallelism: equal contiguous slices (``E % ep_size == 0``),
+these; ``fp8_block`` (DeepSeek 128x128 weight blocks, bf16 input quantized in
+1x128 groups inside FlashInfer: its SM90 DeepGEMM grouped GEMM, compiled by
+NVRTC on first use of a shape; no tactics to tune); ``mxfp4`` W4A16 (bf16
+activations, SM90 mixed-input GEMM). Expert parallelism: equal contiguous slices (``E % ep_size == 0``),
 which is how FlashInfer maps global ids (``ep_rank * E_local`` first).
 """
 
@@ -51,7 +59,7 @@ from moe_core import DeviceInfo, ExpertWeights, KernelEntry, MoESpec, PreparedWe
 from moe_core import quant as mq
 from moe_core.errors import UnsupportedError
 
-from . import tuning
+from . import mxfp4, tuning
 from ._common import PRIORITY_CUTLASS, cutlass_module_name, flashinfer_refusal, module_refusal
 
 __all__ = [
@@ -71,13 +79,48 @@ KERNEL = "nvidia.flashinfer.cutlass"
 ACTIVATION_TYPES = {"gelu": 4, "swiglu_oai": 5, "relu2": 6, "silu": 3}
 #: Geglu is erf-GELU(gate) * up, Swiglu silu(gate) * up, SwigluBias clamp/alpha/beta (gpt-oss), Relu2 relu(x)^2.
 
-_QUANTS = ("bf16", "fp16", "fp8")
+_QUANTS = ("bf16", "fp16", "fp8", "fp8_block", "mxfp4")
 _DTYPES = (torch.bfloat16, torch.float16)
+#: fp8_block runs FlashInfer's DeepGEMM path, which has one tactic (FlashInfer skips profiling it).
+FIXED_TACTICS = [-1, -1]
 
 
 def _alignment(spec: MoESpec) -> int:
-    # FlashInfer: TMA needs 128-bit rows of the narrower of activation and weight.
-    return 16 if spec.quant.name == "fp8" else 8
+    # FlashInfer: TMA needs 128-bit rows of the narrower of activation and weight; DeepGEMM
+    # 128x128 blocks; mxfp4 is padded to 128 by prepare (the spec already holds K % 32).
+    return {"fp8": 16, "fp8_block": 128, "mxfp4": 1}.get(spec.quant.name, 8)
+
+
+_ALIGN_WHY = {"fp8_block": "DeepGEMM 128x128 blocks"}
+
+
+def _quant_refusal(spec: MoESpec, device: DeviceInfo) -> str | None:
+    """Why FlashInfer's SM90 fp8_block / mxfp4 path does not take ``spec``, or ``None``."""
+    q = spec.quant
+    if device.capability is None or device.capability[0] != 9:
+        return (
+            f"{q.name}: FlashInfer's cutlass MoE runs {q.name} on SM90 only in this plugin, got {device.arch}"
+        )
+    if spec.dtype != torch.bfloat16:
+        return f"{q.name}: FlashInfer's SM90 {q.name} path takes bf16 activations, got {spec.dtype}"
+    if q.name == "fp8_block":
+        if q.block_shape != (128, 128) or q.activation != "fp8_group":
+            return (
+                f"fp8_block: FlashInfer's DeepGEMM path takes 128x128 weight blocks and 1x128 groups, got {q}"
+            )
+        if spec.has_bias:
+            return "fp8_block with biases is not wired to FlashInfer's DeepGEMM path"
+        if spec.activation not in ("silu", "gelu"):
+            return f"fp8_block: activation {spec.activation} not wired (silu, gelu)"
+    else:
+        if q.activation != "none":
+            return (
+                "mxfp4 with fp8 activations (W4A8) on SM90 is FlashInfer's Humming path, not wired in this "
+                "plugin (W4A16 is)"
+            )
+        if spec.activation not in ("silu", "swiglu_oai"):
+            return f"mxfp4: activation {spec.activation} not wired (silu, swiglu_oai)"
+    return None
 
 
 def supports(spec: MoESpec, device: DeviceInfo) -> str | None:
@@ -90,11 +133,6 @@ def supports(spec: MoESpec, device: DeviceInfo) -> str | None:
     if spec.dtype not in _DTYPES:
         return f"activations must be bf16 or fp16, got {str(spec.dtype).removeprefix('torch.')}"
     q = spec.quant
-    if q.name == "fp8_block":
-        return (
-            "fp8_block: FlashInfer's SM90 block-scale path JIT-compiles DeepGEMM kernels with NVRTC at run "
-            "time (needs its C++ headers on the GPU host); not wired in this plugin yet"
-        )
     if q.name not in _QUANTS:
         return f"quant {q.name} is not wired to FlashInfer's cutlass MoE in this plugin (has {', '.join(_QUANTS)})"
     if not q.is_quantized and q.weight_dtype != spec.dtype:
@@ -107,6 +145,10 @@ def supports(spec: MoESpec, device: DeviceInfo) -> str | None:
             )
         if spec.has_bias:
             return "fp8 with biases is not supported by FlashInfer's cutlass MoE"
+    if q.name in ("fp8_block", "mxfp4"):
+        reason = _quant_refusal(spec, device)
+        if reason:
+            return reason
     if spec.activation not in ACTIVATION_TYPES:
         return f"activation {spec.activation} not supported"
     if spec.activation == "relu2" and q.is_quantized:
@@ -114,7 +156,7 @@ def supports(spec: MoESpec, device: DeviceInfo) -> str | None:
     align = _alignment(spec)
     if spec.hidden_size % align or spec.intermediate_size % align:
         return (
-            f"hidden_size and intermediate_size must be multiples of {align} (TMA 16-byte rows), "
+            f"hidden_size and intermediate_size must be multiples of {align} ({_ALIGN_WHY.get(q.name, 'TMA 16-byte rows')}), "
             f"got H={spec.hidden_size}, I={spec.intermediate_size}"
         )
     ep = _ep_slices(spec)
@@ -158,6 +200,19 @@ def prepare(spec: MoESpec, weights: ExpertWeights, device: DeviceInfo) -> Prepar
     q = spec.quant
     if q.is_quantized and mq.is_high_precision(weights.w13):
         weights = mq.quantize_weights(weights, q)
+    meta = {
+        "activation": ACTIVATION_TYPES[spec.activation],
+        "ep_size": ep_size,
+        "ep_rank": ep_rank,
+        "module": cutlass_module_name(device.capability) if device.capability else None,
+        # Programmatic dependent launch, as FlashInfer's own default (device_support_pdl: SM90+).
+        "enable_pdl": bool(device.capability and device.capability >= (9, 0)),
+    }
+    if q.name == "mxfp4":
+        interleave = weights.w13.device.type == "cuda" and not device.simulated
+        t = mxfp4.prepare_tensors(spec, weights, interleave)
+        t.update(_swiglu_params(spec, weights.w13.device))
+        return PreparedWeights(KERNEL, t, {**meta, "interleaved": interleave})
     gated = spec.is_gated
     t: dict[str, torch.Tensor] = {}
     t["fc1"] = _swap_halves(weights.w13, 1) if gated else weights.w13.contiguous()
@@ -169,10 +224,11 @@ def prepare(spec: MoESpec, weights: ExpertWeights, device: DeviceInfo) -> Prepar
         t["fc2_bias"] = weights.b2.to(spec.dtype).contiguous()
     e = spec.num_local_experts
     dev = weights.w13.device
-    if spec.activation == "swiglu_oai":
-        t["swiglu_alpha"] = torch.full((e,), float(spec.swiglu_alpha), dtype=torch.float32, device=dev)
-        t["swiglu_beta"] = torch.ones((e,), dtype=torch.float32, device=dev)
-        t["swiglu_limit"] = torch.full((e,), float(spec.swiglu_limit), dtype=torch.float32, device=dev)
+    t.update(_swiglu_params(spec, dev))
+    if q.name == "fp8_block":
+        # the 2I rows are whole 128-row blocks (I % 128 == 0): swapping halves swaps block rows
+        t["fc1_block_scale"] = _swap_halves(weights.w13_scale.float(), 1)
+        t["fc2_block_scale"] = weights.w2_scale.float().contiguous()
     if q.name == "fp8":
         if weights.a13_scale is None or weights.a2_scale is None:
             raise UnsupportedError("fp8_per_tensor needs static a13_scale and a2_scale")
@@ -187,20 +243,33 @@ def prepare(spec: MoESpec, weights: ExpertWeights, device: DeviceInfo) -> Prepar
         # Kept for the inverse (tests) and for re-preparing: the canonical scales.
         t["w13_scale"] = w1s.contiguous()
         t["w2_scale"] = w2s.contiguous()
-    meta = {
-        "activation": ACTIVATION_TYPES[spec.activation],
-        "ep_size": ep_size,
-        "ep_rank": ep_rank,
-        "module": cutlass_module_name(device.capability) if device.capability else None,
-        # Programmatic dependent launch, as FlashInfer's own default (device_support_pdl: SM90+).
-        "enable_pdl": bool(device.capability and device.capability >= (9, 0)),
-    }
     return PreparedWeights(KERNEL, t, meta)
 
 
+def _swiglu_params(spec: MoESpec, dev: torch.device) -> dict[str, torch.Tensor]:
+    """swiglu_oai's per-expert alpha, beta (1.0: the ``up + 1``) and limit; empty for other activations."""
+    if spec.activation != "swiglu_oai":
+        return {}
+    e = spec.num_local_experts
+    return {
+        "swiglu_alpha": torch.full((e,), float(spec.swiglu_alpha), dtype=torch.float32, device=dev),
+        "swiglu_beta": torch.ones((e,), dtype=torch.float32, device=dev),
+        "swiglu_limit": torch.full((e,), float(spec.swiglu_limit), dtype=torch.float32, device=dev),
+    }
+
+
 def to_canonical(spec: MoESpec, prepared: PreparedWeights) -> ExpertWeights:
-    """The inverse of :func:`prepare` (after any quantization): canonical ``ExpertWeights``."""
+    """The inverse of :func:`prepare` (after any quantization): canonical ``ExpertWeights``.
+
+    mxfp4 weights interleaved for the GPU (``meta["interleaved"]``) have no inverse here.
+    """
     t = prepared.tensors
+    if spec.quant.name == "mxfp4":
+        if prepared.meta.get("interleaved"):
+            raise UnsupportedError(
+                "mxfp4 weights interleaved for FlashInfer's SM90 GEMM have no inverse here"
+            )
+        return mxfp4.to_canonical(spec, t)
     gated = spec.is_gated
     w13 = _swap_halves(t["fc1"], 1) if gated else t["fc1"]
     b13 = t.get("fc1_bias")
@@ -212,6 +281,9 @@ def to_canonical(spec: MoESpec, prepared: PreparedWeights) -> ExpertWeights:
         out.w2_scale = t["w2_scale"]
         out.a13_scale = t["fc1_input_scale"]
         out.a2_scale = 1.0 / t["fc2_quant"]
+    if spec.quant.name == "fp8_block":
+        out.w13_scale = _swap_halves(t["fc1_block_scale"], 1)
+        out.w2_scale = t["fc2_block_scale"]
     return out
 
 
@@ -237,9 +309,15 @@ def flashinfer_kwargs(
     FlashInfer's own choice).
     """
     t = prepared.tensors
+    name = spec.quant.name
     quant_scales: list[torch.Tensor] = []
-    if spec.quant.name == "fp8":
+    if name == "fp8":
         quant_scales = [t["fc1_dequant"], t["fc2_quant"], t["fc2_dequant"], t["fc1_input_scale"]]
+    elif name == "fp8_block":
+        quant_scales = [t["fc1_block_scale"], t["fc2_block_scale"]]
+        profile_ids = FIXED_TACTICS
+    elif name == "mxfp4":
+        quant_scales = [t["fc1_scale"], t["fc2_scale"]]
     kw: dict[str, Any] = {
         "input": x,
         "token_selected_experts": _as(topk_ids, torch.int32),
@@ -259,6 +337,8 @@ def flashinfer_kwargs(
         "activation_type": activation_type,
         "profile_ids": profile_ids,
         "enable_pdl": prepared.meta.get("enable_pdl", False),
+        "use_deepseek_fp8_block_scale": name == "fp8_block",
+        "use_w4_group_scaling": name == "mxfp4",
     }
     return kw
 
@@ -280,6 +360,8 @@ _UNRESOLVED = object()
 
 def _profile_ids(spec: MoESpec, prepared: PreparedWeights, tokens: int) -> list[int] | None:
     """Tactics from the tune cache, resolved once per prepared layer (kept in ``prepared.meta``)."""
+    if spec.quant.name == "fp8_block":
+        return FIXED_TACTICS
     resolved = prepared.meta.get("_tactics", _UNRESOLVED)
     if resolved is _UNRESOLVED:
         device_name = prepared.meta.get("device_name", "")
@@ -294,8 +376,11 @@ def _profile_ids(spec: MoESpec, prepared: PreparedWeights, tokens: int) -> list[
 
 
 def kernel_input(spec: MoESpec, hidden_states: torch.Tensor, prepared: PreparedWeights) -> torch.Tensor:
-    """What FlashInfer takes as ``input``: ``hidden_states``, or for fp8 its e4m3 quantization with the
-    static per-tensor scale ``fc1_input_scale`` (saturating at +-448)."""
+    """What FlashInfer takes as ``input``: ``hidden_states``; for fp8 its e4m3 quantization with the
+    static per-tensor scale ``fc1_input_scale`` (saturating at +-448); for mxfp4 padded to ``Hp``
+    columns (:func:`.mxfp4.pad_input`)."""
+    if spec.quant.name == "mxfp4":
+        return mxfp4.pad_input(spec, hidden_states)
     if spec.quant.name != "fp8":
         return hidden_states
     scale = prepared.tensors["fc1_input_scale"]
@@ -310,14 +395,20 @@ def apply(
     topk_ids: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
-    """Run FlashInfer's cutlass fused MoE into ``out [T, H]`` (no host synchronisation)."""
+    """Run FlashInfer's cutlass fused MoE into ``out [T, H]`` (no host synchronisation).
+
+    mxfp4 with ``H % 128 != 0`` runs on a padded input into a padded buffer, copied into ``out``.
+    """
     fn, _ = _flashinfer()
     x = kernel_input(spec, hidden_states, prepared)
     ids = _profile_ids(spec, prepared, x.shape[0])
+    dst = out if x.shape[1] == out.shape[1] else out.new_empty(x.shape[0], x.shape[1])
     kw = flashinfer_kwargs(
-        spec, x, prepared, topk_weights, topk_ids, out, _ACT[prepared.meta["activation"]], ids
+        spec, x, prepared, topk_weights, topk_ids, dst, _ACT[prepared.meta["activation"]], ids
     )
     fn(**kw)
+    if dst is not out:
+        out.copy_(dst[:, : out.shape[1]])
 
 
 def _prepare_entry(spec: MoESpec, weights: ExpertWeights, device: DeviceInfo) -> PreparedWeights:
@@ -336,12 +427,13 @@ def kernel_entries() -> list[KernelEntry]:
             apply=apply,
             prepare=_prepare_entry,
             supports=supports,
-            quant=frozenset((*_QUANTS, "fp8_block")),  # fp8_block: refused by supports(), with the reason
+            quant=frozenset(_QUANTS),
             activations=frozenset(ACTIVATION_TYPES),
             features=frozenset({"bias", "expert_parallel"}),
             capability="cuda>=9.0",
             priority=PRIORITY_CUTLASS,
-            description="FlashInfer cutlass fused MoE (SM90+): bf16/fp16, fp8 per-tensor; silu/gelu/swiglu_oai/"
-            "relu2; biases; EP by equal slices; tactics from the `moe tune` cache",
+            description="FlashInfer cutlass fused MoE (SM90+): bf16/fp16, fp8 per-tensor; SM90: fp8_block "
+            "(DeepGEMM), mxfp4 W4A16; silu/gelu/swiglu_oai/relu2; biases; EP by equal slices; tactics from the "
+            "`moe tune` cache",
         )
     ]

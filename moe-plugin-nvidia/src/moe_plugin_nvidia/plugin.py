@@ -46,13 +46,16 @@ def environment_report() -> dict[str, Any]:
 def tune(
     spec: Any, device: Any, tokens: list[int] | None, output_dir: str | None, progress: Callable
 ) -> list[str] | None:
-    """Autotune FlashInfer's cutlass MoE for ``spec`` and merge the tactics into this GPU's table."""
+    """Autotune FlashInfer's cutlass MoE for ``spec`` and merge the tactics into this GPU's table.
+
+    fp8_block has nothing to tune (FlashInfer's DeepGEMM path has one tactic).
+    """
     from moe_core import device_info
 
     from .cutlass import supports
 
     info = device_info(device)
-    if info.vendor != "nvidia" or info.simulated or supports(spec, info):
+    if info.vendor != "nvidia" or info.simulated or spec.quant.name == "fp8_block" or supports(spec, info):
         return None
     from pathlib import Path
 

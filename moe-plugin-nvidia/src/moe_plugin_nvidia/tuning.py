@@ -241,10 +241,11 @@ def tune_layer(
         x = torch.randn(t, spec.hidden_size, device=dev, dtype=spec.dtype)
         logits = torch.randn(t, spec.num_experts, device=dev)
         w, ids = torch.topk(torch.softmax(logits, -1), spec.top_k, dim=-1)
-        out = torch.empty_like(x)
+        xin = kernel_input(spec, x, prepared)  # mxfp4: padded to 128 columns, and so is the output
+        out = torch.empty(xin.shape, dtype=spec.dtype, device=dev)
         kw = flashinfer_kwargs(
             spec,
-            kernel_input(spec, x, prepared),
+            xin,
             prepared,
             w,
             ids.int(),

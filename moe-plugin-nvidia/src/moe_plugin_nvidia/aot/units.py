@@ -8,9 +8,11 @@ The module's sources fall into three groups:
 * *generated instantiations* (``*.generated.cu``), classified by their
   content: the ``INSTANTIATE_TMA_WARP_SPECIALIZED_MOE_GEMM(Sm90, A, B, Out, ...)``
   macros (SM90 grouped GEMM) and the ``sm80_generic_fused_moe_gemm_kernelLauncher
-  <A, B, ...>`` templates (the SM80 fused gated GEMM used for small problems).
-  Files with anything else (mixed-input int4/fp4 GEMMs, plain fpA_intB GEMMs)
-  belong to no scheme we build.
+  <A, B, ...>`` templates (the SM80 fused gated GEMM used for small problems),
+  and the ``sm90_generic_mixed_moe_gemm_kernelLauncher<A, B, ...>`` templates
+  (the SM90 mixed-input grouped GEMM: bf16/fp8 activations x int4/fp4
+  weights). Files with anything else (plain fpA_intB GEMMs) belong to no
+  scheme we build.
 
 A file is kept when any dtype key it instantiates belongs to a requested
 scheme. Everything is pure text handling, testable without FlashInfer.
@@ -33,7 +35,8 @@ __all__ = [
 
 #: Quant schemes the AOT build knows, with the dtype keys their kernels use.
 #: A key is ``tma:<A>,<B>,<Out>`` (SM90 TMA grouped GEMM), ``sm80:<A>`` (SM80
-#: fused gated GEMM) or ``runner:<file stem>`` (a per-dtype runner source).
+#: fused gated GEMM), ``mixed:<A>,<B>`` (SM90 mixed-input grouped GEMM) or
+#: ``runner:<file stem>`` (a per-dtype runner source).
 QUANT_SCHEMES: dict[str, frozenset[str]] = {
     "bf16": frozenset(
         {
@@ -51,8 +54,12 @@ QUANT_SCHEMES: dict[str, frozenset[str]] = {
         }
     ),
     # DeepSeek-style 128x128 block scales: FlashInfer's SM90 path is the
-    # separate blockscale grouped GEMM (its runner is typed fp8 x fp8).
-    "fp8_block": frozenset({"runner:fp8_blockscale_gemm", "runner:moe_gemm_kernels_fp8_fp8"}),
+    # DeepGEMM blockscale grouped GEMM (JIT-compiled by NVRTC at first use),
+    # reached through the runner typed bf16 activations x fp8 weights.
+    "fp8_block": frozenset({"runner:fp8_blockscale_gemm", "runner:moe_gemm_kernels_bf16_fp8"}),
+    # mxfp4 weights with bf16 activations (W4A16): the SM90 mixed-input
+    # grouped GEMM (bf16 x e2m1 with e8m0 group scales).
+    "mxfp4": frozenset({"mixed:__nv_bfloat16,SafeFP4", "runner:moe_gemm_kernels_bf16_fp4"}),
 }
 
 _RUNNER_RE = re.compile(r"^(moe_gemm_kernels_[a-z0-9]+_[a-z0-9]+|fp8_blockscale_gemm)$")
@@ -60,6 +67,7 @@ _TMA_RE = re.compile(
     r"INSTANTIATE_TMA_WARP_SPECIALIZED_MOE_GEMM\(\s*Sm90\s*,\s*([^,]+?)\s*,\s*([^,]+?)\s*,\s*([^,]+?)\s*,"
 )
 _SM80_RE = re.compile(r"sm80_generic_fused_moe_gemm_kernelLauncher\s*<\s*([^,>]+?)\s*,")
+_MIXED_RE = re.compile(r"sm90_generic_mixed_moe_gemm_kernelLauncher\s*<\s*([^,>]+?)\s*,\s*([^,>]+?)\s*,")
 
 
 def parse_quant_list(text: str | Iterable[str]) -> tuple[str, ...]:
@@ -76,6 +84,7 @@ def classify_generated(text: str) -> frozenset[str]:
     """The dtype keys a ``*.generated.cu`` file instantiates (empty: none we know)."""
     keys = {f"tma:{a},{b},{o}" for a, b, o in _TMA_RE.findall(text)}
     keys |= {f"sm80:{a}" for a in _SM80_RE.findall(text)}
+    keys |= {f"mixed:{a},{b}" for a, b in _MIXED_RE.findall(text)}
     return frozenset(keys)
 
 
