@@ -378,3 +378,19 @@ def test_apply_takes_tactics_from_the_tune_cache_once_per_layer(tmp_path, monkey
     assert calls[-1]["profile_ids"] == [2, 22]
     cutlass.apply(spec, x[:3], p2, tw[:3], ids[:3], out[:3])
     assert calls[-1]["profile_ids"] == [1, 11]
+
+
+def test_deepgemm_falls_back_to_the_precompiled_gemm_without_nvcc(monkeypatch, tmp_path):
+    for var in ("TRTLLM_DG_ENABLED", "TRTLLM_DG_NVCC_COMPILER", "CUDA_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvcc anywhere
+    with pytest.warns(UserWarning, match="TRTLLM_DG_ENABLED=0"):
+        cutlass.deepgemm_jit_check()
+    assert cutlass.os.environ["TRTLLM_DG_ENABLED"] == "0"
+    cutlass.deepgemm_jit_check()  # set now: left alone, no second warning
+    monkeypatch.delenv("TRTLLM_DG_ENABLED")
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    cutlass.deepgemm_jit_check()  # an nvcc on PATH: DeepGEMM stays on
+    assert "TRTLLM_DG_ENABLED" not in cutlass.os.environ

@@ -219,3 +219,12 @@ def test_tune_cache_is_used(tmp_path, monkeypatch):
     monkeypatch.setattr(cutlass, "flashinfer_kwargs", spy)
     _run(spec, 4, seed=3)
     assert seen["profile_ids"] == entry["buckets"]["4"]
+
+
+@pytest.mark.parametrize("T", [1, 300])
+def test_fp8_block_precompiled_gemm_without_deepgemm(monkeypatch, T):
+    """TRTLLM_DG_ENABLED=0 (what the plugin sets without an nvcc): FlashInfer's precompiled block-scale GEMM."""
+    if not _built("fp8_block"):
+        pytest.skip("prebuilt fused_moe_90 has no fp8_block")
+    monkeypatch.setenv("TRTLLM_DG_ENABLED", "0")
+    _run(MoESpec(**{**ODD, **CASES["fp8_block"]}), T, seed=11)

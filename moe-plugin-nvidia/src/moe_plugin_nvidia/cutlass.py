@@ -49,6 +49,8 @@ which is how FlashInfer maps global ids (``ep_rank * E_local`` first).
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -226,6 +228,8 @@ def prepare(spec: MoESpec, weights: ExpertWeights, device: DeviceInfo) -> Prepar
     dev = weights.w13.device
     t.update(_swiglu_params(spec, dev))
     if q.name == "fp8_block":
+        if dev.type == "cuda":
+            deepgemm_jit_check()
         # the 2I rows are whole 128-row blocks (I % 128 == 0): swapping halves swaps block rows
         t["fc1_block_scale"] = _swap_halves(weights.w13_scale.float(), 1)
         t["fc2_block_scale"] = weights.w2_scale.float().contiguous()
@@ -244,6 +248,33 @@ def prepare(spec: MoESpec, weights: ExpertWeights, device: DeviceInfo) -> Prepar
         t["w13_scale"] = w1s.contiguous()
         t["w2_scale"] = w2s.contiguous()
     return PreparedWeights(KERNEL, t, meta)
+
+
+#: FlashInfer's switch between DeepGEMM (kernels compiled by nvcc on first use of a shape) and
+#: its precompiled cutlass fp8 block-scale GEMM (``"0"``).
+DEEPGEMM_ENV = "TRTLLM_DG_ENABLED"
+
+
+def _deepgemm_nvcc() -> str | None:
+    """The nvcc FlashInfer's DeepGEMM JIT would run, as it looks for it; ``None`` if there is none."""
+    cand = os.environ.get("TRTLLM_DG_NVCC_COMPILER")
+    if not cand and os.environ.get("CUDA_HOME"):
+        cand = os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+    return shutil.which(cand or "nvcc")
+
+
+def deepgemm_jit_check() -> None:
+    """Before the first fp8_block call: without an nvcc to compile DeepGEMM's kernels, switch
+    FlashInfer to its precompiled block-scale GEMM (``TRTLLM_DG_ENABLED=0``) and say so once,
+    instead of failing at the first forward. An explicit ``TRTLLM_DG_ENABLED`` is left alone."""
+    if DEEPGEMM_ENV in os.environ or _deepgemm_nvcc():
+        return
+    os.environ[DEEPGEMM_ENV] = "0"
+    warnings.warn(
+        f"{KERNEL}: fp8_block: no nvcc for FlashInfer's DeepGEMM JIT (CUDA_HOME / PATH); using its "
+        f"precompiled cutlass block-scale GEMM instead ({DEEPGEMM_ENV}=0)",
+        stacklevel=3,
+    )
 
 
 def _swiglu_params(spec: MoESpec, dev: torch.device) -> dict[str, torch.Tensor]:
