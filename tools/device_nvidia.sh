@@ -70,4 +70,5 @@ step bench "${BENCH_TIMEOUT:-240}" python3 benchmarks/nvidia_overhead.py --model
   --tokens "${BENCH_TOKENS:-1,32,512,4096}" --quant "${BENCH_QUANTS:-bf16}" ${BENCH_ARGS:-} --out "$L/nvidia-overhead.json"
 step dispatch $(( ${DISPATCH_BUDGET_S:-300} + 90 )) python3 benchmarks/dispatch.py --models "${DISPATCH_MODELS:-qwen3-30b-a3b,mixtral-8x7b}" \
   --kernels portable,nvidia --peers none --budget-s "${DISPATCH_BUDGET_S:-300}" --out "$L/dispatch"
+ls "$TRTLLM_DG_CACHE_DIR/cache" 2>/dev/null > "$L/deepgemm-kernels.txt"  # the DeepGEMM kernels compiled here
 tar -czf "$OUT/nvidia-results.tgz" -C "$OUT" logs
