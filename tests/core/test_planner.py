@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -64,6 +66,30 @@ def test_priority_then_name_and_explain_reasons():
     assert "supports() raised ZeroDivisionError" in text
     # the same registry on a (simulated) H100 picks the Hopper kernel
     assert moe_plan(SPEC, "sm_90").kernel == "fake.a.high"
+
+
+def test_rank_sets_the_priority_per_request():
+    def rank(spec, device):
+        return 5 if spec.activation == "gelu" else 40  # "measured slower than its peer for gelu"
+
+    _install(
+        _entry("fake.peer.any", priority=20, capability="cpu"),
+        _entry("fake.ranked.x", priority=90, rank=rank, capability="cpu"),
+        _entry("fake.broken.rank", priority=1, rank=lambda s, d: 1 / 0, capability="cpu"),
+        _entry("fake.bool.rank", priority=2, rank=lambda s, d: True, capability="cpu"),
+    )
+    plan = moe_plan(SPEC, "cpu")
+    assert plan.kernel == "fake.ranked.x"
+    assert "priority 40" in plan.explain() and re.search(r"fake\.ranked\.x +p=40 ", plan.explain())
+    gelu = moe_plan(MoESpec(8, 2, 48, 40, activation="gelu"), "cpu")
+    assert gelu.kernel == "fake.peer.any"
+    text = gelu.explain()
+    assert re.search(r"fake\.ranked\.x +p=5 +usable, lower priority", text)
+    # a rank that raises or is not an int counts as the static priority
+    by_name = {c.name: c.rank for c in gelu.candidates}
+    assert by_name["fake.broken.rank"] == 1 and by_name["fake.bool.rank"] == 2
+    with pytest.raises(ValueError, match="rank must be callable"):
+        _entry("fake.bad.rank", rank=3)
 
 
 def test_features_are_required():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 
 import pytest
 import torch
@@ -35,6 +36,15 @@ def test_planner_picks_cutlass_on_sm90_when_built(monkeypatch):
     text = plan.explain()
     assert "nvidia.flashinfer.trtllm" in text and "nvidia.flashinfer.cute_dsl" in text
     assert text.count("cuda>=10.0,<11.0") == 2  # both SM100 kernels refused by capability on sm_90
+
+
+def test_fp8_block_ranks_below_the_faster_portable_kernel(monkeypatch):
+    fake_install(monkeypatch)
+    assert cutlass.rank(_spec(), SM90) == 70 and cutlass.rank(_spec(**BLOCK), SM90) == 40
+    plan = moe_plan(_spec(**BLOCK), SM90)
+    assert plan.kernel == "portable.triton.fused_moe", plan.explain()
+    assert re.search(r"nvidia\.flashinfer\.cutlass +p=40 +usable, lower priority", plan.explain())
+    assert moe_plan(_spec(**BLOCK), SM90, backend=KERNEL).kernel == KERNEL
 
 
 @pytest.mark.parametrize(

@@ -286,9 +286,8 @@ class MoEPlan:
             lines.append(f"chosen: {DISPATCH} by token count over {', '.join(self.kernels)}")
         else:
             how = " by the dispatch table" if self.dispatch is not None else ""
-            lines.append(
-                f"chosen{how}: {self.kernel} (plugin {self.entry.plugin}, priority {self.entry.priority})"
-            )
+            rank = next((c.rank for c in self.candidates if c.entry is self.entry), self.entry.priority)
+            lines.append(f"chosen{how}: {self.kernel} (plugin {self.entry.plugin}, priority {rank})")
         if self.dispatch is not None:
             table = self.dispatch
             where = table.path or "not saved"
@@ -316,7 +315,7 @@ class MoEPlan:
                 status = "usable, lower priority"
             else:
                 status = f"refused: {c.reason}"
-            lines.append(f"  {c.name.ljust(width)}  p={c.entry.priority:<4d} {status}")
+            lines.append(f"  {c.name.ljust(width)}  p={c.rank:<4d} {status}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

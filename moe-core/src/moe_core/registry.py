@@ -10,8 +10,9 @@ Plugins describe each kernel with a :class:`KernelEntry` and hand it to the
 3. refuse the entries whose capability does not match the device, whose
    declared quant schemes / activations / features do not cover the request,
    or whose ``supports(request, device)`` returns a reason;
-4. choose the highest ``priority``; ties go to the lexicographically smallest
-   name. Every refusal is kept for :meth:`moe_core.MoEPlan.explain`.
+4. choose the highest priority (``rank(request, device)`` where the entry has
+   one, else ``priority``); ties go to the lexicographically smallest name.
+   Every refusal is kept for :meth:`moe_core.MoEPlan.explain`.
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ class KernelEntry:
             ``expert_map``.
         capability: device requirement string, see :class:`moe_core.device.Capability`.
         priority: higher wins; the reference backend is 0.
+        rank: ``rank(request, device) -> int``: the priority for one request
+            where it differs by request, e.g. lower for the schemes where a
+            peer kernel is measured faster. ``None`` (default): ``priority``.
+            A ``rank`` that raises or returns a non-int counts as ``priority``.
         needs_contiguous: ``hidden_states`` must be contiguous (checked by the core).
         description: one line for ``moe plugins`` and ``plan.explain()``.
         plugin: set by the registry to the registering plugin's name.
@@ -102,6 +107,7 @@ class KernelEntry:
     features: frozenset[str] = frozenset()
     capability: str = "any"
     priority: int = 0
+    rank: Callable[[Any, DeviceInfo], int] | None = None
     needs_contiguous: bool = True
     description: str = ""
     plugin: str = ""
@@ -123,7 +129,7 @@ class KernelEntry:
             raise ValueError(f"kernel {self.name}: op {self.op!r} is not in family {self.family!r} {ops}")
         if not callable(self.apply):
             raise ValueError(f"kernel {self.name}: apply must be callable")
-        for attr in ("prepare", "supports"):
+        for attr in ("prepare", "supports", "rank"):
             value = getattr(self, attr)
             if value is not None and not callable(value):
                 raise ValueError(f"kernel {self.name}: {attr} must be callable or None")
@@ -132,6 +138,16 @@ class KernelEntry:
         if not isinstance(self.priority, int):
             raise ValueError(f"kernel {self.name}: priority must be an int")
         object.__setattr__(self, "_capability", Capability.parse(self.capability))
+
+    def priority_for(self, request: Any, device: DeviceInfo) -> int:
+        """The priority of this kernel for ``request`` on ``device`` (``rank``, else ``priority``)."""
+        if self.rank is None:
+            return self.priority
+        try:
+            value = self.rank(request, device)
+        except Exception:  # a broken rank() falls back to the static priority
+            return self.priority
+        return value if isinstance(value, int) and not isinstance(value, bool) else self.priority
 
     def refusal(self, request: Any, device: DeviceInfo) -> str | None:
         """``None`` if this kernel takes ``request`` on ``device``, else the reason."""
@@ -176,11 +192,18 @@ def _declared_refusal(entry: KernelEntry, request: Any) -> str | None:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One kernel considered by a selection: refused (with ``reason``) or usable."""
+    """One kernel considered by a selection: refused (with ``reason``) or usable, at ``priority``
+    (the entry's priority for this request; ``None``: its static ``priority``)."""
 
     entry: KernelEntry
     reason: str | None
     chosen: bool = False
+    priority: int | None = None
+
+    @property
+    def rank(self) -> int:
+        """The priority this candidate was ordered by."""
+        return self.entry.priority if self.priority is None else self.priority
 
     @property
     def name(self) -> str:
@@ -235,10 +258,13 @@ class Registry:
             if backend and not _matches_backend(e.name, backend):
                 out.append(Candidate(e, f"not selected: backend forced to {backend!r}"))
             else:
-                out.append(Candidate(e, e.refusal(request, device)))
-        out.sort(key=lambda c: (c.reason is not None, -c.entry.priority, c.entry.name))
+                reason = e.refusal(request, device)
+                out.append(
+                    Candidate(e, reason, priority=e.priority_for(request, device) if reason is None else None)
+                )
+        out.sort(key=lambda c: (c.reason is not None, -c.rank, c.entry.name))
         if out and out[0].reason is None:
-            out[0] = Candidate(out[0].entry, None, chosen=True)
+            out[0] = Candidate(out[0].entry, None, chosen=True, priority=out[0].priority)
         return out
 
     def select(

@@ -442,6 +442,18 @@ def apply(
         out.copy_(dst[:, : out.shape[1]])
 
 
+#: Priority of the schemes where this plugin's path is measured slower than the portable
+#: Triton kernel (priority 50): fp8_block on the H200, deepseek-v3-tp8, 1.4-2.5x slower at every
+#: T from 1 to 2048 (benchmarks/results/h200-nvidia-fp8-block-2026-12-04.md). Still usable with
+#: ``backend=`` or through a ``moe tune`` dispatch table.
+SLOWER_THAN_PORTABLE = {"fp8_block": 40}
+
+
+def rank(spec: MoESpec, device: DeviceInfo) -> int:
+    """This kernel's priority for ``spec``: :data:`PRIORITY_CUTLASS`, lower where measured slower."""
+    return SLOWER_THAN_PORTABLE.get(spec.quant.name, PRIORITY_CUTLASS)
+
+
 def _prepare_entry(spec: MoESpec, weights: ExpertWeights, device: DeviceInfo) -> PreparedWeights:
     prepared = prepare(spec, weights, device)
     if not device.simulated and device.device.type == "cuda" and torch.cuda.is_available():
@@ -463,6 +475,7 @@ def kernel_entries() -> list[KernelEntry]:
             features=frozenset({"bias", "expert_parallel"}),
             capability="cuda>=9.0",
             priority=PRIORITY_CUTLASS,
+            rank=rank,
             description="FlashInfer cutlass fused MoE (SM90+): bf16/fp16, fp8 per-tensor; SM90: fp8_block "
             "(DeepGEMM), mxfp4 W4A16; silu/gelu/swiglu_oai/relu2; biases; EP by equal slices; tactics from the "
             "`moe tune` cache",
