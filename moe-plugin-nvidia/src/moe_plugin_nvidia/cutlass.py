@@ -41,7 +41,7 @@ per-tensor weight scales and static per-tensor activation scales
 ``a13_scale``/``a2_scale`` given): FlashInfer's SM90 fp8 path takes exactly
 these; ``fp8_block`` (DeepSeek 128x128 weight blocks, bf16 input quantized in
 1x128 groups inside FlashInfer: its SM90 DeepGEMM grouped GEMM, compiled by
-NVRTC on first use of a shape; no tactics to tune); ``mxfp4`` W4A16 (bf16
+nvcc on first use of a shape; no tactics to tune); ``mxfp4`` W4A16 (bf16
 activations, SM90 mixed-input GEMM). Expert parallelism: equal contiguous slices (``E % ep_size == 0``),
 which is how FlashInfer maps global ids (``ep_rank * E_local`` first).
 """
