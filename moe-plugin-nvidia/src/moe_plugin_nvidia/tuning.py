@@ -3,7 +3,8 @@
 FlashInfer's autotuner lives in process memory and takes 26-88 s per shape;
 its untuned default tactic is 4-5x slower at T >= 32. ``moe tune`` times the
 tactics once per token bucket (GEMM 1 and GEMM 2, absolute indices of the
-runner's tactic list: GEMM 2's follow GEMM 1's) and writes the fastest here;
+runner's tactic list: GEMM 2's follow GEMM 1's; timed by CUDA-graph replay up to
+:data:`GRAPH_TOKENS` tokens, by CUDA events above) and writes the fastest here;
 at run time :func:`lookup` hands them to ``cutlass_fused_moe(profile_ids=[g1, g2])``,
 which skips the autotuner.
 
@@ -56,6 +57,11 @@ __all__ = [
 ]
 
 FORMAT = 1
+#: Up to this many tokens the tactics are timed by CUDA-graph replay: an eager call there is bound
+#: by FlashInfer's host time, which hides the tactic's GPU time (measured on the H200: eager-tuned
+#: T=1 tactics 1.2-1.6x slower in a graph than the default one).
+GRAPH_TOKENS = 128
+
 #: Token buckets ``moe tune`` tunes by default (decode to prefill).
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 _PACKAGE_DIR = Path(__file__).parent / "configs"
@@ -222,7 +228,7 @@ def tune_layer(
     import torch
 
     from moe_core import moe_plan
-    from moe_core.bench.timing import events_median
+    from moe_core.bench.timing import events_median, graph_times
     from moe_core.testing import random_expert_weights
 
     from .cutlass import KERNEL, _flashinfer, flashinfer_kwargs, kernel_input
@@ -254,9 +260,11 @@ def tune_layer(
             None,
         )
 
-        def time_call(profile_ids: list[int], kw=kw) -> float:
+        def time_call(profile_ids: list[int], kw=kw, t=t) -> float:
             call = dict(kw, profile_ids=profile_ids)
             fn(**call)  # warm-up; raises for an invalid or failing tactic
+            if t <= GRAPH_TOKENS:  # eager decode is bound by the host: time the GPU in a graph
+                return graph_times([lambda: fn(**call)], 10)[0]
             return events_median(lambda: fn(**call), 5)[0]
 
         buckets[str(t)], searched[str(t)] = search_tactics(time_call)
