@@ -9,7 +9,8 @@ For each model and T, on the same prepared weights and inputs:
   this process (``profile_ids=None``; the target is plugin <= 1.05x of it);
 - ``untuned``: the direct call with FlashInfer's default tactic (no cache, no tuner).
 
-Eager medians from CUDA events, the labels timed in alternating order over ``--rounds``
+Host time per eager call (``host_us``, T <= 8) from back-to-back calls; ``--profile``
+adds a cProfile of the plugin's call there. Eager medians from CUDA events, the labels timed in alternating order over ``--rounds``
 rounds (ABC, CBA, ...; the best round's median is kept, so clock and cache drift over
 a case fall on every label alike); decode cases (T <= 128) also from CUDA-graph replay.
 fp8_block has one tactic (FlashInfer's DeepGEMM path): no autotuned or untuned call.
@@ -47,6 +48,27 @@ QUANTS = {
 }
 
 
+#: Up to this many tokens the host time per eager call is also measured (``host_us``).
+HOST_TOKENS = 8
+
+
+def _profile(call, n: int = 300, top: int = 25) -> str:
+    """cProfile of ``n`` eager plugin calls: the ``top`` entries by own time, as text."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        call()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()[-6000:]
+
+
 def bench_case(
     model: str,
     T: int,
@@ -55,6 +77,7 @@ def bench_case(
     autotune_direct: bool,
     quant: str = "bf16",
     rounds: int = 2,
+    profile: bool = False,
 ) -> dict:
     from flashinfer import autotune
     from flashinfer.fused_moe import ActivationType, cutlass_fused_moe
@@ -127,6 +150,14 @@ def bench_case(
                 r["graph_us"] = min(g, r.get("graph_us", g))
             except Exception as exc:  # report, do not hide
                 r["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        if T <= HOST_TOKENS:  # host time per eager call: back-to-back calls, one sync at the end
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                call()
+            host = (time.perf_counter() - t0) / 200 * 1e6
+            torch.cuda.synchronize()
+            r["host_us"] = min(host, r.get("host_us", host))
 
     t0 = time.monotonic()
     plugin(0)  # first call: fp8_block compiles its DeepGEMM kernels here (nvcc, cached on disk)
@@ -151,6 +182,8 @@ def bench_case(
                 cutlass_fused_moe(**auto_kws[i])
 
         timed("autotuned", autotuned, False)  # the autotune context is Python-side state: no graphs
+    if profile and T <= HOST_TOKENS:
+        case["profile"] = _profile(rotating(plugin, copies))
     p, d = case["plugin"]["us"], case["direct"]["us"]
     case["overhead_us"] = p - d
     case["overhead_pct"] = 100.0 * (p - d) / d
@@ -174,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-autotune", action="store_true", help="skip the directly autotuned FlashInfer call")
     ap.add_argument(
         "--rounds", type=int, default=2, help="rounds of plugin/direct/untuned in alternating order"
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help=f"cProfile of the plugin call at T <= {HOST_TOKENS}"
     )
     ap.add_argument("--out", default="nvidia-overhead.json")
     args = ap.parse_args(argv)
@@ -199,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for quant, model, T in grid:
         try:
-            case = bench_case(model, T, args.iters, ceilings, not args.no_autotune, quant, args.rounds)
+            case = bench_case(
+                model, T, args.iters, ceilings, not args.no_autotune, quant, args.rounds, args.profile
+            )
         except Exception as exc:  # report, do not stop the run
             case = {"model": model, "quant": quant, "T": T, "error": f"{type(exc).__name__}: {exc}"[:500]}
         report["cases"].append(case)
