@@ -107,10 +107,10 @@ class KernelEntry:
     features: frozenset[str] = frozenset()
     capability: str = "any"
     priority: int = 0
-    rank: Callable[[Any, DeviceInfo], int] | None = None
     needs_contiguous: bool = True
     description: str = ""
     plugin: str = ""
+    rank: Callable[[Any, DeviceInfo], int] | None = None  # last: positional fields keep their places
     _capability: Capability = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
