@@ -72,10 +72,7 @@ def prepare_tensors(spec: MoESpec, weights: ExpertWeights, interleave: bool) -> 
         "fc2_scale": _pad2(weights.w2_scale, hp, ip // 32, _UNIT_SCALE).contiguous(),
     }
     if weights.b13 is not None:
-        b = weights.b13.to(spec.dtype)
-        t["fc1_bias"] = torch.cat(
-            [F.pad(b[:, i:], (0, ip - i)), F.pad(b[:, :i], (0, ip - i))], dim=1
-        ).contiguous()
+        t["fc1_bias"] = _fc1(weights.b13.to(spec.dtype).unsqueeze(-1), i, ip, 1, 0).squeeze(-1)
     if weights.b2 is not None:
         t["fc2_bias"] = F.pad(weights.b2.to(spec.dtype), (0, hp - h)).contiguous()
     if interleave:
@@ -107,7 +104,7 @@ def to_canonical(spec: MoESpec, t: dict[str, torch.Tensor]) -> ExpertWeights:
         w13_scale=w13(t["fc1_scale"], h // 32),
         w2=t["fc2"][:, :h, : i // 2],
         w2_scale=t["fc2_scale"][:, :h, : i // 32],
-        b13=None if b13 is None else torch.cat([b13[:, ip : ip + i], b13[:, :i]], dim=1),
+        b13=None if b13 is None else w13(b13.unsqueeze(-1), 1).squeeze(-1),
         b2=None if b2 is None else b2[:, :h],
     )
 

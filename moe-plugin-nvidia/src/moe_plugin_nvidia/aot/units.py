@@ -54,7 +54,7 @@ QUANT_SCHEMES: dict[str, frozenset[str]] = {
         }
     ),
     # DeepSeek-style 128x128 block scales: FlashInfer's SM90 path is the
-    # DeepGEMM blockscale grouped GEMM (JIT-compiled by NVRTC at first use),
+    # DeepGEMM blockscale grouped GEMM (compiled by nvcc at first use of a shape),
     # reached through the runner typed bf16 activations x fp8 weights.
     "fp8_block": frozenset({"runner:fp8_blockscale_gemm", "runner:moe_gemm_kernels_bf16_fp8"}),
     # mxfp4 weights with bf16 activations (W4A16): the SM90 mixed-input
