@@ -4,12 +4,15 @@ For each model and T, on the same prepared weights and inputs:
 
 - ``plugin``: ``moe_apply`` through the plan (tactics from the tune cache when present);
 - ``direct``: ``flashinfer.fused_moe.cutlass_fused_moe`` called by hand with the same
-  tensors and the same ``profile_ids`` (the plugin's overhead is ``plugin - direct``);
+  tensors and the same ``profile_ids`` as the plugin (the tune cache's, else FlashInfer's
+  defaults ``[-1, -1]``; the plugin's overhead is ``plugin - direct``);
 - ``autotuned``: the direct call after FlashInfer's own autotuner ran for this T in
   this process (``profile_ids=None``; the target is plugin <= 1.05x of it);
 - ``untuned``: the direct call with FlashInfer's default tactic (no cache, no tuner).
 
-Host time per eager call (``host_us``, T <= 8) from back-to-back calls; ``--profile``
+Host time per eager call (``host_us``, T <= 8) from back-to-back calls, and ``host_noop``:
+the host time of the plugin's call and of the direct call's argument handling with
+FlashInfer's function replaced by a no-op (what this package itself costs); ``--profile``
 adds a cProfile of the plugin's call there. Eager medians from CUDA events, the labels timed in alternating order over ``--rounds``
 rounds (ABC, CBA, ...; the best round's median is kept, so clock and cache drift over
 a case fall on every label alike); decode cases (T <= 128) also from CUDA-graph replay.
@@ -69,6 +72,36 @@ def _profile(call, n: int = 300, top: int = 25) -> str:
     return buf.getvalue()[-6000:]
 
 
+def _host_noop(plugin, kws, spec, inputs, prepared, n: int = 2000) -> dict:
+    """Host us per call with FlashInfer's function replaced by a no-op: ``plugin`` (moe_apply:
+    the core's checks and the plugin's translation), ``direct`` (the benchmark's own argument
+    handling for the direct call) and their difference (what this package adds per call)."""
+    from moe_plugin_nvidia import cutlass
+
+    def noop(**kw):
+        return None
+
+    def direct(i):
+        noop(**dict(kws[i], input=cutlass.kernel_input(spec, inputs[i][0], prepared)))
+
+    real = cutlass._flashinfer
+    cutlass._flashinfer = lambda: (noop, None)
+    try:
+        result = {}
+        for label, fn in (("plugin", plugin), ("direct", direct)) * 2:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for k in range(n):
+                fn(k & 1)
+            us = (time.perf_counter() - t0) / n * 1e6
+            torch.cuda.synchronize()
+            result[label] = min(us, result.get(label, us))
+    finally:
+        cutlass._flashinfer = real
+    result["added"] = result["plugin"] - result["direct"]
+    return result
+
+
 def bench_case(
     model: str,
     T: int,
@@ -101,10 +134,11 @@ def bench_case(
     single = spec.quant.name == "fp8_block"  # one tactic: nothing to tune
     name = torch.cuda.get_device_name()
     ids_tuned = tuning.lookup(spec, name, T)
+    ids_plugin = ids_tuned if ids_tuned is not None else cutlass.DEFAULT_TACTICS  # what the plugin passes
     # FlashInfer's input: fp8 quantized for fp8 (a bf16 input with fp8 weights is another runner)
     kws = [
         cutlass.flashinfer_kwargs(
-            spec, cutlass.kernel_input(spec, x, prepared), prepared, w, ids, out_k, act, ids_tuned
+            spec, cutlass.kernel_input(spec, x, prepared), prepared, w, ids, out_k, act, ids_plugin
         )
         for x, w, ids in inputs
     ]
@@ -182,6 +216,8 @@ def bench_case(
                 cutlass_fused_moe(**auto_kws[i])
 
         timed("autotuned", autotuned, False)  # the autotune context is Python-side state: no graphs
+    if T <= HOST_TOKENS:
+        case["host_noop"] = _host_noop(plugin, kws, spec, inputs, prepared)
     if profile and T <= HOST_TOKENS:
         case["profile"] = _profile(rotating(plugin, copies))
     p, d = case["plugin"]["us"], case["direct"]["us"]

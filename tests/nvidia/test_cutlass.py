@@ -376,18 +376,50 @@ def test_apply_takes_tactics_from_the_tune_cache_once_per_layer(tmp_path, monkey
     p.meta["device_name"] = "NVIDIA H200"
     with pytest.warns(UserWarning, match="moe tune"):
         cutlass.apply(spec, x, p, tw, ids, out)
-    assert calls[-1]["profile_ids"] is None and calls[-1]["activation_type"] == "act3"
+    # untuned: FlashInfer's default tactics, passed explicitly (None costs an autotuner lookup per call)
+    assert calls[-1]["profile_ids"] == cutlass.DEFAULT_TACTICS == [-1, -1]
+    assert calls[-1]["activation_type"] == "act3"
     name = tuning.table_name("NVIDIA H200")
     entry = {"buckets": {"1": [1, 11], "32": [2, 22]}}
     tuning.merge_table(tmp_path / name, "NVIDIA H200", "0.7.2", {tuning.layer_key(spec): entry})
     cutlass.apply(spec, x, p, tw, ids, out)  # resolved once per prepared layer: still untuned
-    assert calls[-1]["profile_ids"] is None
+    assert calls[-1]["profile_ids"] == [-1, -1]
     p2 = prepare(spec, random_expert_weights(spec), SM90)
     p2.meta["device_name"] = "NVIDIA H200"
     cutlass.apply(spec, x, p2, tw, ids, out)
     assert calls[-1]["profile_ids"] == [2, 22]
     cutlass.apply(spec, x[:3], p2, tw[:3], ids[:3], out[:3])
     assert calls[-1]["profile_ids"] == [1, 11]
+
+
+def test_apply_keeps_the_layer_arguments_until_a_tensor_is_replaced(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cutlass, "_flashinfer", lambda: (lambda **kw: calls.append(kw), None))
+    monkeypatch.setattr(cutlass, "_ACT", {v: v for v in cutlass.ACTIVATION_TYPES.values()})
+    spec = _spec(activation="swiglu_oai", has_bias=True)
+    p, x, tw, ids, out = _call(spec, T=3)
+    p.meta["_tactics"] = None  # untuned, no warning
+    cutlass.apply(spec, x, p, tw, ids.long(), out)
+    cutlass.apply(spec, x[:2], p, tw[:2].double(), ids[:2].int(), out[:2])
+    first, second = calls
+    assert second["input"] is not first["input"] and second["output"].shape == (2, spec.hidden_size)
+    assert second["token_selected_experts"].dtype == torch.int32
+    assert second["token_final_scales"].dtype == torch.float32
+    for name in ("fc1_expert_weights", "fc2_expert_biases", "swiglu_limit"):
+        assert second[name] is first[name]
+    fc1 = p.tensors["fc1"].clone()
+    p.tensors["fc1"] = fc1  # replaced after the first calls: the next call passes the new tensor
+    cutlass.apply(spec, x, p, tw, ids, out)
+    assert (
+        calls[-1]["fc1_expert_weights"] is fc1
+        and calls[-1]["fc2_expert_biases"] is first["fc2_expert_biases"]
+    )
+    # the same arguments as the uncached translation
+    kw = flashinfer_kwargs(spec, x, p, tw, ids, out, cutlass.ACTIVATION_TYPES[spec.activation], [-1, -1])
+    assert set(kw) == set(calls[-1])
+    for k, v in kw.items():
+        got = calls[-1][k]
+        assert torch.equal(got, v) if isinstance(v, torch.Tensor) else got == v, k
 
 
 def test_deepgemm_falls_back_to_the_precompiled_gemm_without_nvcc(monkeypatch, tmp_path):

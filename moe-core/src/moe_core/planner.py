@@ -40,6 +40,7 @@ from .validation import (
     check_same_device,
     check_shape,
     check_topk,
+    check_values_asked,
     should_check_values,
 )
 
@@ -81,12 +82,17 @@ class PreparedWeights:
         tensors: the kernel's tensors, by name (the kernel's own layout).
         meta: non-tensor facts the kernel recorded (tile sizes, layout tags).
         layout_handle: integer id of (kernel, tensor names, meta) for the custom op.
+        cache: scratch of the kernel's ``apply``, empty at first: what it derives from
+            these tensors once instead of on every call (e.g. call arguments). Not part of
+            the layout: a rebuilt copy (custom op, shared tensors) starts empty, so an entry
+            must record what it was built from and be rebuilt when that changed.
     """
 
     kernel: str
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
     layout_handle: int | None = field(default=None, repr=False, compare=False)
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.layout_handle is None:  # the custom op rebuilds prepared weights under a known handle
@@ -505,42 +511,68 @@ _Tensor = torch.Tensor
 _ID_DTYPES = (torch.int32, torch.int64)
 
 
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _fast_facts(plan: MoEPlan) -> tuple:
+    """What :func:`_plain_inputs` compares against, kept on the plan (rebuilt when ``plan.device``
+    or ``plan.entry`` is replaced): ``(device info, entry, kernel name, H, dtype, top_k,
+    contiguous needed, simulated, device type, index or None, value checks asked)``.
+    ``MOE_CHECK_INPUTS`` is read here, once per plan, not on every call."""
+    facts = plan.__dict__.get("_fast")
+    if facts is None or facts[0] is not plan.device or facts[1] is not plan.entry:
+        info, entry, spec = plan.device, plan.entry, plan.spec
+        want = torch.device("cpu") if info.vendor == "cpu" else info.device
+        facts = plan._fast = (
+            info,
+            entry,
+            entry.name,
+            spec.hidden_size,
+            spec.dtype,
+            spec.top_k,
+            entry.needs_contiguous,
+            info.simulated,
+            want.type,
+            want.index,
+            check_values_asked(),
+        )
+    return facts
+
+
 def _plain_inputs(plan: Any, x: Any, prepared: Any, topk_weights: Any, topk_ids: Any, out: Any) -> bool:
     """Whether every check of :func:`check_apply_inputs` passes, decided in a few direct comparisons
     (host time on the hot path). Conservative: ``False`` sends the call through the checks one by
     one, which raise with the precise message (or pass); ``True`` only where each of them passes
-    and no value check applies (``should_check_values``: CPU tensors, ``MOE_CHECK_INPUTS``)."""
+    and no value check applies (CPU tensors; ``MOE_CHECK_INPUTS``, as read when planned)."""
     if plan.__class__ is not MoEPlan or prepared.__class__ is not PreparedWeights:
         return False
     if not (isinstance(x, _Tensor) and isinstance(topk_weights, _Tensor) and isinstance(topk_ids, _Tensor)):
         return False
-    spec = plan.spec
+    _, _, kernel, hidden, dtype, top_k, contiguous, simulated, dev_type, dev_index, checks = _fast_facts(plan)
     shape = x.shape
     if (
-        prepared.kernel != plan.entry.name
+        simulated
+        or prepared.kernel != kernel
         or len(shape) != 2
-        or shape[1] != spec.hidden_size
-        or x.dtype != spec.dtype
-        or not x.dtype.is_floating_point
-        or (plan.entry.needs_contiguous and not x.is_contiguous())
-        or plan.device.simulated
+        or shape[1] != hidden
+        or x.dtype != dtype  # the spec's dtype: a float type
+        or (contiguous and not x.is_contiguous())
     ):
         return False
-    pair = (shape[0], spec.top_k)
+    pair = (shape[0], top_k)
     if (
         topk_ids.shape != pair
         or topk_weights.shape != pair
         or topk_ids.dtype not in _ID_DTYPES
-        or not topk_weights.dtype.is_floating_point
+        or topk_weights.dtype not in _FLOATS
     ):
         return False
     if out is not None and not (
-        isinstance(out, _Tensor) and out.shape == shape and out.dtype == spec.dtype and out.is_contiguous()
+        isinstance(out, _Tensor) and out.shape == shape and out.dtype == dtype and out.is_contiguous()
     ):
         return False
     device = x.device
-    want = _torch_device(plan.device, device)
-    if device.type != want.type or (want.index is not None and device.index != want.index):
+    if device.type != dev_type or (dev_index is not None and device.index != dev_index):
         return False
     if topk_weights.device != device or topk_ids.device != device:
         return False
@@ -549,7 +581,9 @@ def _plain_inputs(plan: Any, x: Any, prepared: Any, topk_weights: Any, topk_ids:
     for t in prepared.tensors.values():
         if not isinstance(t, _Tensor) or t.device != device:
             return False
-    return not should_check_values(topk_ids)
+    if dev_type == "cpu" or checks:
+        return not should_check_values(topk_ids)
+    return True  # a GPU tensor, no value checks asked: should_check_values would say False
 
 
 def check_apply_inputs(

@@ -27,10 +27,16 @@ __all__ = [
     "check_shape",
     "check_topk",
     "check_topk_ids",
+    "check_values_asked",
     "should_check_values",
 ]
 
 _INT_DTYPES = (torch.int32, torch.int64)
+
+
+def check_values_asked() -> bool:
+    """Whether ``MOE_CHECK_INPUTS`` asks for value checks on GPU tensors (``1``, ``true``, ``yes``)."""
+    return os.environ.get("MOE_CHECK_INPUTS", "") in ("1", "true", "yes")
 
 
 def should_check_values(tensor: torch.Tensor) -> bool:
@@ -39,7 +45,7 @@ def should_check_values(tensor: torch.Tensor) -> bool:
         return False
     if tensor.device.type == "cpu":
         return True
-    if os.environ.get("MOE_CHECK_INPUTS", "") not in ("1", "true", "yes"):
+    if not check_values_asked():
         return False
     return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 

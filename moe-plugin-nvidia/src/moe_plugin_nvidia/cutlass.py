@@ -49,6 +49,7 @@ which is how FlashInfer maps global ids (``ep_rank * E_local`` first).
 from __future__ import annotations
 
 import functools
+import operator
 import os
 import shutil
 import warnings
@@ -70,6 +71,7 @@ __all__ = [
     "flashinfer_kwargs",
     "kernel_entries",
     "kernel_input",
+    "layer_kwargs",
     "prepare",
     "supports",
     "to_canonical",
@@ -83,8 +85,13 @@ ACTIVATION_TYPES = {"gelu": 4, "swiglu_oai": 5, "relu2": 6, "silu": 3}
 
 _QUANTS = ("bf16", "fp16", "fp8", "fp8_block", "mxfp4")
 _DTYPES = (torch.bfloat16, torch.float16)
+#: The tactics of a layer ``moe tune`` has not tuned: FlashInfer's defaults, passed explicitly.
+#: ``profile_ids=None`` runs the same kernels (when FlashInfer's own autotuner has not run in the
+#: process) but through its autotuner's cache lookup, 100-150 us of host time per call on the H200
+#: (benchmarks/results/h200-nvidia-host-profile-2026-12-04.md: "untuned" vs "direct").
+DEFAULT_TACTICS = [-1, -1]
 #: fp8_block runs FlashInfer's DeepGEMM path, which has one tactic (FlashInfer skips profiling it).
-FIXED_TACTICS = [-1, -1]
+FIXED_TACTICS = DEFAULT_TACTICS
 
 
 def _alignment(spec: MoESpec) -> int:
@@ -322,6 +329,38 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
+def layer_kwargs(spec: MoESpec, prepared: PreparedWeights, activation_type: Any) -> dict[str, Any]:
+    """The keyword arguments of ``cutlass_fused_moe`` that are the same on every call of a layer:
+    weights, biases, scales, swiglu parameters, EP slice, flags (no ``input``, topk, ``output``,
+    ``profile_ids``)."""
+    t = prepared.tensors
+    name = spec.quant.name
+    quant_scales: list[torch.Tensor] = []
+    if name == "fp8":
+        quant_scales = [t["fc1_dequant"], t["fc2_quant"], t["fc2_dequant"], t["fc1_input_scale"]]
+    elif name == "fp8_block":
+        quant_scales = [t["fc1_block_scale"], t["fc2_block_scale"]]
+    elif name == "mxfp4":
+        quant_scales = [t["fc1_scale"], t["fc2_scale"]]
+    return {
+        "fc1_expert_weights": t["fc1"],
+        "fc2_expert_weights": t["fc2"],
+        "output_dtype": spec.dtype,
+        "quant_scales": quant_scales,
+        "fc1_expert_biases": t.get("fc1_bias"),
+        "fc2_expert_biases": t.get("fc2_bias"),
+        "swiglu_alpha": t.get("swiglu_alpha"),
+        "swiglu_beta": t.get("swiglu_beta"),
+        "swiglu_limit": t.get("swiglu_limit"),
+        "ep_size": prepared.meta["ep_size"],
+        "ep_rank": prepared.meta["ep_rank"],
+        "activation_type": activation_type,
+        "enable_pdl": prepared.meta.get("enable_pdl", False),
+        "use_deepseek_fp8_block_scale": name == "fp8_block",
+        "use_w4_group_scaling": name == "mxfp4",
+    }
+
+
 def flashinfer_kwargs(
     spec: MoESpec,
     x: torch.Tensor,
@@ -336,42 +375,23 @@ def flashinfer_kwargs(
 
     ``x`` is the kernel's input (already fp8-quantized for fp8); ``activation_type``
     FlashInfer's enum member for ``prepared.meta["activation"]``;
-    ``profile_ids`` ``[gemm1, gemm2]`` tactics from the tune cache (``None``:
-    FlashInfer's own choice).
+    ``profile_ids`` ``[gemm1, gemm2]`` tactics (fp8_block: always :data:`FIXED_TACTICS`;
+    ``None``: FlashInfer's autotuner picks, a per-call lookup).
     """
-    t = prepared.tensors
-    name = spec.quant.name
-    quant_scales: list[torch.Tensor] = []
-    if name == "fp8":
-        quant_scales = [t["fc1_dequant"], t["fc2_quant"], t["fc2_dequant"], t["fc1_input_scale"]]
-    elif name == "fp8_block":
-        quant_scales = [t["fc1_block_scale"], t["fc2_block_scale"]]
-        profile_ids = FIXED_TACTICS
-    elif name == "mxfp4":
-        quant_scales = [t["fc1_scale"], t["fc2_scale"]]
-    kw: dict[str, Any] = {
-        "input": x,
-        "token_selected_experts": _as(topk_ids, torch.int32),
-        "token_final_scales": _as(topk_weights, torch.float32),
-        "fc1_expert_weights": t["fc1"],
-        "fc2_expert_weights": t["fc2"],
-        "output_dtype": spec.dtype,
-        "quant_scales": quant_scales,
-        "fc1_expert_biases": t.get("fc1_bias"),
-        "fc2_expert_biases": t.get("fc2_bias"),
-        "swiglu_alpha": t.get("swiglu_alpha"),
-        "swiglu_beta": t.get("swiglu_beta"),
-        "swiglu_limit": t.get("swiglu_limit"),
-        "ep_size": prepared.meta["ep_size"],
-        "ep_rank": prepared.meta["ep_rank"],
-        "output": out,
-        "activation_type": activation_type,
-        "profile_ids": profile_ids,
-        "enable_pdl": prepared.meta.get("enable_pdl", False),
-        "use_deepseek_fp8_block_scale": name == "fp8_block",
-        "use_w4_group_scaling": name == "mxfp4",
-    }
+    kw = layer_kwargs(spec, prepared, activation_type)
+    _call_kwargs(kw, x, topk_weights, topk_ids, out)
+    kw["profile_ids"] = FIXED_TACTICS if spec.quant.name == "fp8_block" else profile_ids
     return kw
+
+
+def _call_kwargs(
+    kw: dict[str, Any], x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor
+) -> None:
+    """The per-call arguments, into ``kw``."""
+    kw["input"] = x
+    kw["token_selected_experts"] = _as(topk_ids, torch.int32)
+    kw["token_final_scales"] = _as(topk_weights, torch.float32)
+    kw["output"] = out
 
 
 _ACT: dict[int, Any] = {}
@@ -386,24 +406,19 @@ def _flashinfer() -> tuple[Callable[..., Any], Any]:
     return cutlass_fused_moe, ActivationType
 
 
-_UNRESOLVED = object()
-
-
-def _profile_ids(spec: MoESpec, prepared: PreparedWeights, tokens: int) -> list[int] | None:
-    """Tactics from the tune cache, resolved once per prepared layer (kept in ``prepared.meta``)."""
-    if spec.quant.name == "fp8_block":
-        return FIXED_TACTICS
-    resolved = prepared.meta.get("_tactics", _UNRESOLVED)
-    if resolved is _UNRESOLVED:
+def _resolve_tactics(spec: MoESpec, prepared: PreparedWeights) -> tuning.Resolved | None:
+    """The layer's tuned buckets from the tune cache, resolved once per prepared layer (kept in
+    ``prepared.meta["_tactics"]``); warns once when the layer is untuned."""
+    if "_tactics" not in prepared.meta:
         device_name = prepared.meta.get("device_name", "")
         resolved = prepared.meta["_tactics"] = tuning.resolve(spec, device_name)
         if resolved is None:
             warnings.warn(
                 f"{KERNEL}: no tuned tactics for {spec.describe()} in {tuning.cache_path(device_name)}; "
                 "FlashInfer's default tactic can be 4-5x slower at T >= 32: run `moe tune` for this layer",
-                stacklevel=3,
+                stacklevel=5,
             )
-    return None if resolved is None else tuning.pick(resolved, tokens)
+    return prepared.meta["_tactics"]
 
 
 def kernel_input(spec: MoESpec, hidden_states: torch.Tensor, prepared: PreparedWeights) -> torch.Tensor:
@@ -418,6 +433,23 @@ def kernel_input(spec: MoESpec, hidden_states: torch.Tensor, prepared: PreparedW
     return (hidden_states.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
 
 
+def _layer_call(spec: MoESpec, prepared: PreparedWeights) -> tuple[dict[str, Any], Callable | None]:
+    """``(layer_kwargs, tactics picker or None)``, built on the first call and kept in
+    ``prepared.cache`` with the tensor objects they came from (rebuilt if one is replaced).
+    The picker maps ``T`` to the tune cache's tactics of its bucket (:func:`.tuning.pick`)."""
+    t = prepared.tensors
+    key = tuple(t.values())  # held by the entry: their ids stay unique while it lives
+    hit = prepared.cache.get(KERNEL)
+    if hit is not None and len(hit[0]) == len(key) and all(map(operator.is_, hit[0], key)):
+        return hit[1], hit[2]
+    kw = layer_kwargs(spec, prepared, _ACT[prepared.meta["activation"]])
+    kw["profile_ids"] = DEFAULT_TACTICS  # fp8_block: its one tactic (FIXED_TACTICS), never tuned
+    resolved = None if spec.quant.name == "fp8_block" else _resolve_tactics(spec, prepared)
+    pick = None if resolved is None else functools.partial(tuning.pick, resolved)
+    prepared.cache[KERNEL] = (key, kw, pick)
+    return kw, pick
+
+
 def apply(
     spec: MoESpec,
     hidden_states: torch.Tensor,
@@ -428,15 +460,19 @@ def apply(
 ) -> None:
     """Run FlashInfer's cutlass fused MoE into ``out [T, H]`` (no host synchronisation).
 
-    mxfp4 with ``H % 128 != 0`` runs on a padded input into a padded buffer, copied into ``out``.
+    Tactics: the tune cache's for the bucket of ``T``, else :data:`DEFAULT_TACTICS`. mxfp4 with
+    ``H % 128 != 0`` runs on a padded input into a padded buffer, copied into ``out``.
     """
     fn, _ = _flashinfer()
+    layer, pick = _layer_call(spec, prepared)
     x = kernel_input(spec, hidden_states, prepared)
-    ids = _profile_ids(spec, prepared, x.shape[0])
-    dst = out if x.shape[1] == out.shape[1] else out.new_empty(x.shape[0], x.shape[1])
-    kw = flashinfer_kwargs(
-        spec, x, prepared, topk_weights, topk_ids, dst, _ACT[prepared.meta["activation"]], ids
+    dst = (
+        out if x is hidden_states or x.shape[1] == spec.hidden_size else out.new_empty(x.shape[0], x.shape[1])
     )
+    kw = dict(layer)
+    _call_kwargs(kw, x, topk_weights, topk_ids, dst)
+    if pick is not None:
+        kw["profile_ids"] = pick(x.shape[0])
     fn(**kw)
     if dst is not out:
         out.copy_(dst[:, : out.shape[1]])
