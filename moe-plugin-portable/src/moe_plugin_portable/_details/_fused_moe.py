@@ -712,11 +712,14 @@ def _decode_w(w_row_ptrs, n_mask, offs_k, K):
 
 
 @triton.jit
-def _e2m1_pair(bits):
-    """The two float32 ``e2m1 * 2**-14`` of the codes at bits 0-3 and 16-19 of int32 ``bits``, exact:
-    each code's bits placed in an fp16's exponent and mantissa (e2m1's subnormal is then fp16's;
-    no float32 subnormals). One 32-bit operation serves both 16-bit lanes."""
-    h = ((bits & 0x70007) << 9) | ((bits & 0x80008) << 12)
+def _e2m1_pair(words, J: tl.constexpr):
+    """The two float32 ``e2m1 * 2**-14`` of the codes at bits ``4J .. 4J + 3`` and ``16 + 4J ..
+    19 + 4J`` of int32 ``words`` (``J`` in 0..3), exact: each code's bits placed in an fp16's
+    exponent and mantissa (e2m1's subnormal is then fp16's; no float32 subnormals). Magnitude
+    bits to 9-11, sign to 15, of both 16-bit lanes at once: two shifts of the word and one
+    bit-select (the compiler's ``lop3``), where shifting the code down first would take three."""
+    mag = (words << (9 - 4 * J)) if J < 3 else (words >> 3)
+    h = (mag & 0x0E000E00) | ((words << (12 - 4 * J)) & -0x7FFF8000)  # -0x7FFF8000: 0x80008000
     lo = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     hi = (h >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return lo, hi
@@ -774,14 +777,19 @@ def _decode_mxfp4(words, s, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT: t
     offs_e = offs_b[:, None, None] * 32 + offs_w[None, :, None] * 2 + offs_c[None, None, :]
     a, _s = _decode_a(a_row_ptr + k0, offs_e, K - k0, route, a_scale, A_QUANT)
     a0, a1, a2, a3, a4, a5, a6, a7 = _word_elements(a)
-    v0, v1 = _e2m1_pair(words)  # nibbles c and 4 + c of the word
-    part = v0 * a0[None, :, :] + v1 * a4[None, :, :]
-    v0, v1 = _e2m1_pair(words >> 4)
-    part += v0 * a1[None, :, :] + v1 * a5[None, :, :]
-    v0, v1 = _e2m1_pair(words >> 8)
-    part += v0 * a2[None, :, :] + v1 * a6[None, :, :]
-    v0, v1 = _e2m1_pair(words >> 12)
-    part += v0 * a3[None, :, :] + v1 * a7[None, :, :]
+    # one chain of fused multiply-adds per word (no separate products summed afterwards)
+    v0, v1 = _e2m1_pair(words, 0)  # nibbles c and 4 + c of the word
+    part = v0 * a0[None, :, :]
+    part += v1 * a4[None, :, :]
+    v0, v1 = _e2m1_pair(words, 1)
+    part += v0 * a1[None, :, :]
+    part += v1 * a5[None, :, :]
+    v0, v1 = _e2m1_pair(words, 2)
+    part += v0 * a2[None, :, :]
+    part += v1 * a6[None, :, :]
+    v0, v1 = _e2m1_pair(words, 3)
+    part += v0 * a3[None, :, :]
+    part += v1 * a7[None, :, :]
     # e8m0 byte s: 2**(s - 127) from its bits (byte 0, only all-zero blocks in practice: 0)
     return tl.sum(part, axis=2) * (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
 
