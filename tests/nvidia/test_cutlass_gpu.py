@@ -217,14 +217,13 @@ def test_tune_cache_is_used(tmp_path, monkeypatch):
     tuning.merge_table(tmp_path / tuning.table_name(name), name, "x", {tuning.layer_key(spec): entry})
     assert tuning.lookup(spec, name, 4) == entry["buckets"]["4"]
     seen = {}
-    real = cutlass.flashinfer_kwargs
+    fn, act = cutlass._flashinfer()
 
-    def spy(*args, **kwargs):
-        kw = real(*args, **kwargs)
+    def spy(**kw):
         seen["profile_ids"] = kw["profile_ids"]
-        return kw
+        return fn(**kw)
 
-    monkeypatch.setattr(cutlass, "flashinfer_kwargs", spy)
+    monkeypatch.setattr(cutlass, "_flashinfer", lambda: (spy, act))
     _run(spec, 4, seed=3)
     assert seen["profile_ids"] == entry["buckets"]["4"]
 
