@@ -531,7 +531,10 @@ def test_tuner_tunes_the_decode_path(tmp_path):
     entry = json.loads(path.read_text())["configs"][configs.layer_key(spec)]["1"]
     assert configs.DecodeConfig.from_json(entry["decode"]) == cfg
     assert configs.MoEConfig.from_json(entry).block_m == found["1"]["block_m"]
-    assert [len(r) for r in tuning.decode_space(cfg.gemm1, "quick")] == [9, 4, 9]
+    rounds = tuning.decode_space(cfg.gemm1, "quick")
+    splits = len({cfg.gemm1.split, 1, 2, 4, 8})  # tiles with coarse splits, then splits, then pipelines
+    assert [len(r) for r in rounds] == [9 * splits, 4, 9]
+    assert {c.split for c in rounds[0]} == {cfg.gemm1.split, 1, 2, 4, 8}
 
 
 def test_fast_launch_falls_back_when_the_launcher_rejects_its_arguments(monkeypatch):

@@ -71,7 +71,9 @@ def test_quantized_spaces_launch_as_listed_and_fit(space):
     # decode tiles: fp8_block's K step is its block, so the K steps of the space are one
     base = configs.decode_heuristic(block, 1, 132, False).gemm1
     tiles = tuning.decode_space(base, space, block)[0]
-    assert {c.block_k for c in tiles} == {128} and len(tiles) == len({c.block_n for c in tiles})
+    assert {c.block_k for c in tiles} == {128}
+    assert len(tiles) == len({(c.block_n, c.split) for c in tiles})  # each tile and split once
+    assert {c.split for c in tiles} >= {1, 2, 4, 8}
 
 
 def test_search_times_each_config_once():
