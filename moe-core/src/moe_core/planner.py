@@ -246,6 +246,7 @@ class MoEPlan:
         self.dispatch_note = dispatch_note
         self.routes: tuple[KernelEntry, ...] | None = None
         self.memory: dict[str, Any] | None = None
+        self._fast: tuple | None = None  # _fast_facts
         if dispatch is not None:
             by_name = {c.name: c.entry for c in candidates}
             routes = tuple(by_name[k] if k is not None else entry for k in dispatch.kernels)
@@ -519,7 +520,7 @@ def _fast_facts(plan: MoEPlan) -> tuple:
     or ``plan.entry`` is replaced): ``(device info, entry, kernel name, H, dtype, top_k,
     contiguous needed, simulated, device type, index or None, value checks asked)``.
     ``MOE_CHECK_INPUTS`` is read here, once per plan, not on every call."""
-    facts = plan.__dict__.get("_fast")
+    facts = plan._fast
     if facts is None or facts[0] is not plan.device or facts[1] is not plan.entry:
         info, entry, spec = plan.device, plan.entry, plan.spec
         want = torch.device("cpu") if info.vendor == "cpu" else info.device
