@@ -242,3 +242,49 @@ def test_decode_kernels_compile_without_spills(target):
     bad = [p for p in profiles if not p.ok]
     assert not bad, profile.format_table(bad)
     assert all(p.mfma == 0 for p in profiles)  # GEMVs: no matrix instructions
+
+
+# ----------------------------------------------------------------------------- loop instructions
+
+
+SASS = """Function:k
+--:-:-:-:8\tLDC R1, c[0x0][0x28];
+--:-:-:-:5\t@!P1 BRA LBB0;
+LBB1:
+--:-:-:-:1\tFFMA R2, R3, R4, R2;
+--:-:-:-:1\tHADD2.F32 R5, -RZ, R6.H0_H0;
+01:-:-:Y:4\tLDG.E R7, desc[UR4][R8.64];
+--:-:-:-:6\t@!P0 BRA LBB1;
+LBB0:
+--:-:-:-:1\tEXIT;
+"""
+
+AMDGCN = """k:
+\ts_load_dwordx2 s[0:1], s[4:5], 0x0
+.LBB0_1:                                ; =>This Inner Loop Header
+\tv_fma_f32 v1, v2, v3, v1
+\tv_add_u32 v4, 1, v4  ; a comment
+\ts_cbranch_scc1 .LBB0_1
+; %bb.2:
+\ts_endpgm
+\t.section\t.AMDGPU.csdata
+"""
+
+
+def test_loop_instructions_count_the_largest_loop_body():
+    assert profile.loop_instructions_sass(SASS) == 4  # FFMA, HADD2, LDG and the branch back
+    assert profile.loop_instructions_amdgcn(AMDGCN) == 3
+    assert profile.loop_instructions_sass(SASS.replace("@!P0 BRA LBB1;", "NOP;")) == 0  # no loop
+
+
+@needs_amd_backend
+@pytest.mark.parametrize("target", ["gfx950", "sm90"])
+def test_decode_kernels_report_their_k_loop(target):
+    """The decode GEMVs' K loop is found in the compiled code of both vendors."""
+    configs = profile.launch_configs(
+        target, ["gpt-oss-120b"], ["bf16"], [1], sorting_ops=(), quants=("mxfp4",)
+    )
+    decode = [c for c in configs if c.kernel in DECODE]
+    profiles = profile.compile_profile(target, decode)
+    assert profiles and all(p.ok for p in profiles), profile.format_table(profiles)
+    assert all(p.loop_instructions > 20 for p in profiles), profile.format_table(profiles)

@@ -100,6 +100,8 @@ __all__ = [
     "compile_profile",
     "format_table",
     "launch_configs",
+    "loop_instructions_amdgcn",
+    "loop_instructions_sass",
     "main",
     "merge_launches",
 ]
@@ -113,7 +115,7 @@ SORTING_OPS = ("align_block_size", "moe_sorting", "ragged_metadata")
 #: ``moe_sorting``'s unit size (its default, aiter's)
 MOE_SORTING_UNIT = 32
 #: bump when the cached result's fields or their meaning change
-_SCHEMA = 2
+_SCHEMA = 3
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _TYPE_NAMES = {
     torch.bfloat16: "bf16",
@@ -213,7 +215,10 @@ class Profile:
     ``compiler_occupancy``: LLVM's (AMD); ``mfma``: matrix-core instructions (``v_mfma`` on
     AMD, ``mma``/``wgmma`` in the PTX on NVIDIA); ``mfma_scaled``/``cvt_scaled``: CDNA4
     microscaling instructions: scaled MFMAs (``v_mfma_scale_f32_*``) and scaled fp4 upcasts
-    (``v_cvt_scalef32_pk_*_fp4``), AMD only.
+    (``v_cvt_scalef32_pk_*_fp4``), AMD only; ``loop_instructions``: machine instructions in
+    the kernel's largest loop body (the K loop: per step, the figure a change of the inner
+    arithmetic moves), from the SASS (NVIDIA, Triton's ``nvdisasm``) or the AMDGCN; 0 when the
+    kernel has no loop or the SASS is not available.
     """
 
     kernel: str
@@ -235,6 +240,7 @@ class Profile:
     users: tuple[str, ...] = ()
     mfma_scaled: int = 0
     cvt_scaled: int = 0
+    loop_instructions: int = 0
     compile_s: float = 0.0
     cached: bool = False
     error: str | None = None
@@ -773,6 +779,60 @@ def _parse_ptxas(log: str, ptx: str) -> dict[str, int]:
     }
 
 
+_SASS_LINE = re.compile(r"^(?:[0-9a-f]{2}|--):[^\t]*\t(.*)$")
+_SASS_BRANCH = re.compile(r"\bBRA\b.*?\b(\w+);")
+_AMD_BRANCH = re.compile(r"^\s*s_c?branch\w*\s+(\.LBB\w+)")
+
+
+def _largest_loop(items: list[tuple[str | None, str | None]]) -> int:
+    """Instructions in the largest loop of ``items``: ``(label, None)`` marks a label,
+    ``(None, target)`` an instruction (``target``: the label it branches to, or ``None``).
+    A loop is a branch back to a label above it; its body, the instructions in between."""
+    where: dict[str, int] = {}
+    count = 0
+    best = 0
+    for label, target in items:
+        if label is not None:
+            where[label] = count
+            continue
+        count += 1
+        if target is not None and target in where:
+            best = max(best, count - where[target])
+    return best
+
+
+def loop_instructions_sass(sass: str) -> int:
+    """:func:`_largest_loop` of ``nvdisasm`` output as Triton prints it (``Function:`` headers,
+    ``LBBx:`` labels, instructions after their control codes and a tab)."""
+    items: list[tuple[str | None, str | None]] = []
+    for line in sass.splitlines():
+        text = line.strip()
+        if re.fullmatch(r"\.?L\w+:", text):
+            items.append((text.rstrip(":"), None))
+            continue
+        m = _SASS_LINE.match(line)
+        if m and m.group(1).strip():
+            branch = _SASS_BRANCH.search(m.group(1))
+            items.append((None, branch.group(1) if branch else None))
+    return _largest_loop(items)
+
+
+def loop_instructions_amdgcn(asm: str) -> int:
+    """:func:`_largest_loop` of an AMDGCN listing (``.LBBx_y:`` labels, ``s_cbranch_*`` / ``s_branch``)."""
+    items: list[tuple[str | None, str | None]] = []
+    body = asm.split(".section", 1)[0]  # the code, before the metadata sections
+    for line in body.splitlines():
+        text = line.split(";", 1)[0].strip()
+        if not text:
+            continue
+        if re.fullmatch(r"\.LBB\w+:", text):
+            items.append((text.rstrip(":"), None))
+        elif re.match(r"[a-z]", text):  # an instruction (directives start with '.', labels end with ':')
+            m = _AMD_BRANCH.match(text)
+            items.append((None, m.group(1) if m else None))
+    return _largest_loop(items)
+
+
 def _materialize(arg: Any) -> Any:
     if isinstance(arg, dict) and "tensor" in arg:
         dtype = getattr(torch, arg["tensor"])
@@ -831,6 +891,7 @@ def _compile_job(job: dict[str, Any]) -> dict[str, Any]:
     shared = int(getattr(compiled.metadata, "shared", 0) or 0)
     if target.backend == "hip":
         result = _parse_amdgcn(compiled.asm["amdgcn"])
+        result["loop_instructions"] = loop_instructions_amdgcn(compiled.asm["amdgcn"])
         result["lds_bytes"] = max(result["lds_bytes"], shared)
         result["occupancy"] = _occupancy_amd(
             result["vgpr"],
@@ -841,6 +902,10 @@ def _compile_job(job: dict[str, Any]) -> dict[str, Any]:
         )
     else:
         result = _parse_ptxas(log.getvalue(), compiled.asm["ptx"])
+        try:  # nvdisasm (Triton ships it) reads the cubin
+            result["loop_instructions"] = loop_instructions_sass(compiled.asm["sass"])
+        except Exception:
+            result["loop_instructions"] = 0
         result["lds_bytes"] = shared
         result["occupancy"] = _occupancy_nvidia(result["vgpr"], shared, options.num_warps, target.lds_per_cu)
     result["compile_s"] = round(elapsed, 3)
@@ -997,6 +1062,7 @@ def _profile(cfg: LaunchConfig, target: Target, r: dict[str, Any]) -> Profile:
         mfma=r["mfma"],
         mfma_scaled=r.get("mfma_scaled", 0),
         cvt_scaled=r.get("cvt_scaled", 0),
+        loop_instructions=r.get("loop_instructions", 0),
         users=cfg.users,
         compile_s=r["compile_s"],
         cached=not r.get("fresh", False),
@@ -1016,7 +1082,20 @@ def _users(users: Sequence[str]) -> str:
 
 def format_table(profiles: Sequence[Profile]) -> str:
     """A text table, one row per profile, problems last on each row."""
-    head = ["kernel", "config", "w/s", "VGPR", "AGPR", "SGPR", "spill v/s", "scratch", "LDS", "occ", "MFMA"]
+    head = [
+        "kernel",
+        "config",
+        "w/s",
+        "VGPR",
+        "AGPR",
+        "SGPR",
+        "spill v/s",
+        "scratch",
+        "LDS",
+        "occ",
+        "MFMA",
+        "loop",
+    ]
     head += ["used by", "status"]
     rows = [head]
     for p in sorted(profiles, key=lambda p: (p.kernel, p.config, p.num_warps)):
@@ -1037,12 +1116,13 @@ def format_table(profiles: Sequence[Profile]) -> str:
                 str(p.mfma)
                 + (f" (scaled {p.mfma_scaled})" if p.mfma_scaled else "")
                 + (f" (cvt {p.cvt_scaled})" if p.cvt_scaled else ""),
+                str(p.loop_instructions),
                 _users(p.users),
                 "; ".join(problems) if problems else "ok",
             ]
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    numeric = set(range(3, 11))
+    numeric = set(range(3, 12))
     lines = [
         "  ".join(
             c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
