@@ -133,3 +133,10 @@ def test_search_tactics_keeps_the_default_when_nothing_beats_it():
         return 5.0
 
     assert tuning.search_tactics(time_call)[0] == [-1, -1]
+
+
+def test_picker_agrees_with_pick_at_every_token_count():
+    resolved = ([1, 8, 32, 512], [[1, 2], [3, 4], [5, 6], [7, 8]])
+    fast = tuning.picker(resolved)
+    for t in (*range(0, 600), 4096, 10**6):
+        assert fast(t) == tuning.pick(resolved, t), t

@@ -657,7 +657,8 @@ def moe_apply(
         topk_ids: int32/int64 ``[T, top_k]`` global expert ids in ``[0, num_experts)``.
         out: optional contiguous ``[T, H]`` buffer of ``spec.dtype`` to write into.
     """
-    check_apply_inputs(plan, hidden_states, prepared, topk_weights, topk_ids, out)
+    if not _plain_inputs(plan, hidden_states, prepared, topk_weights, topk_ids, out):
+        check_apply_inputs(plan, hidden_states, prepared, topk_weights, topk_ids, out)
     if torch.compiler.is_compiling():
         from .ops import moe_apply_op
 

@@ -445,7 +445,7 @@ def _layer_call(spec: MoESpec, prepared: PreparedWeights) -> tuple[dict[str, Any
     kw = layer_kwargs(spec, prepared, _ACT[prepared.meta["activation"]])
     kw["profile_ids"] = DEFAULT_TACTICS  # fp8_block: its one tactic (FIXED_TACTICS), never tuned
     resolved = None if spec.quant.name == "fp8_block" else _resolve_tactics(spec, prepared)
-    pick = None if resolved is None else functools.partial(tuning.pick, resolved)
+    pick = None if resolved is None else tuning.picker(resolved)
     prepared.cache[KERNEL] = (key, kw, pick)
     return kw, pick
 

@@ -49,6 +49,7 @@ __all__ = [
     "lookup",
     "merge_table",
     "pick",
+    "picker",
     "read_table",
     "resolve",
     "search_tactics",
@@ -152,6 +153,14 @@ def pick(resolved: Resolved, tokens: int) -> list[int]:
     """The tactics of the largest tuned bucket not above ``tokens`` (the smallest bucket below all)."""
     buckets, ids = resolved
     return ids[max(bisect.bisect_right(buckets, tokens) - 1, 0)]
+
+
+def picker(resolved: Resolved) -> Callable[[int], list[int]]:
+    """:func:`pick` for ``resolved`` as a list lookup (per-call host time: one index)."""
+    buckets, ids = resolved
+    table = [pick(resolved, t) for t in range(buckets[-1] + 1)]
+    last = ids[-1]
+    return lambda tokens: table[tokens] if tokens < len(table) else last
 
 
 def lookup(spec: MoESpec, device_name: str, tokens: int) -> list[int] | None:
