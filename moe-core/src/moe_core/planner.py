@@ -224,6 +224,8 @@ class MoEPlan:
             table named one other kernel for every bucket).
         memory: bytes held by the last ``prepare`` (:func:`memory_report`), or ``None``.
         dispatch_note: why a dispatch table was not used, when one was found.
+        check_values: ``MOE_CHECK_INPUTS`` when the plan was made: whether ``moe_apply``
+            reads GPU expert ids to check their range (a host sync; CPU ids always are).
     """
 
     def __init__(
@@ -247,6 +249,8 @@ class MoEPlan:
         self.routes: tuple[KernelEntry, ...] | None = None
         self.memory: dict[str, Any] | None = None
         self._fast: tuple | None = None  # _fast_facts
+        #: MOE_CHECK_INPUTS as it was when the plan was made (the fast input check's value checks)
+        self.check_values = check_values_asked()
         if dispatch is not None:
             by_name = {c.name: c.entry for c in candidates}
             routes = tuple(by_name[k] if k is not None else entry for k in dispatch.kernels)
@@ -519,7 +523,7 @@ def _fast_facts(plan: MoEPlan) -> tuple:
     """What :func:`_plain_inputs` compares against, kept on the plan (rebuilt when ``plan.device``
     or ``plan.entry`` is replaced): ``(device info, entry, kernel name, H, dtype, top_k,
     contiguous needed, simulated, device type, index or None, value checks asked)``.
-    ``MOE_CHECK_INPUTS`` is read here, once per plan, not on every call."""
+    ``MOE_CHECK_INPUTS`` is the plan's (read when it was made), not the environment on every call."""
     facts = plan._fast
     if facts is None or facts[0] is not plan.device or facts[1] is not plan.entry:
         info, entry, spec = plan.device, plan.entry, plan.spec
@@ -535,7 +539,7 @@ def _fast_facts(plan: MoEPlan) -> tuple:
             info.simulated,
             want.type,
             want.index,
-            check_values_asked(),
+            plan.check_values,
         )
     return facts
 
