@@ -532,9 +532,11 @@ def test_tuner_tunes_the_decode_path(tmp_path):
     assert configs.DecodeConfig.from_json(entry["decode"]) == cfg
     assert configs.MoEConfig.from_json(entry).block_m == found["1"]["block_m"]
     rounds = tuning.decode_space(cfg.gemm1, "quick")
-    splits = len({cfg.gemm1.split, 1, 2, 4, 8})  # tiles with coarse splits, then splits, then pipelines
-    assert [len(r) for r in rounds] == [9 * splits, 4, 9]
-    assert {c.split for c in rounds[0]} == {cfg.gemm1.split, 1, 2, 4, 8}
+    base = cfg.gemm1
+    wide = sum(n > base.block_n for n in (4, 8, 16)) * len({2, 4, 8} - {base.split})
+    # the tiles at the base split, the wider ones at splits 2, 4, 8; then splits, then pipelines
+    assert [len(r) for r in rounds] == [9 + wide, 4, 9]
+    assert all(c.split == base.split or c.block_n > base.block_n for c in rounds[0])
 
 
 def test_fast_launch_falls_back_when_the_launcher_rejects_its_arguments(monkeypatch):

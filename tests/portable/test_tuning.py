@@ -73,7 +73,10 @@ def test_quantized_spaces_launch_as_listed_and_fit(space):
     tiles = tuning.decode_space(base, space, block)[0]
     assert {c.block_k for c in tiles} == {128}
     assert len(tiles) == len({(c.block_n, c.split) for c in tiles})  # each tile and split once
-    assert {c.split for c in tiles} >= {1, 2, 4, 8}
+    wider = {(c.block_n, c.split) for c in tiles if c.block_n > base.block_n}
+    assert {(n, s) for n, s in wider if s != base.split} == {
+        (n, s) for n in {c.block_n for c in tiles} if n > base.block_n for s in (2, 4, 8) if s != base.split
+    }
 
 
 def test_search_times_each_config_once():

@@ -367,8 +367,9 @@ def _time_block_m(
 def decode_space(
     base: GemmConfig, space: str = "full", spec: MoESpec | None = None
 ) -> list[list[GemmConfig]]:
-    """Config rounds for one decode launch around the heuristic's ``base``: tiles with coarse
-    splits (``base``'s, 1, 2, 4, 8), then every split of the best tile, then pipelines (templates with ``block_n == 0`` as in
+    """Config rounds for one decode launch around the heuristic's ``base``: tiles (at ``base``'s
+    split) and the tiles wider than ``base``'s at splits 2, 4 and 8 (``base``'s K step), then
+    every split of the best, then pipelines (templates with ``block_n == 0`` as in
     :func:`gemm_space`); ``small``: ``base`` alone. ``spec``: tiles as the decode kernels launch
     them (fp8_block: its K block), each once."""
     if space not in SPACES:
@@ -377,19 +378,25 @@ def decode_space(
         return [[base]]
     tile_n = (4, 8, 16) if space == "quick" else (4, 8, 16, 32)
     tile_k = (256, 512, 1024) if space == "quick" else (128, 256, 512, 1024)
-    # tiles and coarse splits together: a wider tile with a split K keeps as many programs as a
-    # narrow one and does the per-step work shared by its rows (the activation step, fp8_block's
-    # group quantization) for more rows; searched one after the other, the narrow tile wins at
-    # split 1 and the split round never sees the wide one
-    coarse = dict.fromkeys((base.split, 1, 2, 4, 8))
     tiles = [
-        GemmConfig(bn, bk, base.num_warps, base.num_stages, 1, split=n)
+        GemmConfig(bn, bk, base.num_warps, base.num_stages, 1, split=base.split)
         for bn in tile_n
         for bk in tile_k
-        for n in coarse
+    ]
+    # A wider tile with a split K keeps as many programs as a narrow one and shares the per-step
+    # work of its rows (the activation step; fp8_block's group quantization) among more of them.
+    # Searched one after the other, the narrow tile wins at split 1 and the split round never
+    # sees the wide one: they are timed together.
+    tiles += [
+        GemmConfig(bn, base.block_k, base.num_warps, base.num_stages, 1, split=n)
+        for bn in tile_n
+        if bn > base.block_n
+        for n in (2, 4, 8)
+        if n != base.split
     ]
     if spec is not None:
-        tiles = _unique(replace(c, block_k=_decode_block_k(spec, c)) for c in tiles)
+        tiles = [replace(c, block_k=_decode_block_k(spec, c)) for c in tiles]
+    tiles = _unique(tiles)
     splits = (1, 2, 4, 8) if space == "quick" else (1, 2, 3, 4, 6, 8, 12, 16)
     warps = (2, 4, 8)
     stages = (1, 2, 3) if space == "quick" else (1, 2, 3, 4)
