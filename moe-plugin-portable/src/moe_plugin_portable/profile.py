@@ -46,7 +46,9 @@ AGPRs), ``; NumVgprs``, ``; NumAgprs``, ``.sgpr_count``, ``.vgpr_spill_count``,
 ``.group_segment_fixed_size`` (LDS), LLVM's ``; Occupancy`` and the number of
 ``v_mfma`` instructions. NVIDIA (``ptxas -v``, which Triton runs): registers,
 spill store/load bytes, stack frame; shared memory from Triton's metadata; the
-``mma``/``wgmma`` instructions of the PTX.
+``mma``/``wgmma`` instructions of the PTX. Both: the machine instructions of the
+largest loop body (``loop``: the K loop's instructions per step; NVIDIA from the SASS
+of Triton's ``nvdisasm``), the figure a change of a kernel's inner arithmetic moves.
 
 Occupancy estimate (waves per SIMD, CDNA3/CDNA4: gfx942, gfx950). A SIMD has a
 unified file of 512 VGPRs per lane shared by arch VGPRs and AGPRs and runs at
