@@ -54,12 +54,19 @@ def module_refusal(module: str, quant: str) -> str | None:
     """
     found = prebuilt_module(module)
     arch = {"fused_moe_90": "9.0a"}.get(module)
-    build = f"`moe nvidia build --arch {arch} --quant {quant}`" if arch else "FlashInfer's jit-cache wheel"
+    if arch:
+        build = f"`moe nvidia build --arch {arch} --quant {quant}`"
+        jit = "JIT-compiling it takes 40-60 min on first use"
+    else:
+        build = (
+            "FlashInfer's jit-cache wheel (flashinfer-jit-cache; `moe nvidia build` builds only fused_moe_90)"
+        )
+        jit = "FlashInfer JIT-compiles it with nvcc on first use"
     if found is None:
         if os.environ.get(ALLOW_JIT_ENV) == "1":
             return None
         return (
-            f"FlashInfer's {module} is not built (JIT-compiling it takes 40-60 min on first use): "
+            f"FlashInfer's {module} is not built ({jit}): "
             f"build it ahead of time with {build}, or set {ALLOW_JIT_ENV}=1 to let FlashInfer compile it"
         )
     if not found.has_quant(quant):

@@ -105,8 +105,7 @@ from moe_core import DeviceInfo, ExpertWeights, KernelEntry, MoESpec, PreparedWe
 from moe_core import quant as mq
 from moe_core.errors import UnsupportedError
 
-from . import _common
-from ._common import ALLOW_JIT_ENV, PRIORITY_SM100, flashinfer_refusal
+from ._common import PRIORITY_SM100, flashinfer_refusal, module_refusal
 from .cutlass import _as, _ep_slices, _swap_halves
 from .cutlass import _swiglu_params as cutlass_swiglu_params
 from .flashinfer_env import flashinfer_dir, flashinfer_version, version_tuple
@@ -217,23 +216,16 @@ def supports(spec: MoESpec, device: DeviceInfo) -> str | None:
     ep = _ep_slices(spec)
     if isinstance(ep, str):
         return ep
-    return flashinfer_refusal() or _module_refusal(device.capability) or cubin_refusal()
+    return (
+        flashinfer_refusal()
+        or module_refusal(trtllm_module_name(device.capability), spec.quant.name)
+        or cubin_refusal()
+    )
 
 
 def trtllm_module_name(capability: tuple[int, int]) -> str:
     """FlashInfer's trtllm-gen fused-MoE module for an SM10x capability (``gen_trtllm_gen_fused_moe_sm100_module``)."""
     return "fused_moe_trtllm_sm107" if tuple(capability) == (10, 7) else "fused_moe_trtllm_sm100"
-
-
-def _module_refusal(capability: tuple[int, int]) -> str | None:
-    module = trtllm_module_name(capability)
-    if _common.prebuilt_module(module) is not None or os.environ.get(ALLOW_JIT_ENV) == "1":
-        return None
-    return (
-        f"FlashInfer's {module} is not built (FlashInfer JIT-compiles it with nvcc on first use; "
-        "`moe nvidia build` builds only fused_moe_90): install FlashInfer's jit-cache wheel "
-        f"(flashinfer-jit-cache), or set {ALLOW_JIT_ENV}=1 to let FlashInfer compile it"
-    )
 
 
 @functools.cache
