@@ -6,6 +6,7 @@
 Per layer (model x scheme) and ``T``, for each variant (environment settings of the plugin):
 
 - ``sorted``: ``MOE_PORTABLE_DECODE=0``; ``decode``: ``MOE_PORTABLE_DECODE=1``;
+  ``decode-prequant`` / ``decode-inkernel`` (fp8 activations): that with ``MOE_PORTABLE_PREQUANT=1`` / ``0``;
 - ``sorted-dot_scaled`` / ``sorted-dequant`` (mxfp4): ``MOE_PORTABLE_MXFP4`` forced;
   ``sorted-no_ptx``: dequantized by the portable Triton code (``MOE_PORTABLE_MX_PTX=0``);
 
@@ -31,6 +32,8 @@ import torch
 VARIANTS = {
     "sorted": {"MOE_PORTABLE_DECODE": "0"},
     "decode": {"MOE_PORTABLE_DECODE": "1"},
+    "decode-prequant": {"MOE_PORTABLE_DECODE": "1", "MOE_PORTABLE_PREQUANT": "1"},
+    "decode-inkernel": {"MOE_PORTABLE_DECODE": "1", "MOE_PORTABLE_PREQUANT": "0"},
     "sorted-dot_scaled": {"MOE_PORTABLE_DECODE": "0", "MOE_PORTABLE_MXFP4": "dot_scaled"},
     "sorted-dequant": {"MOE_PORTABLE_DECODE": "0", "MOE_PORTABLE_MXFP4": "dequant"},
     "sorted-no_ptx": {
@@ -41,10 +44,12 @@ VARIANTS = {
 }
 #: "cuda"; "cpu" when there is no GPU (a smoke run of this script under TRITON_INTERPRET=1)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-KNOBS = ("MOE_PORTABLE_DECODE", "MOE_PORTABLE_MXFP4", "MOE_PORTABLE_MX_PTX")
+KNOBS = ("MOE_PORTABLE_DECODE", "MOE_PORTABLE_MXFP4", "MOE_PORTABLE_MX_PTX", "MOE_PORTABLE_PREQUANT")
 
 
 def applies(variant: str, quant: str) -> bool:
+    if variant.startswith("decode-"):  # the activations' quantization: fp8 activations only
+        return quant != "mxfp4"
     return quant.startswith("mxfp4") or not variant.startswith("sorted-")
 
 

@@ -109,6 +109,78 @@ def test_decode_quantized(name, changes, monkeypatch):
     assert err <= tq.bound(spec), f"relative error {err:.3e} > {tq.bound(spec):.1e} for {spec.describe()}"
 
 
+#: (GEMM 1, GEMM 2) pre-quantized: each alone and both
+PREQUANT = [(True, False), (False, True), (True, True)]
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("name", "changes"), QUANT_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(QUANT_CASES)]
+)
+def test_decode_prequant_is_bit_equal(name, changes):
+    """A GEMM whose input a pre-pass quantized (``prequant``) reads the same fp8 codes and scales as
+    one quantizing in every program, and sums them in the same order: bit-equal outputs; the
+    pre-passes are launched before their GEMMs (and only with fp8 activations)."""
+    spec = tq._spec(name, **changes)
+    _, weights = tq._weights(spec, seed=6)
+    prepared = moe_plan(spec, DEVICE).prepare(weights)
+    T = 3
+    x, topk_w, ids = tq._inputs(spec, T, seed=6)
+    base = configs.decode_heuristic(spec, T, 8, False)
+    want = fused_experts_reference(spec, x, weights, topk_w, ids, compute_dtype=torch.float64)
+    outs = []
+    for pre1, pre2 in [(False, False), *PREQUANT]:
+        cfg = configs.DecodeConfig(
+            dataclasses.replace(base.gemm1, prequant=pre1), dataclasses.replace(base.gemm2, prequant=pre2)
+        )
+        names = [
+            launch[0].__name__
+            for launch in experts.decode_launches(
+                spec, x, prepared.tensors, topk_w, ids, torch.empty_like(x), cfg
+            )
+        ]
+        quantized = spec.quant.activation != "none"
+        assert names == [
+            *(["moe_quant_fp8"] if pre1 and quantized else []),
+            "moe_decode_gemm1",
+            *(["moe_quant_fp8"] if pre2 and quantized else []),
+            "moe_decode_gemm2",
+        ]
+        out = torch.full((T, spec.hidden_size), float("nan"), dtype=spec.dtype, device=DEVICE)
+        outs.append(experts.fused_moe(spec, x, prepared.tensors, topk_w, ids, out, config=cfg))
+        err = relative_error(out, want)
+        assert err <= tq.bound(spec), f"prequant {(pre1, pre2)}: relative error {err:.3e}"
+    for (pre1, pre2), out in zip(PREQUANT, outs[1:], strict=True):
+        assert torch.equal(out, outs[0]), f"prequant {(pre1, pre2)} differs from in-kernel quantization"
+
+
+def test_prequant_config_round_trips_and_is_tuned(monkeypatch):
+    """``prequant`` is in a table entry only where set, ``MOE_PORTABLE_PREQUANT`` sets it; the
+    tuner's decode space tries it with fp8 activations (a round before the splits), not without."""
+    from moe_plugin_portable import tuning
+
+    cpu = torch.device("cpu")
+    for value in ("1", "0"):
+        monkeypatch.setenv("MOE_PORTABLE_PREQUANT", value)
+        found = configs.lookup_decode(MoESpec(**BASE), 1, cpu)
+        assert found.gemm1.prequant == found.gemm2.prequant == (value == "1")
+    monkeypatch.delenv("MOE_PORTABLE_PREQUANT")
+
+    cfg = configs.GemmConfig(8, 128, 4, 3, 1, split=2, prequant=True)
+    assert cfg.to_json()["prequant"] is True and "prequant" not in configs.GemmConfig(8, 128).to_json()
+    assert configs.DecodeConfig.from_json({"gemm1": cfg.to_json(), "gemm2": cfg.to_json()}).gemm2 == cfg
+    fp8_block = tq._spec("fp8_block")
+    base = configs.decode_heuristic(fp8_block, 1, 132, False).gemm1
+    rounds = tuning.decode_space(base, "quick", fp8_block)
+    assert len(rounds) == 4 and all(c.prequant for c in rounds[1])
+    assert any(c.block_n == 0 for c in rounds[1]) and {c.block_n for c in rounds[1]} == {0, 4, 8, 16}
+    assert not any(c.prequant for r in (rounds[0], *rounds[2:]) for c in r)
+    filled = list(tuning._filled(rounds[2], rounds[1][1]))  # the splits keep the best's prequant
+    assert filled and all(c.prequant for c in filled)
+    bf16 = MoESpec(**BASE)
+    assert len(tuning.decode_space(configs.decode_heuristic(bf16, 1, 8, False).gemm1, "quick", bf16)) == 3
+
+
 @needs_triton
 @pytest.mark.parametrize("name", sorted(tq.MUTATIONS))
 def test_decode_wrong_scale_is_caught(name, monkeypatch):
@@ -355,6 +427,48 @@ def test_gpu_decode_split_real_shapes(quant, T, split1, split2):
         static.fill_(float("nan"))
         graph.replay()
         assert torch.equal(static, run(torch.empty_like(out))), f"replay {i}"
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("model", "quant"),
+    [("deepseek-v3-tp8", "fp8_block"), ("qwen3-30b-a3b", "fp8"), ("gpt-oss-120b", "mxfp4_w4a8")],
+)
+@pytest.mark.parametrize("T", [1, 8])
+def test_gpu_decode_prequant_real_shapes(model, quant, T):
+    """Pre-quantized decode GEMMs at real shapes: bit-equal to quantizing in every program, within
+    the scheme's bound, and a CUDA graph of them replays equal to eager."""
+    from moe_core.presets import get_preset
+    from moe_core.testing import random_routing
+
+    preset = get_preset(model)
+    spec = preset.moe_spec(torch.bfloat16, experts.QUANT_VARIANTS[quant])
+    weights = random_expert_weights(spec, device="cuda", seed=T)
+    prepared = moe_plan(spec, "cuda").prepare(weights)
+    x = torch.randn(T, spec.hidden_size, device="cuda").to(spec.dtype)
+    topk_w, topk_ids = random_routing(preset.routing, T, preset.num_experts, device="cuda", seed=T)
+    base = configs.decode_heuristic(spec, T, 132, False)
+
+    def run(out, pre):
+        cfg = configs.DecodeConfig(
+            dataclasses.replace(base.gemm1, prequant=pre), dataclasses.replace(base.gemm2, prequant=pre)
+        )
+        return experts.fused_moe(spec, x, prepared.tensors, topk_w, topk_ids, out, config=cfg)
+
+    nan = torch.full((T, spec.hidden_size), float("nan"), dtype=spec.dtype, device="cuda")
+    out = run(nan.clone(), True)
+    want = fused_experts_reference(spec, x, weights, topk_w, topk_ids, compute_dtype=torch.float64)
+    assert relative_error(out, want) <= tq.bound(spec)
+    assert torch.equal(out, run(nan.clone(), False))
+    static = nan.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(static, True)
+    x.copy_(torch.randn_like(x))
+    static.fill_(float("nan"))
+    graph.replay()
+    assert torch.equal(static, run(nan.clone(), True))
 
 
 @gpu

@@ -54,7 +54,7 @@ import json
 import os
 import re
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,10 @@ class GemmConfig:
     """Tile and pipeline of one grouped GEMM; ``mx_dot``: mxfp4 weights through ``tl.dot_scaled``
     (``True``) or dequantized in registers (``False``), ``None`` for the row rule
     (:func:`moe_plugin_portable.experts._mx_dot`); other schemes ignore it. ``split``: programs
-    per output tile of a decode launch (:class:`DecodeConfig`; the sorted path ignores it)."""
+    per output tile of a decode launch (:class:`DecodeConfig`; the sorted path ignores it).
+    ``prequant``: a decode launch with fp8 activations reads its input quantized by a pre-pass
+    (one more launch; the codes and scales are read per K step) instead of quantizing it in
+    every program (the sorted path always quantizes ahead or in GEMM 1's epilogue)."""
 
     block_n: int
     block_k: int
@@ -105,14 +108,18 @@ class GemmConfig:
     group_m: int = 8
     mx_dot: bool | None = None
     split: int = 1
+    prequant: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        """The table's form: ``mx_dot`` only where it is set, ``split`` where it is not 1."""
+        """The table's form: ``mx_dot`` only where it is set, ``split`` where it is not 1,
+        ``prequant`` where it is true."""
         data = asdict(self)
         if data["mx_dot"] is None:
             del data["mx_dot"]
         if data["split"] == 1:
             del data["split"]
+        if not data["prequant"]:
+            del data["prequant"]
         return data
 
 
@@ -214,7 +221,8 @@ def lookup_decode(
     for an eager call (``capturing`` false) :func:`use_decode` or a tuned ``use`` (eager
     calls are also host-bound at these ``T``: the decode path's two launches cost less
     host time), with ``MOE_PORTABLE_DECODE=rule`` the rule alone. Tiles from the entry,
-    else :func:`decode_heuristic`.
+    else :func:`decode_heuristic`; ``MOE_PORTABLE_PREQUANT=0``/``1`` sets both GEMMs'
+    ``prequant``.
     """
     force = os.environ.get("MOE_PORTABLE_DECODE", "")
     if force == "0":
@@ -236,8 +244,13 @@ def lookup_decode(
         if not use:
             return None
     if "gemm1" in override and "gemm2" in override:
-        return DecodeConfig.from_json(override)
-    return decode_heuristic(spec, num_tokens, num_sms, is_amd)
+        cfg = DecodeConfig.from_json(override)
+    else:
+        cfg = decode_heuristic(spec, num_tokens, num_sms, is_amd)
+    pre = os.environ.get("MOE_PORTABLE_PREQUANT", "")
+    if pre in ("0", "1"):  # A/B runs: every decode GEMM's input pre-quantized, or none
+        cfg = DecodeConfig(replace(cfg.gemm1, prequant=pre == "1"), replace(cfg.gemm2, prequant=pre == "1"))
+    return cfg
 
 
 def t_bucket(num_tokens: int) -> str:

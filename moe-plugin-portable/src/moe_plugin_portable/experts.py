@@ -610,11 +610,14 @@ def decode_launches(
     out: torch.Tensor,
     cfg: DecodeConfig,
 ) -> list[Launch]:
-    """The decode path's two launches into ``out [T, H]`` (allocates the intermediate, runs nothing).
+    """The decode path's launches into ``out [T, H]`` (allocates the intermediate, runs nothing):
+    GEMM 1 and GEMM 2, each after its input's quantization pre-pass where its config says
+    ``prequant`` and the activations are fp8.
 
     ``topk_weights``/``topk_ids`` contiguous ``[T, k]``. Every scheme of :data:`QUANT_SCHEMES`:
     activations are quantized inside the GEMMs (per token over the whole row, static, or per
-    K step of fp8_block's group, which is then the K step), the intermediate stays float32.
+    K step of fp8_block's group, which is then the K step) unless pre-quantized; the
+    intermediate stays float32.
     """
     kernels = _kernels()
     T, H = hidden_states.shape
@@ -627,6 +630,13 @@ def decode_launches(
     ids_or_map = emap if emap is not None else topk_ids
     device = hidden_states.device
     inter = torch.empty(T * k, inter_size, dtype=torch.float32, device=device)
+    pre1 = pre2 = None
+    x, a1_scale, a1_stride = hidden_states, tensors.get("a13_scale", dummy), 0
+    a2_in, a2_scale, a2_stride = inter, tensors.get("a2_scale", dummy), 0
+    if kw1.get("A_PRE"):
+        x, pre1, a1_scale, a1_stride = _prequant(spec, hidden_states, tensors.get("a13_scale"), topk_weights)
+    if kw2.get("A_PRE"):
+        a2_in, pre2, a2_scale, a2_stride = _prequant(spec, inter, tensors.get("a2_scale"), None)
     tiles1, tiles2 = triton_cdiv(inter_size, cfg.gemm1.block_n), triton_cdiv(H, cfg.gemm2.block_n)
     split1, split2 = kw1["SPLIT"], kw2["SLOT_GROUPS"] * kw2["K_SPLITS"]
     # partials and counters only where split (else any tensor: never read)
@@ -644,7 +654,7 @@ def decode_launches(
         kernels.moe_decode_gemm1,
         (T * k, tiles1, split1),
         (
-            hidden_states,
+            x,
             w13,
             b13 if b13 is not None else w13,
             inter,
@@ -652,19 +662,20 @@ def decode_launches(
             ids_or_map,
             topk_weights,
             ws13 if ws13 is not None else dummy,
-            tensors.get("a13_scale", dummy),
+            a1_scale,
             part1,
             counts,
             spec.num_experts,
             H,
             inter_size,
-            hidden_states.stride(0),
+            x.stride(0),
             w13.stride(0),
             w13.stride(1),
             b13.stride(0) if b13 is not None else 0,
             inter.stride(0),
             *_scale_strides(ws13),
             part1.stride(0),
+            a1_stride,
             float(spec.swiglu_alpha or 0.0),
             float(spec.swiglu_limit or 0.0),
         ),
@@ -674,7 +685,7 @@ def decode_launches(
         kernels.moe_decode_gemm2,
         (T, tiles2, split2),
         (
-            inter,
+            a2_in,
             w2,
             b2 if b2 is not None else w2,
             out,
@@ -682,23 +693,40 @@ def decode_launches(
             ids_or_map,
             topk_weights,
             ws2 if ws2 is not None else dummy,
-            tensors.get("a2_scale", dummy),
+            a2_scale,
             part2,
             counts[off2:] if off2 else counts,
             spec.num_experts,
             inter_size,
             H,
-            inter.stride(0),
+            a2_in.stride(0),
             w2.stride(0),
             w2.stride(1),
             b2.stride(0) if b2 is not None else 0,
             out.stride(0),
             *_scale_strides(ws2),
             part2.stride(0),
+            a2_stride,
         ),
         kw2,
     )
-    return [gemm1, gemm2]
+    return [launch for launch in (pre1, gemm1, pre2, gemm2) if launch is not None]
+
+
+def _prequant(
+    spec: MoESpec, rows: torch.Tensor, static: torch.Tensor | None, topk_weights: torch.Tensor | None
+) -> tuple[torch.Tensor, Launch, torch.Tensor, int]:
+    """A decode GEMM's input pre-pass: ``(fp8 rows, its launch, the scales to read, their row
+    stride)``; ``topk_weights``: GEMM 1's input with the router weight on the input (top-1)."""
+    n, K = rows.shape
+    q = torch.empty(n, K, dtype=_FP8, device=rows.device)
+    scale = _scale_buffer(spec, n, K, rows.device)
+    on_input = topk_weights if topk_weights is not None and spec.apply_router_weight_on_input else None
+    launch = quantize_launch(spec, rows, q, scale, topk_weights=on_input, static_scale=static)
+    if scale is None:  # static: the kernels read the one scale
+        assert static is not None
+        return q, launch, static, 0
+    return q, launch, scale, scale.stride(0)
 
 
 #: (device, stream) -> int32 counters of the split decode launches, all 0 between launches
@@ -772,6 +800,7 @@ def _decode_kwargs(
         BLOCK_K=block_k1,
         ROW_BLOCK=_row_block(spec.hidden_size),
         SPLIT=max(1, min(g1.split, triton_cdiv(spec.hidden_size, block_k1))),
+        A_PRE=g1.prequant and common["A_QUANT"] != 0,
         num_warps=g1.num_warps,
         num_stages=g1.num_stages,
     )
@@ -783,6 +812,7 @@ def _decode_kwargs(
         BLOCK_K=_decode_block_k(spec, g2),
         ROW_BLOCK=_row_block(spec.intermediate_size),
         **dict(zip(("SLOT_GROUPS", "K_SPLITS"), gemm2_split(g2.split, spec.top_k))),
+        A_PRE=g2.prequant and common["A_QUANT"] != 0,
         num_warps=g2.num_warps,
         num_stages=g2.num_stages,
     )
@@ -803,7 +833,12 @@ def _configs(
 def _env_key(device: torch.device) -> tuple[str | None, ...]:
     get = os.environ.get
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    return get("MOE_PORTABLE_DECODE"), get("MOE_PORTABLE_CONFIG_DIR"), "capturing" if capturing else "eager"
+    return (
+        get("MOE_PORTABLE_DECODE"),
+        get("MOE_PORTABLE_CONFIG_DIR"),
+        get("MOE_PORTABLE_PREQUANT"),
+        "capturing" if capturing else "eager",
+    )
 
 
 def fused_moe(

@@ -203,7 +203,12 @@ def _filled(round_: list[GemmConfig], best: GemmConfig | None) -> Iterable[GemmC
             if best is None:
                 continue
             if cfg.num_warps == 0:
-                cfg = replace(best, mx_dot=cfg.mx_dot, split=cfg.split or best.split)
+                cfg = replace(
+                    best,
+                    mx_dot=cfg.mx_dot,
+                    split=cfg.split or best.split,
+                    prequant=cfg.prequant or best.prequant,
+                )
             else:
                 cfg = GemmConfig(
                     best.block_n,
@@ -213,6 +218,7 @@ def _filled(round_: list[GemmConfig], best: GemmConfig | None) -> Iterable[GemmC
                     cfg.group_m,
                     best.mx_dot,
                     best.split,
+                    best.prequant,
                 )
         yield cfg
 
@@ -371,7 +377,9 @@ def decode_space(
     split) and the tiles wider than ``base``'s at splits 2, 4 and 8 (``base``'s K step), then
     every split of the best, then pipelines (templates with ``block_n == 0`` as in
     :func:`gemm_space`); ``small``: ``base`` alone. ``spec``: tiles as the decode kernels launch
-    them (fp8_block: its K block), each once."""
+    them (fp8_block: its K block), each once; with fp8 activations a round before the splits
+    tries the input quantized by a pre-pass (``prequant``) on the best tile and on every tile
+    width at ``base``'s K step and split."""
     if space not in SPACES:
         raise ValueError(f"unknown tuning space {space!r}; expected one of {SPACES}")
     if space == "small":
@@ -400,8 +408,17 @@ def decode_space(
     splits = (1, 2, 4, 8) if space == "quick" else (1, 2, 3, 4, 6, 8, 12, 16)
     warps = (2, 4, 8)
     stages = (1, 2, 3) if space == "quick" else (1, 2, 3, 4)
+    rounds = [tiles]
+    if spec is not None and spec.quant.activation != "none":
+        # the input quantized by a pre-pass: the best tile so far, and every tile width at the
+        # heuristic's K step and split (without per-step quantization wide tiles gain less)
+        pre = [GemmConfig(0, 0, 0, 0, 1, split=0, prequant=True)]
+        pre += [
+            replace(base, block_n=bn, block_k=_decode_block_k(spec, base), prequant=True) for bn in tile_n
+        ]
+        rounds.append(_unique(pre))
     return [
-        tiles,
+        *rounds,
         [GemmConfig(0, 0, 0, 0, 1, split=n) for n in splits],
         [GemmConfig(0, 0, w, st, 1) for w in warps for st in stages],
     ]
@@ -424,19 +441,22 @@ def _time_decode(
     else:
         base = configs.decode_heuristic(spec, T, 8, False)
 
-    def launches(g1: GemmConfig, g2: GemmConfig) -> list[Launch]:
-        return decode_launches(spec, x, tensors, topk_w, topk_ids, out, DecodeConfig(g1, g2))
+    def stages(g1: GemmConfig, g2: GemmConfig) -> tuple[list[Launch], list[Launch]]:
+        """The launches of GEMM 1 (after its input's pre-pass, if any) and of GEMM 2 (ditto)."""
+        launches = decode_launches(spec, x, tensors, topk_w, topk_ids, out, DecodeConfig(g1, g2))
+        i1 = next(i for i, launch in enumerate(launches) if launch[0] is _kernels().moe_decode_gemm1)
+        return launches[: i1 + 1], launches[i1 + 1 :]
 
     def make1(c: GemmConfig) -> Callable[[], None]:
-        gemm1 = launches(c, base.gemm2)[0]
-        return lambda: run_launch(*gemm1)
+        stage1 = stages(c, base.gemm2)[0]
+        return lambda: _run_all(stage1)
 
     g1, t1 = search.best(decode_space(base.gemm1, space, spec), make1, _filled)
 
     def make2(c: GemmConfig) -> Callable[[], None]:
-        gemm1, gemm2 = launches(g1, c)
-        run_launch(*gemm1)  # GEMM 2 reads its intermediate
-        return lambda: run_launch(*gemm2)
+        stage1, stage2 = stages(g1, c)
+        _run_all(stage1)  # GEMM 2 reads its intermediate
+        return lambda: _run_all(stage2)
 
     g2, t2 = search.best(decode_space(base.gemm2, space, spec), make2, _filled)
     return DecodeConfig(g1, g2), {"gemm1_us": t1, "gemm2_us": t2, "total_us": t1 + t2}

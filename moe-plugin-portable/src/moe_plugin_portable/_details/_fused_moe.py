@@ -691,10 +691,16 @@ def _decode_row_amax(row_ptr, K, route, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _decode_a(row_ptr, offs, K, route, a_scale, A_QUANT: tl.constexpr):
+def _decode_a(row_ptr, offs, K, route, a_scale, group_s_ptr, A_QUANT: tl.constexpr, A_PRE: tl.constexpr):
     """One K step of the activation row in float32; fp8-quantized codes (as float32) when
     ``A_QUANT`` (1 per row, 2 static: ``a_scale`` given; 3 groups: this step is one group,
-    its scale returned second)."""
+    its scale returned second). ``A_PRE``: the row holds those codes already (fp8, from
+    ``moe_quant_fp8``; ``route`` applied), group scales at ``group_s_ptr`` (this step's)."""
+    if A_PRE:
+        a = tl.load(row_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+        if A_QUANT == 3:
+            a_scale = tl.load(group_s_ptr)
+        return a, a_scale
     a = tl.load(row_ptr + offs, mask=offs < K, other=0.0).to(tl.float32) * route
     if A_QUANT == 3:
         a_scale = _fp8_scale(tl.max(tl.abs(a), axis=0))
@@ -760,7 +766,9 @@ def _mx_words(w_row_ptrs, s_row_ptrs, n_mask, offs_b, k0, k_hi):
 
 
 @triton.jit
-def _decode_mxfp4(words, s, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT: tl.constexpr):
+def _decode_mxfp4(
+    words, s, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT: tl.constexpr, A_PRE: tl.constexpr
+):
     """``2**-14 * sum a[k] * w[n, k]`` over each 32-block of an mxfp4 tile (:func:`_mx_words`) at K
     offset ``k0``, the blocks' e8m0 scales applied: float32 ``[BLOCK_N, NB]`` (``2**-14``:
     :func:`_e2m1_pair`'s).
@@ -775,7 +783,7 @@ def _decode_mxfp4(words, s, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT: t
     offs_c = tl.arange(0, 8)
     offs_c = (offs_c // 2) * 8 + offs_c % 2
     offs_e = offs_b[:, None, None] * 32 + offs_w[None, :, None] * 2 + offs_c[None, None, :]
-    a, _s = _decode_a(a_row_ptr + k0, offs_e, K - k0, route, a_scale, A_QUANT)
+    a, _s = _decode_a(a_row_ptr + k0, offs_e, K - k0, route, a_scale, a_row_ptr, A_QUANT, A_PRE)
     a0, a1, a2, a3, a4, a5, a6, a7 = _word_elements(a)
     # one chain of fused multiply-adds per word (no separate products summed afterwards)
     v0, v1 = _e2m1_pair(words, 0)  # nibbles c and 4 + c of the word
@@ -813,11 +821,13 @@ def _decode_gemv(
     k_hi,
     route,
     a_scale,
+    as_row_ptr,
     GATED: tl.constexpr,
     A_QUANT: tl.constexpr,
     B_QUANT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    A_PRE: tl.constexpr,
 ):
     """``sum a[k] * w[n, k]`` over ``k_lo <= k < k_hi`` (``k_lo`` a multiple of ``BLOCK_K``, ``k_hi <= K``)
     for one ``BLOCK_N`` slice of rows, float32 ``[BLOCK_N]``, and the
@@ -828,6 +838,8 @@ def _decode_gemv(
     rows (fp8_block: ``[kb]`` per row's block; mxfp4: e8m0 ``[K/32]``). Per-row / per-tensor
     activation and weight scales are the caller's (applied to the result); fp8 groups
     (``A_QUANT`` 3 with ``B_QUANT`` 3: ``BLOCK_K`` equals the group) are applied per step.
+    ``A_PRE``: ``a_row_ptr`` holds fp8 codes quantized beforehand, ``as_row_ptr`` their group
+    scales (``A_QUANT`` 3; one per ``BLOCK_K`` step).
     """
     if B_QUANT == 4:
         NB: tl.constexpr = BLOCK_K // 32
@@ -847,9 +859,9 @@ def _decode_gemv(
             w_next, s_next = _mx_words(w_row_ptrs, s_row_ptrs, n_mask, offs_b, k0 + BLOCK_K, k_hi)
             if GATED:
                 u_next, su_next = _mx_words(u_row_ptrs, su_row_ptrs, n_mask, offs_b, k0 + BLOCK_K, k_hi)
-            acc += _decode_mxfp4(w, ws, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT)
+            acc += _decode_mxfp4(w, ws, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT, A_PRE)
             if GATED:
-                acc_u += _decode_mxfp4(u, us, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT)
+                acc_u += _decode_mxfp4(u, us, offs_b, k0, K, a_row_ptr, route, a_scale, A_QUANT, A_PRE)
     else:
         # partial sums per 8 consecutive elements (within a thread's vector load: no shuffles), so
         # that the accumulators take BLOCK_K / 8 of the registers a [BLOCK_N, BLOCK_K] one would
@@ -857,7 +869,9 @@ def _decode_gemv(
         acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            a, a_s = _decode_a(a_row_ptr + k0, offs_k, K - k0, route, a_scale, A_QUANT)
+            a, a_s = _decode_a(
+                a_row_ptr + k0, offs_k, K - k0, route, a_scale, as_row_ptr + k0 // BLOCK_K, A_QUANT, A_PRE
+            )
             w = _decode_w(w_row_ptrs + k0, n_mask, offs_k, K - k0)
             if GATED:
                 u = _decode_w(u_row_ptrs + k0, n_mask, offs_k, K - k0)
@@ -944,6 +958,7 @@ def moe_decode_gemm1(
     stride_wse,
     stride_wsn,
     stride_ps,
+    stride_asm,
     alpha,
     limit,
     TOP_K: tl.constexpr,
@@ -959,10 +974,13 @@ def moe_decode_gemm1(
     BLOCK_K: tl.constexpr,
     ROW_BLOCK: tl.constexpr,
     SPLIT: tl.constexpr,
+    A_PRE: tl.constexpr = False,
 ):
     """``inter[entry, n] = act(x[entry // TOP_K] @ w13[e].T + b13[e])`` (float32), grid
     ``(T * TOP_K, cdiv(INTER, BLOCK_N), SPLIT)``; entries whose expert is not kept are skipped.
     ``as_ptr``: the static activation scale (``A_QUANT`` 2); ``ws_ptr``: weight scales;
+    ``A_PRE``: ``x`` holds the fp8 codes of ``moe_quant_fp8`` (the router weight on the input
+    applied), ``as_ptr`` their scales (rows of stride ``stride_asm``: one per token, or its groups);
     ``SPLIT > 1``: K in ``SPLIT`` chunks, partials ``part [SPLIT, T * TOP_K, 2 * INTER]``
     (split stride ``stride_ps``; row stride ``2 * INTER``), counters ``[T * TOP_K, tiles]``."""
     entry = tl.program_id(0)
@@ -974,11 +992,15 @@ def moe_decode_gemm1(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < INTER
     route = 1.0
-    if WEIGHT_ON_INPUT:  # (before the activation's quantization: the reference's order)
+    if WEIGHT_ON_INPUT and not A_PRE:  # (before the activation's quantization: the reference's order)
         route = tl.load(topk_weights_ptr + entry).to(tl.float32)
+    as_row = as_ptr + token * stride_asm
     a_scale = 1.0
     if A_QUANT == 1:
-        a_scale = _fp8_scale(_decode_row_amax(x_row, K, route, ROW_BLOCK))
+        if A_PRE:
+            a_scale = tl.load(as_row)
+        else:
+            a_scale = _fp8_scale(_decode_row_amax(x_row, K, route, ROW_BLOCK))
     elif A_QUANT == 2:
         a_scale = tl.load(as_ptr)
     w_rows = w_ptr + expert * stride_we + offs_n.to(tl.int64) * stride_wn
@@ -1007,11 +1029,13 @@ def moe_decode_gemm1(
         k_hi,
         route,
         a_scale,
+        as_row,
         GATED,
         A_QUANT,
         B_QUANT,
         BLOCK_N,
         BLOCK_K,
+        A_PRE,
     )
     last = True
     if SPLIT > 1:
@@ -1071,6 +1095,7 @@ def moe_decode_gemm2(
     stride_wse,
     stride_wsn,
     stride_ps,
+    stride_asm,
     TOP_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_MAP: tl.constexpr,
@@ -1083,6 +1108,7 @@ def moe_decode_gemm2(
     ROW_BLOCK: tl.constexpr,
     SLOT_GROUPS: tl.constexpr,
     K_SPLITS: tl.constexpr,
+    A_PRE: tl.constexpr = False,
 ):
     """``out[t, n] = sum_j w[t, j] * (inter[t * TOP_K + j] @ w2[e_j].T + b2[e_j])`` over the kept
     slots ``j`` (deterministic order), grid ``(T, cdiv(N, BLOCK_N), SLOT_GROUPS * K_SPLITS)``; a
@@ -1090,7 +1116,8 @@ def moe_decode_gemm2(
     (``A_QUANT`` 2). Program ``s`` takes the slots of group ``s // K_SPLITS`` (``cdiv(TOP_K,
     SLOT_GROUPS)`` consecutive ones) over K chunk ``s % K_SPLITS``; more than one program per tile:
     partials ``part [SLOT_GROUPS * K_SPLITS, T, N]`` (split stride ``stride_ps``), counters
-    ``[T, tiles]``."""
+    ``[T, tiles]``. ``A_PRE``: ``inter`` holds the fp8 codes of ``moe_quant_fp8``, ``as_ptr`` their
+    scales (rows of stride ``stride_asm``: one per entry, or its groups)."""
     SPLIT: tl.constexpr = SLOT_GROUPS * K_SPLITS
     PER_GROUP: tl.constexpr = (TOP_K + SLOT_GROUPS - 1) // SLOT_GROUPS
     token = tl.program_id(0).to(tl.int64)
@@ -1113,9 +1140,13 @@ def moe_decode_gemm2(
         )
         if (j < TOP_K) & (expert >= 0):
             a_row = inter_ptr + entry * stride_im
+            as_row = as_ptr + entry * stride_asm
             a_scale = 1.0
             if A_QUANT == 1:
-                a_scale = _fp8_scale(_decode_row_amax(a_row, K, 1.0, ROW_BLOCK))
+                if A_PRE:
+                    a_scale = tl.load(as_row)
+                else:
+                    a_scale = _fp8_scale(_decode_row_amax(a_row, K, 1.0, ROW_BLOCK))
             elif A_QUANT == 2:
                 a_scale = tl.load(as_ptr)
             w_rows = w_ptr + expert * stride_we + offs_n.to(tl.int64) * stride_wn
@@ -1137,11 +1168,13 @@ def moe_decode_gemm2(
                 k_hi,
                 1.0,
                 a_scale,
+                as_row,
                 False,
                 A_QUANT,
                 B_QUANT,
                 BLOCK_N,
                 BLOCK_K,
+                A_PRE,
             )
             if A_QUANT == 1 or A_QUANT == 2:
                 y = y * a_scale
