@@ -179,6 +179,13 @@ def test_prequant_config_round_trips_and_is_tuned(monkeypatch):
     assert filled and all(c.prequant for c in filled)
     bf16 = MoESpec(**BASE)
     assert len(tuning.decode_space(configs.decode_heuristic(bf16, 1, 8, False).gemm1, "quick", bf16)) == 3
+    # the heuristic: on AMD for dynamic fp8 activations only
+    for name, amd in (("fp8_block", True), ("fp8-channel-token", True)):
+        cfg = configs.decode_heuristic(tq._spec(name), 1, 256, amd)
+        assert cfg.gemm1.prequant and cfg.gemm2.prequant, name
+    for name, amd in (("fp8_block", False), ("fp8-tensor-static", True), ("mxfp4-w4a16", True)):
+        cfg = configs.decode_heuristic(tq._spec(name), 1, 256, amd)
+        assert not (cfg.gemm1.prequant or cfg.gemm2.prequant), name
 
 
 @needs_triton

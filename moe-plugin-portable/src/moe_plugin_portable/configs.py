@@ -191,9 +191,16 @@ def decode_heuristic(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool)
     ``block_n`` rows so that a tile holds about 4096 elements (2048 per gated half), halved
     (down to 4) until a GEMM launches about two programs per SM (decode is weight-bandwidth
     bound: every SM must stream), then split (:func:`decode_split`: GEMM 1's K steps, GEMM 2's
-    slots times K steps). fp8_block steps are its K block (one scale per step)."""
+    slots times K steps). fp8_block steps are its K block (one scale per step).
+
+    ``prequant`` on AMD for dynamic fp8 activations (per token, groups). There, quantizing in
+    every program makes gfx950's K steps 2.6-7.7x longer for fp8_block (the group's amax and
+    its correctly rounded divisions), and a per-token scale re-reads the whole row in every
+    program (static compiles, benchmarks/results/static-decode-prequant-2026-12-04.md). NVIDIA
+    takes it from a tuned entry, where the tuner timed it."""
     scheme = spec.quant
     stages = 2 if is_amd else 3
+    prequant = is_amd and scheme.activation in ("fp8_per_token", "fp8_group")
 
     def tile(programs: int, n: int, k: int, gated: bool, slots: int) -> GemmConfig:
         block_k = max(32, min(512, 1 << max(0, k - 1).bit_length()))
@@ -203,7 +210,7 @@ def decode_heuristic(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool)
         while block_n > 4 and programs * -(-n // block_n) < 2 * num_sms:
             block_n //= 2
         split = decode_split(programs * -(-n // block_n), slots * -(-k // block_k), num_sms)
-        return GemmConfig(block_n, block_k, 4, stages, 1, split=split)
+        return GemmConfig(block_n, block_k, 4, stages, 1, split=split, prequant=prequant)
 
     return DecodeConfig(
         tile(num_tokens * spec.top_k, spec.intermediate_size, spec.hidden_size, spec.is_gated, 1),
