@@ -45,6 +45,7 @@ KERNEL = "nvidia.flashinfer.cutlass"
 #: ``--quant`` names: what FlashInfer's SM90 cutlass path takes (fp8: per-tensor weights, static activations)
 QUANTS = {
     "bf16": None,
+    "fp16": None,  # float16 activations and weights
     "fp8": "fp8/w:per_tensor/a:fp8_per_tensor",
     "fp8_block": "fp8_block",
     "mxfp4": "mxfp4",
@@ -118,7 +119,7 @@ def bench_case(
     from moe_plugin_nvidia import cutlass, tuning
 
     preset = get_preset(model)
-    spec = preset.moe_spec(torch.bfloat16, QUANTS[quant])
+    spec = preset.moe_spec(torch.float16 if quant == "fp16" else torch.bfloat16, QUANTS[quant])
     plan = moe_plan(spec, "cuda", backend=KERNEL)
     prepared = plan.prepare(random_expert_weights(spec, device="cuda", seed=1))
     copies = 2

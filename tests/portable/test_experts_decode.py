@@ -109,17 +109,18 @@ def test_decode_quantized(name, changes, monkeypatch):
     assert err <= tq.bound(spec), f"relative error {err:.3e} > {tq.bound(spec):.1e} for {spec.describe()}"
 
 
-#: (GEMM 1, GEMM 2) pre-quantized: each alone and both
-PREQUANT = [(True, False), (False, True), (True, True)]
+#: (GEMM 1, GEMM 2) pre-quantized: each alone and both; both, read as rows (``A_PRE`` 1)
+PREQUANT = [(True, False), (False, True), (True, True), (True, "rows")]
 
 
 @needs_triton
 @pytest.mark.parametrize(
     ("name", "changes"), QUANT_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(QUANT_CASES)]
 )
-def test_decode_prequant_is_bit_equal(name, changes):
+def test_decode_prequant_is_bit_equal(name, changes, monkeypatch):
     """A GEMM whose input a pre-pass quantized (``prequant``) reads the same fp8 codes and scales as
-    one quantizing in every program, and sums them in the same order: bit-equal outputs; the
+    one quantizing in every program, and sums them in the same order: bit-equal outputs, whether
+    it reads them in the weight tile's layout (``A_PRE`` 2) or as rows (1); the
     pre-passes are launched before their GEMMs (and only with fp8 activations)."""
     spec = tq._spec(name, **changes)
     _, weights = tq._weights(spec, seed=6)
@@ -128,28 +129,31 @@ def test_decode_prequant_is_bit_equal(name, changes):
     x, topk_w, ids = tq._inputs(spec, T, seed=6)
     base = configs.decode_heuristic(spec, T, 8, False)
     want = fused_experts_reference(spec, x, weights, topk_w, ids, compute_dtype=torch.float64)
+    quantized = spec.quant.activation != "none"
     outs = []
     for pre1, pre2 in [(False, False), *PREQUANT]:
+        rows = pre2 == "rows"
+        monkeypatch.setattr(experts, "_A_TILE_MAX", 0 if rows else 1 << 20)  # rows / always the tile
+        experts._decode_kwargs.cache_clear()
+        pre2 = bool(pre2)
         cfg = configs.DecodeConfig(
             dataclasses.replace(base.gemm1, prequant=pre1), dataclasses.replace(base.gemm2, prequant=pre2)
         )
-        names = [
-            launch[0].__name__
-            for launch in experts.decode_launches(
-                spec, x, prepared.tensors, topk_w, ids, torch.empty_like(x), cfg
-            )
-        ]
-        quantized = spec.quant.activation != "none"
-        assert names == [
+        launches = experts.decode_launches(spec, x, prepared.tensors, topk_w, ids, torch.empty_like(x), cfg)
+        assert [launch[0].__name__ for launch in launches] == [
             *(["moe_quant_fp8"] if pre1 and quantized else []),
             "moe_decode_gemm1",
             *(["moe_quant_fp8"] if pre2 and quantized else []),
             "moe_decode_gemm2",
         ]
+        read = 1 if rows or spec.quant.name == "mxfp4" else 2
+        got = [launch[3]["A_PRE"] for launch in launches if launch[0].__name__ != "moe_quant_fp8"]
+        assert got == [read if pre and quantized else 0 for pre in (pre1, pre2)]
         out = torch.full((T, spec.hidden_size), float("nan"), dtype=spec.dtype, device=DEVICE)
         outs.append(experts.fused_moe(spec, x, prepared.tensors, topk_w, ids, out, config=cfg))
         err = relative_error(out, want)
         assert err <= tq.bound(spec), f"prequant {(pre1, pre2)}: relative error {err:.3e}"
+    experts._decode_kwargs.cache_clear()
     for (pre1, pre2), out in zip(PREQUANT, outs[1:], strict=True):
         assert torch.equal(out, outs[0]), f"prequant {(pre1, pre2)} differs from in-kernel quantization"
 

@@ -544,7 +544,9 @@ def _expert_launches(
             if "MX_PTX" in kwargs:
                 kwargs["MX_PTX"] = experts._mx_ptx(spec, x.device, False, nvidia=True)
     if decode is not None:
-        launches += experts.decode_launches(spec, x, tensors, topk_weights, topk_ids, out, decode)
+        launches += experts.decode_launches(
+            spec, x, tensors, topk_weights, topk_ids, out, decode, warp_size=32 if nvidia else 64
+        )
     if "moe_sorting" in ops:
         mask = None if emap is None else _meta(spec.num_experts, dtype=torch.bool)
         launches += sorting.sorting_launches(

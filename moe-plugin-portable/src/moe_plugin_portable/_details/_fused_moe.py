@@ -839,7 +839,8 @@ def _decode_gemv(
     activation and weight scales are the caller's (applied to the result); fp8 groups
     (``A_QUANT`` 3 with ``B_QUANT`` 3: ``BLOCK_K`` equals the group) are applied per step.
     ``A_PRE``: ``a_row_ptr`` holds fp8 codes quantized beforehand, ``as_row_ptr`` their group
-    scales (``A_QUANT`` 3; one per ``BLOCK_K`` step).
+    scales (``A_QUANT`` 3; one per ``BLOCK_K`` step); 2: each thread reads the codes it
+    multiplies in the weight tile's layout (the bf16/fp8 weights; else as 1).
     """
     if B_QUANT == 4:
         NB: tl.constexpr = BLOCK_K // 32
@@ -868,23 +869,39 @@ def _decode_gemv(
         offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+        zero_n = tl.zeros((BLOCK_N, 1), dtype=tl.int32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            a, a_s = _decode_a(
-                a_row_ptr + k0, offs_k, K - k0, route, a_scale, as_row_ptr + k0 // BLOCK_K, A_QUANT, A_PRE
-            )
+            if A_PRE == 2:
+                # fp8 codes, nothing to compute on them: read in the weight tile's layout, each
+                # thread the elements it multiplies (vector loads hitting L1), instead of once per
+                # step and exchanged through shared memory (byte loads, a store, two barriers;
+                # sm_90 GEMM 1 of deepseek-v3-tp8 fp8_block: 122 -> 105 instructions per step).
+                # Only for tiles of a few elements per thread: converting every thread's copy
+                # costs more than the exchange beyond (and for bf16 rows).
+                a = tl.load(
+                    a_row_ptr + k0 + offs_k[None, :] + zero_n, mask=(offs_k < K - k0)[None, :], other=0.0
+                ).to(tl.float32)
+                a_s = a_scale
+                if A_QUANT == 3:
+                    a_s = tl.load(as_row_ptr + k0 // BLOCK_K)
+            else:
+                a, a_s = _decode_a(
+                    a_row_ptr + k0, offs_k, K - k0, route, a_scale, as_row_ptr + k0 // BLOCK_K, A_QUANT, A_PRE
+                )
+                a = a[None, :]
             w = _decode_w(w_row_ptrs + k0, n_mask, offs_k, K - k0)
             if GATED:
                 u = _decode_w(u_row_ptrs + k0, n_mask, offs_k, K - k0)
             if B_QUANT == 3:
                 b_s = tl.load(s_row_ptrs + k0 // BLOCK_K, mask=n_mask, other=0.0)
-                acc += _sum8(w * a[None, :]) * (b_s * a_s)[:, None]
+                acc += _sum8(w * a) * (b_s * a_s)[:, None]
                 if GATED:
                     bu_s = tl.load(su_row_ptrs + k0 // BLOCK_K, mask=n_mask, other=0.0)
-                    acc_u += _sum8(u * a[None, :]) * (bu_s * a_s)[:, None]
+                    acc_u += _sum8(u * a) * (bu_s * a_s)[:, None]
             else:
-                acc += _sum8(w * a[None, :])
+                acc += _sum8(w * a)
                 if GATED:
-                    acc_u += _sum8(u * a[None, :])
+                    acc_u += _sum8(u * a)
     out = tl.sum(acc, axis=1)
     out_u = tl.sum(acc_u, axis=1)
     if B_QUANT == 4:  # _e2m1_pair's factor
@@ -974,13 +991,13 @@ def moe_decode_gemm1(
     BLOCK_K: tl.constexpr,
     ROW_BLOCK: tl.constexpr,
     SPLIT: tl.constexpr,
-    A_PRE: tl.constexpr = False,
+    A_PRE: tl.constexpr = 0,
 ):
     """``inter[entry, n] = act(x[entry // TOP_K] @ w13[e].T + b13[e])`` (float32), grid
     ``(T * TOP_K, cdiv(INTER, BLOCK_N), SPLIT)``; entries whose expert is not kept are skipped.
     ``as_ptr``: the static activation scale (``A_QUANT`` 2); ``ws_ptr``: weight scales;
-    ``A_PRE``: ``x`` holds the fp8 codes of ``moe_quant_fp8`` (the router weight on the input
-    applied), ``as_ptr`` their scales (rows of stride ``stride_asm``: one per token, or its groups);
+    ``A_PRE`` (1, 2: :func:`_decode_gemv`'s): ``x`` holds the fp8 codes of ``moe_quant_fp8`` (the
+    router weight on the input applied), ``as_ptr`` their scales (rows of stride ``stride_asm``: one per token, or its groups);
     ``SPLIT > 1``: K in ``SPLIT`` chunks, partials ``part [SPLIT, T * TOP_K, 2 * INTER]``
     (split stride ``stride_ps``; row stride ``2 * INTER``), counters ``[T * TOP_K, tiles]``."""
     entry = tl.program_id(0)
@@ -1108,7 +1125,7 @@ def moe_decode_gemm2(
     ROW_BLOCK: tl.constexpr,
     SLOT_GROUPS: tl.constexpr,
     K_SPLITS: tl.constexpr,
-    A_PRE: tl.constexpr = False,
+    A_PRE: tl.constexpr = 0,
 ):
     """``out[t, n] = sum_j w[t, j] * (inter[t * TOP_K + j] @ w2[e_j].T + b2[e_j])`` over the kept
     slots ``j`` (deterministic order), grid ``(T, cdiv(N, BLOCK_N), SLOT_GROUPS * K_SPLITS)``; a
@@ -1116,8 +1133,9 @@ def moe_decode_gemm2(
     (``A_QUANT`` 2). Program ``s`` takes the slots of group ``s // K_SPLITS`` (``cdiv(TOP_K,
     SLOT_GROUPS)`` consecutive ones) over K chunk ``s % K_SPLITS``; more than one program per tile:
     partials ``part [SLOT_GROUPS * K_SPLITS, T, N]`` (split stride ``stride_ps``), counters
-    ``[T, tiles]``. ``A_PRE``: ``inter`` holds the fp8 codes of ``moe_quant_fp8``, ``as_ptr`` their
-    scales (rows of stride ``stride_asm``: one per entry, or its groups)."""
+    ``[T, tiles]``. ``A_PRE`` (1, 2: :func:`_decode_gemv`'s): ``inter`` holds the fp8 codes of
+    ``moe_quant_fp8``, ``as_ptr`` their scales (rows of stride ``stride_asm``: one per entry, or
+    its groups)."""
     SPLIT: tl.constexpr = SLOT_GROUPS * K_SPLITS
     PER_GROUP: tl.constexpr = (TOP_K + SLOT_GROUPS - 1) // SLOT_GROUPS
     token = tl.program_id(0).to(tl.int64)
