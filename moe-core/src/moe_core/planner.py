@@ -249,6 +249,7 @@ class MoEPlan:
         self.routes: tuple[KernelEntry, ...] | None = None
         self.memory: dict[str, Any] | None = None
         self._fast: tuple | None = None  # _fast_facts
+        self._fast_device: torch.device | None = None  # the last input device _plain_inputs accepted
         #: MOE_CHECK_INPUTS as it was when the plan was made (the fast input check's value checks)
         self.check_values = check_values_asked()
         if dispatch is not None:
@@ -528,6 +529,7 @@ def _fast_facts(plan: MoEPlan) -> tuple:
     if facts is None or facts[0] is not plan.device or facts[1] is not plan.entry:
         info, entry, spec = plan.device, plan.entry, plan.spec
         want = torch.device("cpu") if info.vendor == "cpu" else info.device
+        plan._fast_device = None
         facts = plan._fast = (
             info,
             entry,
@@ -555,16 +557,12 @@ def _plain_inputs(plan: Any, x: Any, prepared: Any, topk_weights: Any, topk_ids:
         return False
     _, _, kernel, hidden, dtype, top_k, contiguous, simulated, dev_type, dev_index, checks = _fast_facts(plan)
     shape = x.shape
-    if (
-        simulated
-        or prepared.kernel != kernel
-        or len(shape) != 2
-        or shape[1] != hidden
-        or x.dtype != dtype  # the spec's dtype: a float type
-        or (contiguous and not x.is_contiguous())
-    ):
+    if simulated or prepared.kernel != kernel or len(shape) != 2:
         return False
-    pair = (shape[0], top_k)
+    rows, cols = shape
+    if cols != hidden or x.dtype != dtype or (contiguous and not x.is_contiguous()):  # dtype: the spec's
+        return False
+    pair = (rows, top_k)
     if (
         topk_ids.shape != pair
         or topk_weights.shape != pair
@@ -577,8 +575,10 @@ def _plain_inputs(plan: Any, x: Any, prepared: Any, topk_weights: Any, topk_ids:
     ):
         return False
     device = x.device
-    if device.type != dev_type or (dev_index is not None and device.index != dev_index):
-        return False
+    if device != plan._fast_device:  # (a torch.device's type and index are slow to read)
+        if device.type != dev_type or (dev_index is not None and device.index != dev_index):
+            return False
+        plan._fast_device = device
     if topk_weights.device != device or topk_ids.device != device:
         return False
     if out is not None and out.device != device:

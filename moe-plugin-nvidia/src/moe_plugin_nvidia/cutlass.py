@@ -433,21 +433,30 @@ def kernel_input(spec: MoESpec, hidden_states: torch.Tensor, prepared: PreparedW
     return (hidden_states.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
 
 
-def _layer_call(spec: MoESpec, prepared: PreparedWeights) -> tuple[dict[str, Any], Callable | None]:
-    """``(layer_kwargs, tactics picker or None)``, built on the first call and kept in
-    ``prepared.cache`` with the tensor objects they came from (rebuilt if one is replaced).
-    The picker maps ``T`` to the tune cache's tactics of its bucket (:func:`.tuning.pick`)."""
+def _layer_call(
+    spec: MoESpec, prepared: PreparedWeights
+) -> tuple[dict[str, Any], list[int], Callable | None, Callable | None]:
+    """``(layer_kwargs, default tactics, tactics picker or None, input transform or None)``, built on
+    the first call and kept in ``prepared.cache`` with the tensor objects they came from (rebuilt
+    if one is replaced). The picker maps ``T`` to the tune cache's tactics of its bucket
+    (:func:`.tuning.pick`); the transform is :func:`kernel_input` where the input is not passed
+    as it is (fp8, mxfp4)."""
     t = prepared.tensors
     key = tuple(t.values())  # held by the entry: their ids stay unique while it lives
     hit = prepared.cache.get(KERNEL)
     if hit is not None and len(hit[0]) == len(key) and all(map(operator.is_, hit[0], key)):
-        return hit[1], hit[2]
+        return hit[1]
     kw = layer_kwargs(spec, prepared, _ACT[prepared.meta["activation"]])
-    kw["profile_ids"] = DEFAULT_TACTICS  # fp8_block: its one tactic (FIXED_TACTICS), never tuned
     resolved = None if spec.quant.name == "fp8_block" else _resolve_tactics(spec, prepared)
     pick = None if resolved is None else tuning.picker(resolved)
-    prepared.cache[KERNEL] = (key, kw, pick)
-    return kw, pick
+    transform = kernel_input if spec.quant.name in ("fp8", "mxfp4") else None
+    # fp8_block: its one tactic (FIXED_TACTICS), never tuned
+    call = (kw, DEFAULT_TACTICS, pick, transform)
+    prepared.cache[KERNEL] = (key, call)
+    return call
+
+
+_I32, _F32 = torch.int32, torch.float32
 
 
 def apply(
@@ -464,16 +473,24 @@ def apply(
     ``H % 128 != 0`` runs on a padded input into a padded buffer, copied into ``out``.
     """
     fn, _ = _flashinfer()
-    layer, pick = _layer_call(spec, prepared)
-    x = kernel_input(spec, hidden_states, prepared)
+    layer, tactics, pick, transform = _layer_call(spec, prepared)
+    x = hidden_states if transform is None else transform(spec, hidden_states, prepared)
     dst = (
         out if x is hidden_states or x.shape[1] == spec.hidden_size else out.new_empty(x.shape[0], x.shape[1])
     )
-    kw = dict(layer)
-    _call_kwargs(kw, x, topk_weights, topk_ids, dst)
-    if pick is not None:
-        kw["profile_ids"] = pick(x.shape[0])
-    fn(**kw)
+    # (what _call_kwargs does, inline: this is the per-call host path)
+    if topk_ids.dtype is not _I32 or not topk_ids.is_contiguous():
+        topk_ids = topk_ids.to(_I32).contiguous()
+    if topk_weights.dtype is not _F32 or not topk_weights.is_contiguous():
+        topk_weights = topk_weights.to(_F32).contiguous()
+    fn(
+        **layer,
+        input=x,
+        token_selected_experts=topk_ids,
+        token_final_scales=topk_weights,
+        output=dst,
+        profile_ids=tactics if pick is None else pick(x.shape[0]),
+    )
     if dst is not out:
         out.copy_(dst[:, : out.shape[1]])
 
