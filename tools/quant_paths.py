@@ -7,6 +7,9 @@ Per layer (model x scheme) and ``T``, for each variant (environment settings of 
 
 - ``sorted``: ``MOE_PORTABLE_DECODE=0``; ``decode``: ``MOE_PORTABLE_DECODE=1``;
   ``decode-prequant`` / ``decode-inkernel`` (fp8 activations): that with ``MOE_PORTABLE_PREQUANT=1`` / ``0``;
+  ``decode-mma`` (bf16 and fp8 weights): on the Gluon tensor-core kernels (``MOE_PORTABLE_DECODE_MMA=1``,
+  fp8 activations pre-quantized) with the table's or the heuristic's tiles where they fit them
+  (else the Triton kernels: the row's ``config`` says which);
 - ``sorted-dot_scaled`` / ``sorted-dequant`` (mxfp4): ``MOE_PORTABLE_MXFP4`` forced;
   ``sorted-no_ptx``: dequantized by the portable Triton code (``MOE_PORTABLE_MX_PTX=0``);
 
@@ -34,6 +37,7 @@ VARIANTS = {
     "decode": {"MOE_PORTABLE_DECODE": "1"},
     "decode-prequant": {"MOE_PORTABLE_DECODE": "1", "MOE_PORTABLE_PREQUANT": "1"},
     "decode-inkernel": {"MOE_PORTABLE_DECODE": "1", "MOE_PORTABLE_PREQUANT": "0"},
+    "decode-mma": {"MOE_PORTABLE_DECODE": "1", "MOE_PORTABLE_PREQUANT": "1", "MOE_PORTABLE_DECODE_MMA": "1"},
     "sorted-dot_scaled": {"MOE_PORTABLE_DECODE": "0", "MOE_PORTABLE_MXFP4": "dot_scaled"},
     "sorted-dequant": {"MOE_PORTABLE_DECODE": "0", "MOE_PORTABLE_MXFP4": "dequant"},
     "sorted-no_ptx": {
@@ -44,12 +48,20 @@ VARIANTS = {
 }
 #: "cuda"; "cpu" when there is no GPU (a smoke run of this script under TRITON_INTERPRET=1)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-KNOBS = ("MOE_PORTABLE_DECODE", "MOE_PORTABLE_MXFP4", "MOE_PORTABLE_MX_PTX", "MOE_PORTABLE_PREQUANT")
+KNOBS = (
+    "MOE_PORTABLE_DECODE",
+    "MOE_PORTABLE_MXFP4",
+    "MOE_PORTABLE_MX_PTX",
+    "MOE_PORTABLE_PREQUANT",
+    "MOE_PORTABLE_DECODE_MMA",
+)
 
 
 def applies(variant: str, quant: str) -> bool:
+    if variant == "decode-mma":  # the tensor-core decode kernels: bf16/fp16 and fp8 weights
+        return not quant.startswith("mxfp4")
     if variant.startswith("decode-"):  # the activations' quantization: fp8 activations only
-        return quant != "mxfp4"
+        return quant not in ("mxfp4", "bf16")
     return quant.startswith("mxfp4") or not variant.startswith("sorted-")
 
 

@@ -192,6 +192,88 @@ def test_prequant_config_round_trips_and_is_tuned(monkeypatch):
         assert not (cfg.gemm1.prequant or cfg.gemm2.prequant), name
 
 
+# ----------------------------------------------------------------------------- tensor-core decode (Gluon)
+
+MMA1 = configs.GemmConfig(32, 64, 2, 2, 1, split=2, mma=True)
+MMA2 = configs.GemmConfig(16, 32, 1, 2, 1, split=3, mma=True)
+
+
+def _names(spec, cfg, mma):
+    x = torch.randn(2, spec.hidden_size).to(spec.dtype)
+    ids = torch.tensor([[0, 1, 2]] * 2, dtype=torch.int32)[:, : spec.top_k]
+    tensors = experts._prepare(spec, random_expert_weights(spec, seed=0), None)
+    launches = experts.decode_launches(
+        spec, x, tensors, torch.rand(2, spec.top_k), ids, torch.empty_like(x), cfg, mma=mma
+    )
+    return [launch[0].__name__ for launch in launches], launches
+
+
+def test_mma_kernels_take_the_launches_they_fit():
+    """With ``mma`` on a target that runs them, the tensor-core kernels take bf16/fp16 GEMMs and fp8
+    ones with pre-quantized activations whose tiles fit; everything else stays on the Triton
+    kernels (and on the CPU, or with ``mma`` off, everything)."""
+    triton_only = ["moe_decode_gemm1", "moe_decode_gemm2"]
+    bf16 = MoESpec(**BASE)
+    cfg = configs.DecodeConfig(MMA1, MMA2)
+    names, launches = _names(bf16, cfg, True)
+    assert names == ["moe_decode_mma_gemm1", "moe_decode_mma_gemm2"]
+    assert [launch[3]["EVEN_K"] for launch in launches] == [False, False]  # K = 72 and 40
+    assert _names(bf16, cfg, False)[0] == triton_only
+    assert _names(bf16, cfg, None)[0] == triton_only  # the CPU runs no Gluon
+    narrow = configs.DecodeConfig(
+        dataclasses.replace(MMA1, block_n=16), dataclasses.replace(MMA2, block_k=48)
+    )
+    assert _names(bf16, narrow, True)[0] == triton_only  # 16 rows for 2 warps; K step 48
+    assert _names(MoESpec(**BASE, dtype=torch.float32), cfg, True)[0] == triton_only
+    block = tq._spec("fp8_block-32x32")
+    assert _names(block, cfg, True)[0] == triton_only  # quantized in the kernel
+    pre32 = configs.DecodeConfig(
+        dataclasses.replace(MMA1, prequant=True), dataclasses.replace(MMA2, prequant=True)
+    )
+    assert "_mma_" not in "".join(_names(block, pre32, True)[0])  # K steps of 32 fp8 codes: too short
+    block = tq._spec("fp8-channel-token")
+    pre = configs.DecodeConfig(
+        dataclasses.replace(MMA1, prequant=True), dataclasses.replace(MMA2, block_k=64, prequant=True)
+    )
+    quant, mma1, mma2 = "moe_quant_fp8", "moe_decode_mma_gemm1", "moe_decode_mma_gemm2"
+    assert _names(block, pre, True)[0] == [quant, mma1, quant, mma2]
+    assert "_mma_" not in "".join(_names(tq._spec("mxfp4-w4a8"), pre, True)[0])
+
+
+def test_mma_config_flag_env_and_tuner_round(monkeypatch):
+    from moe_plugin_portable import tuning
+
+    assert MMA1.to_json()["mma"] is True and "mma" not in configs.GemmConfig(8, 64).to_json()
+    assert configs.DecodeConfig.from_json({"gemm1": MMA1.to_json(), "gemm2": MMA2.to_json()}).gemm1 == MMA1
+    spec = MoESpec(**BASE)
+    for value in ("1", "0"):
+        monkeypatch.setenv("MOE_PORTABLE_DECODE_MMA", value)
+        found = configs.lookup_decode(spec, 1, torch.device("cpu"))
+        assert found.gemm1.mma == found.gemm2.mma == (value == "1")
+        if value == "1":  # fitted: rows a multiple of 16 per warp, about as many programs
+            assert all(
+                g.block_n % (16 * g.num_warps) == 0 and g.block_k >= 64 for g in (found.gemm1, found.gemm2)
+            )
+    monkeypatch.delenv("MOE_PORTABLE_DECODE_MMA")
+    tile = configs.mma_tile(configs.GemmConfig(8, 512, 4, 3, 1, split=2))
+    assert (tile.block_n, tile.num_warps, tile.split, tile.block_k, tile.mma) == (32, 2, 8, 512, True)
+    assert configs.mma_tile(tile) == tile
+    base = configs.decode_heuristic(spec, 1, 132, False).gemm1
+    rounds = tuning.decode_space(base, "quick", spec, mma=True)
+    mma_round = rounds[1]
+    assert len(rounds) == 4 and len(mma_round) >= 8 and all(c.mma and not c.prequant for c in mma_round)
+    assert all(c.block_n % (16 * c.num_warps) == 0 for c in mma_round)
+    assert all(c.mma for c in tuning._filled(rounds[2], mma_round[0]))  # the splits keep it
+    block = tq._spec("fp8_block")
+    fp8_rounds = tuning.decode_space(
+        configs.decode_heuristic(block, 1, 132, False).gemm1, "quick", block, True
+    )
+    assert len(fp8_rounds) == 5 and all(c.mma and c.prequant and c.block_k == 128 for c in fp8_rounds[2])
+    mx = tq._spec("mxfp4-w4a16")
+    assert len(tuning.decode_space(configs.decode_heuristic(mx, 1, 132, False).gemm1, "quick", mx, True)) == 3
+    assert len(tuning.decode_space(base, "quick", spec)) == 3  # not a target of those kernels
+
+
 @needs_triton
 @pytest.mark.parametrize("name", sorted(tq.MUTATIONS))
 def test_decode_wrong_scale_is_caught(name, monkeypatch):
@@ -438,6 +520,112 @@ def test_gpu_decode_split_real_shapes(quant, T, split1, split2):
         static.fill_(float("nan"))
         graph.replay()
         assert torch.equal(static, run(torch.empty_like(out))), f"replay {i}"
+
+
+#: CASES and the quantized cases the tensor-core kernels take, on the GPU at the CPU tests' odd shapes
+MMA_CASES = [
+    *[(case, None) for case in sorted(CASES)],
+    *[(name, changes) for name, changes in QUANT_CASES if not name.startswith(("mxfp4", "fp8_block-32"))],
+]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("case", "changes"), MMA_CASES, ids=[f"{c}-{i}" for i, (c, _) in enumerate(MMA_CASES)]
+)
+@pytest.mark.parametrize("T", [1, 5])
+def test_gpu_decode_mma_matches_reference(case, changes, T):
+    """The Gluon tensor-core decode kernels at odd shapes (rows past the end, K not a multiple of
+    the step, split K, slot groups, EP, biases, every activation, the fp8 schemes pre-quantized)
+    against the reference with poisoned outputs, and against the Triton decode kernels."""
+    if changes is None:
+        spec = MoESpec(**{**BASE, **CASES[case][0]})
+        weights = random_expert_weights(spec, device="cuda", seed=T)
+        gen = torch.Generator(device="cuda").manual_seed(T)
+        x = (torch.randn(T, spec.hidden_size, generator=gen, device="cuda") * 1.5).to(spec.dtype)
+        topk_w = torch.rand(T, spec.top_k, generator=gen, device="cuda") + 0.05
+        ids = (
+            torch.rand(T, spec.num_experts, generator=gen, device="cuda")
+            .argsort(dim=1)[:, : spec.top_k]
+            .int()
+        )
+        bound = tolerance(spec)
+    else:
+        spec = tq._spec(case, **changes)
+        weights = tq._weights(spec, seed=T)[1]
+        x, topk_w, ids = tq._inputs(spec, T, seed=T)
+        bound = tq.bound(spec)
+    prepared = moe_plan(spec, "cuda").prepare(weights)
+    want = fused_experts_reference(spec, x, weights, topk_w, ids, compute_dtype=torch.float64)
+    pre = spec.quant.activation != "none"
+    cfg = configs.DecodeConfig(
+        dataclasses.replace(MMA1, prequant=pre),
+        dataclasses.replace(MMA2, block_k=64 if pre else 32, prequant=pre),
+    )
+    names = [
+        launch[0].__name__
+        for launch in experts.decode_launches(spec, x, prepared.tensors, topk_w, ids, x.clone(), cfg)
+    ]
+    if spec.dtype != torch.float32:
+        assert "moe_decode_mma_gemm1" in names and "moe_decode_mma_gemm2" in names, names
+    plain = configs.DecodeConfig(
+        dataclasses.replace(cfg.gemm1, mma=False), dataclasses.replace(cfg.gemm2, mma=False)
+    )
+    outs = []
+    for c in (cfg, plain):
+        out = torch.full((T, spec.hidden_size), float("nan"), dtype=spec.dtype, device="cuda")
+        outs.append(experts.fused_moe(spec, x, prepared.tensors, topk_w, ids, out, config=c))
+        err = relative_error(out, want)
+        assert err <= bound, f"{c}: relative error {err:.3e} > {bound:.1e} for {spec.describe()}"
+    assert relative_error(outs[0], outs[1]) <= 2 * bound
+    assert not experts._split_counters(torch.device("cuda"), 0).any()
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("model", "quant"),
+    [
+        ("deepseek-v3-tp8", None),
+        ("deepseek-v3-tp8", "fp8_block"),
+        ("qwen3-30b-a3b", "fp8"),
+        ("gpt-oss-120b", None),
+    ],
+)
+@pytest.mark.parametrize("T", [1, 8])
+def test_gpu_decode_mma_real_shapes(model, quant, T):
+    """The tensor-core decode kernels at real shapes: the reference, run-to-run bit equality, and a
+    CUDA graph of them replayed equal to eager."""
+    from moe_core.presets import get_preset
+    from moe_core.testing import random_routing
+
+    preset = get_preset(model)
+    spec = preset.moe_spec(torch.bfloat16, experts.QUANT_VARIANTS.get(quant))
+    pre = spec.quant.activation != "none"
+    weights = random_expert_weights(spec, device="cuda", seed=T)
+    prepared = moe_plan(spec, "cuda").prepare(weights)
+    x = torch.randn(T, spec.hidden_size, device="cuda").to(spec.dtype)
+    topk_w, topk_ids = random_routing(preset.routing, T, preset.num_experts, device="cuda", seed=T)
+    g = configs.GemmConfig(64, 128, 4, 2, 1, split=4, prequant=pre, mma=True)
+    cfg = configs.DecodeConfig(g, dataclasses.replace(g, split=max(1, spec.top_k // 2)))
+
+    def run(out):
+        return experts.fused_moe(spec, x, prepared.tensors, topk_w, topk_ids, out, config=cfg)
+
+    nan = torch.full((T, spec.hidden_size), float("nan"), dtype=spec.dtype, device="cuda")
+    out = run(nan.clone())
+    want = fused_experts_reference(spec, x, weights, topk_w, topk_ids, compute_dtype=torch.float64)
+    assert relative_error(out, want) <= (tq.bound(spec) if quant else tolerance(spec))
+    assert torch.equal(run(nan.clone()), out)
+    static = nan.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(static)
+    x.copy_(torch.randn_like(x))
+    static.fill_(float("nan"))
+    graph.replay()
+    assert torch.equal(static, run(nan.clone()))
 
 
 @gpu

@@ -288,3 +288,40 @@ def test_decode_kernels_report_their_k_loop(target):
     profiles = profile.compile_profile(target, decode)
     assert profiles and all(p.ok for p in profiles), profile.format_table(profiles)
     assert all(p.loop_instructions > 20 for p in profiles), profile.format_table(profiles)
+
+
+@needs_amd_backend  # (the set of Triton backends this tree's CI has: also NVIDIA's)
+def test_mma_decode_kernels_compile_for_sm90():
+    """The Gluon tensor-core decode kernels (no CPU interpreter runs Gluon: this is their CI check)
+    compile for sm_90 without spills, with MMAs in their K loop, for every scheme they take: bf16
+    (EVEN_K and not), fp8 per-channel / per-tensor / 128-blocks with pre-quantized activations,
+    swiglu_oai with biases, expert maps, split K and slot groups."""
+    import torch
+
+    from moe_plugin_portable import configs, experts
+
+    groups = []
+    for model, quant, dtype in [
+        ("deepseek-v3-tp8", None, torch.bfloat16),
+        ("deepseek-v3-tp8", "fp8_block", torch.bfloat16),
+        ("qwen3-30b-a3b", "fp8", torch.bfloat16),
+        ("qwen3-30b-a3b", "fp8_tensor", torch.bfloat16),
+        ("gpt-oss-120b", None, torch.bfloat16),  # H = I = 2880: not a multiple of 128
+        ("mixtral-8x7b", None, torch.float16),
+    ]:
+        spec = get_preset(model).moe_spec(dtype, experts.QUANT_VARIANTS.get(quant), ep_size=2, ep_rank=0)
+        pre = spec.quant.activation != "none"
+        g1 = configs.GemmConfig(64, 128, 4, 2, 1, split=4, prequant=pre, mma=True)
+        g2 = configs.GemmConfig(32, 128, 2, 2, 1, split=3, prequant=pre, mma=True)
+        cfg = heuristic_config(spec, 1, 132, False)
+        launches = profile._expert_launches(spec, 1, cfg, (), configs.DecodeConfig(g1, g2), nvidia=True)
+        groups.append((f"{model}/{quant}", [x for x in launches if "decode" in x[0].__name__]))
+    launch_set = profile.merge_launches(groups)
+    names = {c.kernel for c in launch_set}
+    assert names == {"moe_decode_mma_gemm1", "moe_decode_mma_gemm2"}, names
+    even = {dict(c.constexprs).get("EVEN_K") for c in launch_set}
+    assert even == {True, False}
+    profiles = profile.compile_profile("sm90", launch_set)
+    bad = [p for p in profiles if not p.ok]
+    assert not bad, profile.format_table(bad)
+    assert all(p.mfma > 0 and p.loop_instructions > 20 for p in profiles), profile.format_table(profiles)

@@ -75,6 +75,7 @@ __all__ = [
     "layer_key",
     "lookup_config",
     "lookup_decode",
+    "mma_tile",
     "mxfp4_warps",
     "t_bucket",
     "tuned_tables",
@@ -99,7 +100,10 @@ class GemmConfig:
     per output tile of a decode launch (:class:`DecodeConfig`; the sorted path ignores it).
     ``prequant``: a decode launch with fp8 activations reads its input quantized by a pre-pass
     (one more launch; the codes and scales are read per K step) instead of quantizing it in
-    every program (the sorted path always quantizes ahead or in GEMM 1's epilogue)."""
+    every program (the sorted path always quantizes ahead or in GEMM 1's epilogue). ``mma``: a
+    decode launch on NVIDIA tensor cores (the Gluon kernels of ``_details/_decode_mma.py``;
+    bf16/fp16 weights, or fp8 weights with ``prequant``; ``block_n`` a multiple of
+    ``16 * num_warps``), else on the CUDA-core Triton kernels."""
 
     block_n: int
     block_k: int
@@ -109,17 +113,19 @@ class GemmConfig:
     mx_dot: bool | None = None
     split: int = 1
     prequant: bool = False
+    mma: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The table's form: ``mx_dot`` only where it is set, ``split`` where it is not 1,
-        ``prequant`` where it is true."""
+        ``prequant`` and ``mma`` where they are true."""
         data = asdict(self)
         if data["mx_dot"] is None:
             del data["mx_dot"]
         if data["split"] == 1:
             del data["split"]
-        if not data["prequant"]:
-            del data["prequant"]
+        for flag in ("prequant", "mma"):
+            if not data[flag]:
+                del data[flag]
         return data
 
 
@@ -229,7 +235,8 @@ def lookup_decode(
     calls are also host-bound at these ``T``: the decode path's two launches cost less
     host time), with ``MOE_PORTABLE_DECODE=rule`` the rule alone. Tiles from the entry,
     else :func:`decode_heuristic`; ``MOE_PORTABLE_PREQUANT=0``/``1`` sets both GEMMs'
-    ``prequant``.
+    ``prequant``, ``MOE_PORTABLE_DECODE_MMA=0``/``1`` their ``mma`` (``1``: tiles fitted by
+    :func:`mma_tile`).
     """
     force = os.environ.get("MOE_PORTABLE_DECODE", "")
     if force == "0":
@@ -257,7 +264,24 @@ def lookup_decode(
     pre = os.environ.get("MOE_PORTABLE_PREQUANT", "")
     if pre in ("0", "1"):  # A/B runs: every decode GEMM's input pre-quantized, or none
         cfg = DecodeConfig(replace(cfg.gemm1, prequant=pre == "1"), replace(cfg.gemm2, prequant=pre == "1"))
+    mma = os.environ.get("MOE_PORTABLE_DECODE_MMA", "")
+    if mma == "1":
+        cfg = DecodeConfig(mma_tile(cfg.gemm1), mma_tile(cfg.gemm2))
+    elif mma == "0":
+        cfg = DecodeConfig(replace(cfg.gemm1, mma=False), replace(cfg.gemm2, mma=False))
     return cfg
+
+
+def mma_tile(cfg: GemmConfig) -> GemmConfig:
+    """``cfg`` on the tensor-core decode kernels: ``mma`` set, ``block_n`` rounded up to a multiple of
+    ``16 * num_warps`` (2 warps up to 32 rows, else 4), the split raised by as much (about as many
+    programs), ``block_k`` at least 64 (16 fp8 codes per thread and row)."""
+    if cfg.mma and cfg.block_n % (16 * cfg.num_warps) == 0 and cfg.block_k >= 64:
+        return cfg
+    warps = 2 if cfg.block_n <= 32 else 4
+    rows = -(-cfg.block_n // (16 * warps)) * 16 * warps
+    split = min(16, max(1, cfg.split * rows // cfg.block_n))
+    return replace(cfg, block_n=rows, block_k=max(cfg.block_k, 64), num_warps=warps, split=split, mma=True)
 
 
 def t_bucket(num_tokens: int) -> str:

@@ -131,6 +131,40 @@ def _kernels() -> Any:
     return _KERNELS[0]
 
 
+@functools.cache
+def _mma_kernels() -> Any:
+    """The Gluon tensor-core decode kernels (``_details/_decode_mma.py``), imported on first use;
+    ``None`` where this Triton has no Gluon (or not the parts they use)."""
+    try:
+        from ._details import _decode_mma
+    except (ImportError, AttributeError):
+        return None
+    return _decode_mma
+
+
+def _mma_capable(device: torch.device) -> bool:
+    """Whether ``device`` runs the Gluon decode kernels: compiled (not interpreted) on NVIDIA sm_80+."""
+    return (
+        device.type == "cuda"
+        and torch.version.hip is None
+        and not interpreting()
+        and _capability(device) >= (8, 0)
+    )
+
+
+def _mma_fits(spec: MoESpec, cfg: GemmConfig, kw: dict[str, Any]) -> bool:
+    """Whether a decode launch of ``cfg`` (its constexprs ``kw``) is one the tensor-core kernels
+    take: ``cfg.mma``; bf16/fp16 weights and activations, or fp8 weights (not mxfp4) with
+    pre-quantized activations; ``block_n`` a multiple of ``16 * num_warps``, ``block_k`` of 32
+    (bf16/fp16) or 64 (fp8: 16 codes per thread and row)."""
+    if not cfg.mma or spec.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    b_quant, a_quant, pre = kw["B_QUANT"], kw["A_QUANT"], kw["A_PRE"]
+    if not ((b_quant == 0 and a_quant == 0) or (b_quant in (1, 2, 3) and pre)):
+        return False
+    return kw["BLOCK_N"] % (16 * kw["num_warps"]) == 0 and kw["BLOCK_K"] % (64 if b_quant else 32) == 0
+
+
 def _supports(spec: MoESpec, device: DeviceInfo) -> str | None:
     reason = triton_refusal(device)
     if reason:
@@ -611,11 +645,14 @@ def decode_launches(
     cfg: DecodeConfig,
     *,
     warp_size: int | None = None,
+    mma: bool | None = None,
 ) -> list[Launch]:
     """The decode path's launches into ``out [T, H]`` (allocates the intermediate, runs nothing):
     GEMM 1 and GEMM 2, each after its input's quantization pre-pass where its config says
     ``prequant`` and the activations are fp8. ``warp_size``: the target's lanes per warp (default:
     the device's; 64 on AMD), which decides how pre-quantized codes are read (:func:`_a_pre`).
+    ``mma``: whether the target runs the tensor-core kernels (default: :func:`_mma_capable`),
+    which then take the GEMMs whose config says ``mma`` and fits them (:func:`_mma_fits`).
 
     ``topk_weights``/``topk_ids`` contiguous ``[T, k]``. Every scheme of :data:`QUANT_SCHEMES`:
     activations are quantized inside the GEMMs (per token over the whole row, static, or per
@@ -631,6 +668,18 @@ def decode_launches(
     if warp_size is None:
         warp_size = 64 if torch.version.hip and hidden_states.device.type == "cuda" else 32
     kw1, kw2 = _decode_kwargs(spec, cfg, b13 is not None, emap is not None, warp_size)
+    kernel1, kernel2 = kernels.moe_decode_gemm1, kernels.moe_decode_gemm2
+    if (
+        (cfg.gemm1.mma or cfg.gemm2.mma)
+        and (_mma_capable(hidden_states.device) if mma is None else mma)
+        and _mma_kernels() is not None
+    ):
+        if _mma_fits(spec, cfg.gemm1, kw1):
+            kernel1 = _mma_kernels().moe_decode_mma_gemm1
+            kw1 = dict(kw1, EVEN_K=H % kw1["BLOCK_K"] == 0)
+        if _mma_fits(spec, cfg.gemm2, kw2):
+            kernel2 = _mma_kernels().moe_decode_mma_gemm2
+            kw2 = dict(kw2, EVEN_K=inter_size % kw2["BLOCK_K"] == 0)
     dummy = topk_weights
     ids_or_map = emap if emap is not None else topk_ids
     device = hidden_states.device
@@ -656,7 +705,7 @@ def decode_launches(
     if split1 > 1 or split2 > 1:
         counts = _split_counters(device, off2 + (T * tiles2 if split2 > 1 else 0))
     gemm1 = (
-        kernels.moe_decode_gemm1,
+        kernel1,
         (T * k, tiles1, split1),
         (
             x,
@@ -687,7 +736,7 @@ def decode_launches(
         kw1,
     )
     gemm2 = (
-        kernels.moe_decode_gemm2,
+        kernel2,
         (T, tiles2, split2),
         (
             a2_in,
@@ -859,6 +908,7 @@ def _env_key(device: torch.device) -> tuple[str | None, ...]:
         get("MOE_PORTABLE_DECODE"),
         get("MOE_PORTABLE_CONFIG_DIR"),
         get("MOE_PORTABLE_PREQUANT"),
+        get("MOE_PORTABLE_DECODE_MMA"),
         "capturing" if capturing else "eager",
     )
 

@@ -545,7 +545,7 @@ def _expert_launches(
                 kwargs["MX_PTX"] = experts._mx_ptx(spec, x.device, False, nvidia=True)
     if decode is not None:
         launches += experts.decode_launches(
-            spec, x, tensors, topk_weights, topk_ids, out, decode, warp_size=32 if nvidia else 64
+            spec, x, tensors, topk_weights, topk_ids, out, decode, warp_size=32 if nvidia else 64, mma=nvidia
         )
     if "moe_sorting" in ops:
         mask = None if emap is None else _meta(spec.num_experts, dtype=torch.bool)

@@ -57,6 +57,7 @@ from .experts import (
     _block_k,
     _decode_block_k,
     _kernels,
+    _mma_capable,
     _prepare,
     decode_launches,
     fused_moe_launches,
@@ -208,6 +209,7 @@ def _filled(round_: list[GemmConfig], best: GemmConfig | None) -> Iterable[GemmC
                     mx_dot=cfg.mx_dot,
                     split=cfg.split or best.split,
                     prequant=cfg.prequant or best.prequant,
+                    mma=cfg.mma or best.mma,
                 )
             else:
                 cfg = GemmConfig(
@@ -219,6 +221,7 @@ def _filled(round_: list[GemmConfig], best: GemmConfig | None) -> Iterable[GemmC
                     best.mx_dot,
                     best.split,
                     best.prequant,
+                    best.mma,
                 )
         yield cfg
 
@@ -371,7 +374,7 @@ def _time_block_m(
 
 
 def decode_space(
-    base: GemmConfig, space: str = "full", spec: MoESpec | None = None
+    base: GemmConfig, space: str = "full", spec: MoESpec | None = None, mma: bool = False
 ) -> list[list[GemmConfig]]:
     """Config rounds for one decode launch around the heuristic's ``base``: tiles (at ``base``'s
     split) and the tiles wider than ``base``'s at splits 2, 4 and 8 (``base``'s K step), then
@@ -379,7 +382,9 @@ def decode_space(
     :func:`gemm_space`); ``small``: ``base`` alone. ``spec``: tiles as the decode kernels launch
     them (fp8_block: its K block), each once; with fp8 activations a round before the splits
     tries the input quantized by a pre-pass (``prequant``) on the best tile and on every tile
-    width at ``base``'s K step and split."""
+    width at ``base``'s K step and split; ``mma`` (a target of the tensor-core kernels, a layer
+    they take: bf16/fp16, fp8 weights) then a round of their tiles (``16 * num_warps`` or twice
+    that many rows, 2 or 4 warps) at ``base``'s split and 2 and 4 times it, fp8 pre-quantized."""
     if space not in SPACES:
         raise ValueError(f"unknown tuning space {space!r}; expected one of {SPACES}")
     if space == "small":
@@ -417,6 +422,25 @@ def decode_space(
             replace(base, block_n=bn, block_k=_decode_block_k(spec, base), prequant=True) for bn in tile_n
         ]
         rounds.append(_unique(pre))
+    if (
+        mma
+        and spec is not None
+        and spec.quant.name != "mxfp4"
+        and spec.dtype in (torch.bfloat16, torch.float16)
+    ):
+        fp8 = spec.quant.activation != "none"
+        step = _decode_block_k(spec, base)
+        step = max(step, 64) if fp8 else max(step, 32)
+        rounds.append(
+            _unique(
+                GemmConfig(
+                    bn, step, nw, base.num_stages, 1, split=min(16, base.split * m), prequant=fp8, mma=True
+                )
+                for nw in (2, 4)
+                for bn in (16 * nw, 32 * nw)
+                for m in (1, 2, 4)
+            )
+        )
     return [
         *rounds,
         [GemmConfig(0, 0, 0, 0, 1, split=n) for n in splits],
@@ -444,21 +468,26 @@ def _time_decode(
     def stages(g1: GemmConfig, g2: GemmConfig) -> tuple[list[Launch], list[Launch]]:
         """The launches of GEMM 1 (after its input's pre-pass, if any) and of GEMM 2 (ditto)."""
         launches = decode_launches(spec, x, tensors, topk_w, topk_ids, out, DecodeConfig(g1, g2))
-        i1 = next(i for i, launch in enumerate(launches) if launch[0] is _kernels().moe_decode_gemm1)
+        names = [launch[0].__name__ for launch in launches]
+        i1 = next(i for i, name in enumerate(names) if name in ("moe_decode_gemm1", "moe_decode_mma_gemm1"))
+        for cfg, name in ((g1, names[i1]), (g2, names[-1])):
+            if cfg.mma and "_mma_" not in name:  # a tile those kernels do not take: not a candidate
+                raise ValueError(f"{cfg} does not fit the tensor-core decode kernels")
         return launches[: i1 + 1], launches[i1 + 1 :]
 
     def make1(c: GemmConfig) -> Callable[[], None]:
         stage1 = stages(c, base.gemm2)[0]
         return lambda: _run_all(stage1)
 
-    g1, t1 = search.best(decode_space(base.gemm1, space, spec), make1, _filled)
+    mma = _mma_capable(device)
+    g1, t1 = search.best(decode_space(base.gemm1, space, spec, mma), make1, _filled)
 
     def make2(c: GemmConfig) -> Callable[[], None]:
         stage1, stage2 = stages(g1, c)
         _run_all(stage1)  # GEMM 2 reads its intermediate
         return lambda: _run_all(stage2)
 
-    g2, t2 = search.best(decode_space(base.gemm2, space, spec), make2, _filled)
+    g2, t2 = search.best(decode_space(base.gemm2, space, spec, mma), make2, _filled)
     return DecodeConfig(g1, g2), {"gemm1_us": t1, "gemm2_us": t2, "total_us": t1 + t2}
 
 
