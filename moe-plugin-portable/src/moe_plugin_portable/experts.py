@@ -659,7 +659,6 @@ def decode_launches(
     K step of fp8_block's group, which is then the K step) unless pre-quantized; the
     intermediate stays float32.
     """
-    kernels = _kernels()
     T, H = hidden_states.shape
     inter_size, k = spec.intermediate_size, spec.top_k
     w13, b13, w2, b2 = tensors["w13"], tensors.get("b13"), tensors["w2"], tensors.get("b2")
@@ -667,19 +666,11 @@ def decode_launches(
     emap = tensors.get("expert_map")
     if warp_size is None:
         warp_size = 64 if torch.version.hip and hidden_states.device.type == "cuda" else 32
-    kw1, kw2 = _decode_kwargs(spec, cfg, b13 is not None, emap is not None, warp_size)
-    kernel1, kernel2 = kernels.moe_decode_gemm1, kernels.moe_decode_gemm2
-    if (
-        (cfg.gemm1.mma or cfg.gemm2.mma)
-        and (_mma_capable(hidden_states.device) if mma is None else mma)
-        and _mma_kernels() is not None
-    ):
-        if _mma_fits(spec, cfg.gemm1, kw1):
-            kernel1 = _mma_kernels().moe_decode_mma_gemm1
-            kw1 = dict(kw1, EVEN_K=H % kw1["BLOCK_K"] == 0)
-        if _mma_fits(spec, cfg.gemm2, kw2):
-            kernel2 = _mma_kernels().moe_decode_mma_gemm2
-            kw2 = dict(kw2, EVEN_K=inter_size % kw2["BLOCK_K"] == 0)
+    if (cfg.gemm1.mma or cfg.gemm2.mma) and mma is None:
+        mma = _mma_capable(hidden_states.device)
+    kernel1, kw1, kernel2, kw2 = _decode_kwargs(
+        spec, cfg, b13 is not None, emap is not None, warp_size, bool(mma) and _mma_kernels() is not None
+    )
     dummy = topk_weights
     ids_or_map = emap if emap is not None else topk_ids
     device = hidden_states.device
@@ -848,9 +839,11 @@ def _a_pre(spec: MoESpec, cfg: GemmConfig, block_k: int, a_quant: int, warp_size
 
 @functools.lru_cache(maxsize=1024)
 def _decode_kwargs(
-    spec: MoESpec, cfg: DecodeConfig, has_bias: bool, has_map: bool, warp_size: int = 32
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The decode launches' constexprs and options (shared dicts: callers must not modify them)."""
+    spec: MoESpec, cfg: DecodeConfig, has_bias: bool, has_map: bool, warp_size: int = 32, mma: bool = False
+) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]:
+    """The decode launches' kernels, constexprs and options: ``(GEMM 1's kernel, its keyword
+    arguments, GEMM 2's, its)`` (shared dicts: callers must not modify them); ``mma``: the
+    target runs the tensor-core kernels, which take the GEMMs that :func:`_mma_fits`."""
     kernels = _kernels()
     common = dict(
         HAS_BIAS=has_bias,
@@ -887,7 +880,14 @@ def _decode_kwargs(
         num_warps=g2.num_warps,
         num_stages=g2.num_stages,
     )
-    return kw1, kw2
+    kernel1, kernel2 = kernels.moe_decode_gemm1, kernels.moe_decode_gemm2
+    if mma and _mma_fits(spec, g1, kw1):
+        kernel1 = _mma_kernels().moe_decode_mma_gemm1
+        kw1["EVEN_K"] = spec.hidden_size % kw1["BLOCK_K"] == 0
+    if mma and _mma_fits(spec, g2, kw2):
+        kernel2 = _mma_kernels().moe_decode_mma_gemm2
+        kw2["EVEN_K"] = spec.intermediate_size % kw2["BLOCK_K"] == 0
+    return kernel1, kw1, kernel2, kw2
 
 
 @functools.lru_cache(maxsize=1024)
