@@ -237,7 +237,39 @@ def test_mma_kernels_take_the_launches_they_fit():
     )
     quant, mma1, mma2 = "moe_quant_fp8", "moe_decode_mma_gemm1", "moe_decode_mma_gemm2"
     assert _names(block, pre, True)[0] == [quant, mma1, quant, mma2]
-    assert "_mma_" not in "".join(_names(tq._spec("mxfp4-w4a8"), pre, True)[0])
+    mx = tq._spec("mxfp4-w4a8")  # W4A8: pre-quantized codes, K steps of 128
+    assert "_mma_" not in "".join(_names(mx, pre, True)[0])  # steps of 64 and 32: too short
+    mx_cfg = configs.DecodeConfig(
+        dataclasses.replace(MMA1, block_k=128, prequant=True),
+        dataclasses.replace(MMA2, block_k=128, prequant=True),
+    )
+    assert _names(mx, mx_cfg, True)[0] == [quant, mma1, quant, mma2]
+    w4a16 = configs.DecodeConfig(
+        dataclasses.replace(MMA1, block_k=128), dataclasses.replace(MMA2, block_k=128)
+    )
+    assert _names(tq._spec("mxfp4-w4a16"), w4a16, True)[0] == [mma1, mma2]
+
+
+def test_mx_stored_order_is_the_swizzle():
+    """The tensor-core kernels read mxfp4 weights in stored (swizzled) order and the activations in
+    the same order (``mx_canonical_index``): a product in that order is the canonical one."""
+    pytest.importorskip("triton.experimental.gluon")
+    from moe_core.quant import dequantize_mxfp4, quantize_mxfp4
+    from moe_plugin_portable._details._decode_mma import mx_canonical_index
+
+    K = 128
+    canonical = torch.arange(K // 2, dtype=torch.int32).to(torch.uint8)[None, :]
+    stored = experts.swizzle_mxfp4(canonical)[0].long()  # stored byte p holds canonical byte stored[p]
+    kp = torch.arange(K)
+    assert torch.equal(mx_canonical_index(kp), 2 * stored[kp // 2] + kp % 2)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(5, K, generator=gen)
+    codes, scales = quantize_mxfp4(w)
+    dense = dequantize_mxfp4(codes, scales).double()
+    swizzled = dequantize_mxfp4(experts.swizzle_mxfp4(codes), scales).double()  # the stored order
+    x = torch.randn(K, generator=gen, dtype=torch.float64)
+    assert torch.allclose(swizzled @ x[mx_canonical_index(kp)], dense @ x, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(swizzled @ x, dense @ x)
 
 
 def test_mma_config_flag_env_and_tuner_round(monkeypatch):
@@ -270,7 +302,15 @@ def test_mma_config_flag_env_and_tuner_round(monkeypatch):
     )
     assert len(fp8_rounds) == 5 and all(c.mma and c.prequant and c.block_k == 128 for c in fp8_rounds[2])
     mx = tq._spec("mxfp4-w4a16")
-    assert len(tuning.decode_space(configs.decode_heuristic(mx, 1, 132, False).gemm1, "quick", mx, True)) == 3
+    mx_rounds = tuning.decode_space(configs.decode_heuristic(mx, 1, 132, False).gemm1, "quick", mx, True)
+    assert len(mx_rounds) == 4 and all(
+        c.mma and not c.prequant and c.block_k % 128 == 0 for c in mx_rounds[1]
+    )
+    fp32 = MoESpec(**BASE, dtype=torch.float32)
+    assert (
+        len(tuning.decode_space(configs.decode_heuristic(fp32, 1, 132, False).gemm1, "quick", fp32, True))
+        == 3
+    )
     assert len(tuning.decode_space(base, "quick", spec)) == 3  # not a target of those kernels
 
 
@@ -525,7 +565,7 @@ def test_gpu_decode_split_real_shapes(quant, T, split1, split2):
 #: CASES and the quantized cases the tensor-core kernels take, on the GPU at the CPU tests' odd shapes
 MMA_CASES = [
     *[(case, None) for case in sorted(CASES)],
-    *[(name, changes) for name, changes in QUANT_CASES if not name.startswith(("mxfp4", "fp8_block-32"))],
+    *[(name, changes) for name, changes in QUANT_CASES if not name.startswith("fp8_block-32")],
 ]
 
 
@@ -559,9 +599,10 @@ def test_gpu_decode_mma_matches_reference(case, changes, T):
     prepared = moe_plan(spec, "cuda").prepare(weights)
     want = fused_experts_reference(spec, x, weights, topk_w, ids, compute_dtype=torch.float64)
     pre = spec.quant.activation != "none"
+    step = 128 if spec.quant.name == "mxfp4" else (64 if pre else 32)
     cfg = configs.DecodeConfig(
-        dataclasses.replace(MMA1, prequant=pre),
-        dataclasses.replace(MMA2, block_k=64 if pre else 32, prequant=pre),
+        dataclasses.replace(MMA1, block_k=max(64, step), prequant=pre),
+        dataclasses.replace(MMA2, block_k=step, prequant=pre),
     )
     names = [
         launch[0].__name__
@@ -591,6 +632,8 @@ def test_gpu_decode_mma_matches_reference(case, changes, T):
         ("deepseek-v3-tp8", "fp8_block"),
         ("qwen3-30b-a3b", "fp8"),
         ("gpt-oss-120b", None),
+        ("gpt-oss-120b", "mxfp4"),
+        ("deepseek-v3-tp8", "mxfp4_w4a8"),
     ],
 )
 @pytest.mark.parametrize("T", [1, 8])

@@ -295,7 +295,7 @@ def test_mma_decode_kernels_compile_for_sm90():
     """The Gluon tensor-core decode kernels (no CPU interpreter runs Gluon: this is their CI check)
     compile for sm_90 without spills, with MMAs in their K loop, for every scheme they take: bf16
     (EVEN_K and not), fp8 per-channel / per-tensor / 128-blocks with pre-quantized activations,
-    swiglu_oai with biases, expert maps, split K and slot groups."""
+    mxfp4 W4A16 and W4A8, swiglu_oai with biases, expert maps, split K and slot groups."""
     import torch
 
     from moe_plugin_portable import configs, experts
@@ -308,11 +308,13 @@ def test_mma_decode_kernels_compile_for_sm90():
         ("qwen3-30b-a3b", "fp8_tensor", torch.bfloat16),
         ("gpt-oss-120b", None, torch.bfloat16),  # H = I = 2880: not a multiple of 128
         ("mixtral-8x7b", None, torch.float16),
+        ("gpt-oss-120b", "mxfp4", torch.bfloat16),
+        ("deepseek-v3-tp8", "mxfp4_w4a8", torch.bfloat16),
     ]:
         spec = get_preset(model).moe_spec(dtype, experts.QUANT_VARIANTS.get(quant), ep_size=2, ep_rank=0)
         pre = spec.quant.activation != "none"
         g1 = configs.GemmConfig(64, 128, 4, 2, 1, split=4, prequant=pre, mma=True)
-        g2 = configs.GemmConfig(32, 128, 2, 2, 1, split=3, prequant=pre, mma=True)
+        g2 = configs.GemmConfig(32, 256, 2, 2, 1, split=3, prequant=pre, mma=True)
         cfg = heuristic_config(spec, 1, 132, False)
         launches = profile._expert_launches(spec, 1, cfg, (), configs.DecodeConfig(g1, g2), nvidia=True)
         groups.append((f"{model}/{quant}", [x for x in launches if "decode" in x[0].__name__]))

@@ -275,13 +275,13 @@ def lookup_decode(
 def mma_tile(cfg: GemmConfig) -> GemmConfig:
     """``cfg`` on the tensor-core decode kernels: ``mma`` set, ``block_n`` rounded up to a multiple of
     ``16 * num_warps`` (2 warps up to 32 rows, else 4), the split raised by as much (about as many
-    programs), ``block_k`` at least 64 (16 fp8 codes per thread and row)."""
-    if cfg.mma and cfg.block_n % (16 * cfg.num_warps) == 0 and cfg.block_k >= 64:
+    programs), ``block_k`` at least 128 (4 chunks of 16 mxfp4 bytes per row)."""
+    if cfg.mma and cfg.block_n % (16 * cfg.num_warps) == 0 and cfg.block_k >= 128:
         return cfg
     warps = 2 if cfg.block_n <= 32 else 4
     rows = -(-cfg.block_n // (16 * warps)) * 16 * warps
     split = min(16, max(1, cfg.split * rows // cfg.block_n))
-    return replace(cfg, block_n=rows, block_k=max(cfg.block_k, 64), num_warps=warps, split=split, mma=True)
+    return replace(cfg, block_n=rows, block_k=max(cfg.block_k, 128), num_warps=warps, split=split, mma=True)
 
 
 def t_bucket(num_tokens: int) -> str:

@@ -154,15 +154,18 @@ def _mma_capable(device: torch.device) -> bool:
 
 def _mma_fits(spec: MoESpec, cfg: GemmConfig, kw: dict[str, Any]) -> bool:
     """Whether a decode launch of ``cfg`` (its constexprs ``kw``) is one the tensor-core kernels
-    take: ``cfg.mma``; bf16/fp16 weights and activations, or fp8 weights (not mxfp4) with
-    pre-quantized activations; ``block_n`` a multiple of ``16 * num_warps``, ``block_k`` of 32
-    (bf16/fp16) or 64 (fp8: 16 codes per thread and row)."""
+    take: ``cfg.mma``; bf16/fp16 weights and activations, fp8 weights with pre-quantized
+    activations, mxfp4 weights with bf16 or pre-quantized activations; ``block_n`` a multiple of
+    ``16 * num_warps``, ``block_k`` of the operand's 4 chunks per row: 64 for fp8 (16 codes per
+    thread and chunk), 128 for mxfp4 (16 bytes), 32 for bf16/fp16 (8 elements)."""
     if not cfg.mma or spec.dtype not in (torch.bfloat16, torch.float16):
         return False
     b_quant, a_quant, pre = kw["B_QUANT"], kw["A_QUANT"], kw["A_PRE"]
-    if not ((b_quant == 0 and a_quant == 0) or (b_quant in (1, 2, 3) and pre)):
+    fp8 = b_quant in (1, 2, 3)
+    if not ((b_quant == 0 and a_quant == 0) or (fp8 and pre) or (b_quant == 4 and (a_quant == 0 or pre))):
         return False
-    return kw["BLOCK_N"] % (16 * kw["num_warps"]) == 0 and kw["BLOCK_K"] % (64 if b_quant else 32) == 0
+    step = 64 if fp8 else (128 if b_quant == 4 else 32)
+    return kw["BLOCK_N"] % (16 * kw["num_warps"]) == 0 and kw["BLOCK_K"] % step == 0
 
 
 def _supports(spec: MoESpec, device: DeviceInfo) -> str | None:

@@ -383,7 +383,7 @@ def decode_space(
     them (fp8_block: its K block), each once; with fp8 activations a round before the splits
     tries the input quantized by a pre-pass (``prequant``) on the best tile and on every tile
     width at ``base``'s K step and split; ``mma`` (a target of the tensor-core kernels, a layer
-    they take: bf16/fp16, fp8 weights) then a round of their tiles (``16 * num_warps`` or twice
+    they take: bf16/fp16, fp8, mxfp4 weights) then a round of their tiles (``16 * num_warps`` or twice
     that many rows, 2 or 4 warps) at ``base``'s split and 2 and 4 times it, fp8 pre-quantized."""
     if space not in SPACES:
         raise ValueError(f"unknown tuning space {space!r}; expected one of {SPACES}")
@@ -422,15 +422,9 @@ def decode_space(
             replace(base, block_n=bn, block_k=_decode_block_k(spec, base), prequant=True) for bn in tile_n
         ]
         rounds.append(_unique(pre))
-    if (
-        mma
-        and spec is not None
-        and spec.quant.name != "mxfp4"
-        and spec.dtype in (torch.bfloat16, torch.float16)
-    ):
+    if mma and spec is not None and spec.dtype in (torch.bfloat16, torch.float16):
         fp8 = spec.quant.activation != "none"
-        step = _decode_block_k(spec, base)
-        step = max(step, 64) if fp8 else max(step, 32)
+        step = max(_decode_block_k(spec, base), 128 if spec.quant.name == "mxfp4" else 64)
         rounds.append(
             _unique(
                 GemmConfig(

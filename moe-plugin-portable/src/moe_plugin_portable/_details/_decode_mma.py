@@ -9,11 +9,13 @@ per row: one 16-byte load each, no shared memory), so a K step costs about 1.5 i
 weight against 5-7 for the CUDA-core dot products (sm_90, static), where the decode GEMV is bound
 by instruction issue rather than by memory.
 
-Schemes: bf16/fp16 weights with activations of the same dtype (``A_QUANT`` 0), and fp8 weights
+Schemes: bf16/fp16 weights with activations of the same dtype (``A_QUANT`` 0); fp8 weights
 (``B_QUANT`` 1 per channel, 2 per tensor, 3 128-blocks) with activations that a pre-pass
 quantized (``A_PRE``: fp8 codes and their scales; the MMA takes both as fp8, upcast to fp16
-exactly). mxfp4 and in-kernel activation quantization stay on the Triton kernels
-(``experts._decode_mma_refusal``). GEMM 2 rounds the float32 intermediate to the weights' dtype
+exactly); mxfp4 weights (``B_QUANT`` 4) dequantized to bf16 in the operand registers by
+``_fused_moe``'s PTX (:func:`_mx_operand`, in their swizzled order, the activations read in the
+same order) with bf16 activations or pre-quantized fp8 codes (W4A8). In-kernel activation
+quantization stays on the Triton kernels (``experts._mma_fits``). GEMM 2 rounds the float32 intermediate to the weights' dtype
 (bf16/fp16) for the MMA, as the sorted path stores it; the router weight on the input (top-1,
 unquantized) scales the accumulators, which is the same product in another order.
 
@@ -27,8 +29,12 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from ._fused_moe import MX_PTX_SHIFT, MXFP4_TO_BF16_PTX
+
 #: the CTA barrier: ``thread_barrier`` up to Triton 3.6, ``barrier`` later
 _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+_MX_PTX: gl.constexpr = gl.constexpr(MXFP4_TO_BF16_PTX.value)
+_MX_SHIFT: gl.constexpr = gl.constexpr(MX_PTX_SHIFT.value)
 
 
 @gluon.jit
@@ -99,6 +105,102 @@ def _mma_step(
         s_n = gl.convert_layout(gl.load(s_ptrs), gl.SliceLayout(1, MMA))
         return acc + step * (s_n * a_s)[:, None]
     return mma_v2(w, a, acc)
+
+
+@gluon.jit
+def _mx_operand(
+    w_rows,
+    s_rows,
+    k0,
+    K,
+    BLOCK_N: gl.constexpr,
+    BLOCK_K: gl.constexpr,
+    MMA: gl.constexpr,
+    EVEN_K: gl.constexpr,
+):
+    """One K step of mxfp4 weights as the bf16 A operand ``[BLOCK_N, BLOCK_K]``, in the order the
+    bytes are stored (swizzled, ``experts.swizzle_mxfp4``: element ``k' = 2p + h`` is nibble ``h``
+    of stored byte ``p``; :func:`_mx_activation` reads the activations in the same order), times
+    ``2**-MX_PTX_SHIFT`` (``_fused_moe.MXFP4_TO_BF16_PTX``). ``w_rows``/``s_rows``: the rows' bytes
+    and e8m0 scales in ``SliceLayout(1, operand A with 16 bytes per thread and chunk)``: one
+    16-byte load, whose bytes dequantize to the 32 consecutive elements that operand A with 32 per
+    chunk gives the same thread (no data moves between threads; sm_90 static: 16 bytes per chunk
+    3.6 instructions per weight, 4 bytes 4.1)."""
+    b_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=16)
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=32)
+    pb = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(0, b_l))
+    ptrs = w_rows[:, None] + k0 // 2 + pb[None, :]
+    s_ptrs = s_rows[:, None] + k0 // 32 + (pb // 16)[None, :]  # one scale per 16-byte group
+    if EVEN_K:
+        b = gl.load(ptrs)
+        s = gl.load(s_ptrs)
+    else:
+        k_ok = (pb < (K - k0) // 2)[None, :]
+        b = gl.load(ptrs, mask=k_ok, other=0)
+        s = gl.load(s_ptrs, mask=k_ok, other=0)
+    factor = (gl.minimum(s.to(gl.int32) + (126 - _MX_SHIFT), 254) << 7) * 0x10001
+    pairs = gl.inline_asm_elementwise(
+        _MX_PTX, "=r,=r,=r,=r,r,r,r,r,r", [b, factor], dtype=gl.int32, is_pure=True, pack=4
+    )
+    lo = (pairs & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True)
+    hi = (pairs >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True)
+    v = gl.reshape(gl.join(lo, hi), (BLOCK_N, BLOCK_K))
+    return gl.convert_layout(v, a_l)
+
+
+def mx_canonical_index(kp):
+    """The canonical K index of element ``kp`` of a swizzled mxfp4 row read in stored order (``k'
+    = 2p + h``: nibble ``h`` of stored byte ``p``), as :func:`_mx_activation` computes it; works
+    on ints and integer tensors (tests check it against ``experts.swizzle_mxfp4``)."""
+    return (kp // 32) * 32 + ((kp // 2) % 4) * 8 + ((kp // 8) % 4) * 2 + kp % 2
+
+
+@gluon.jit
+def _mx_activation(a_row, k0, K, BLOCK_K: gl.constexpr, MMA: gl.constexpr, EVEN_K: gl.constexpr):
+    """The activation step as operand B ``[BLOCK_K, 8]`` (bf16, every column the row) in the
+    swizzled order of :func:`_mx_operand`: ``k' = 2p + h`` reads canonical element ``32g + 8c + 2r
+    + h`` where stored byte ``p = 4r + c`` of group ``g`` holds canonical byte ``4c + r``."""
+    b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=32)
+    kp = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, b_l))
+    k = (kp // 32) * 32 + ((kp // 2) % 4) * 8 + ((kp // 8) % 4) * 2 + kp % 2  # mx_canonical_index
+    col = gl.zeros([8], gl.int32, layout=gl.SliceLayout(0, b_l))
+    if EVEN_K:
+        a = gl.load(a_row + k0 + k[:, None] + col[None, :])
+    else:
+        a = gl.load(a_row + k0 + k[:, None] + col[None, :], mask=(k < K - k0)[:, None], other=0.0)
+    return a.to(gl.bfloat16)
+
+
+@gluon.jit
+def _mx_dot(
+    w_rows,
+    s_rows,
+    u_rows,
+    su_rows,
+    a_row,
+    K,
+    k_lo,
+    k_hi,
+    GATED: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    BLOCK_K: gl.constexpr,
+    MMA: gl.constexpr,
+    EVEN_K: gl.constexpr,
+):
+    """:func:`_mma_dot` for mxfp4 weights (bf16 activations, or fp8 codes: exact in bf16); the
+    e8m0 scales in the operand, the result times ``2**MX_PTX_SHIFT`` back (exact)."""
+    acc = gl.zeros([BLOCK_N, 8], gl.float32, layout=MMA)
+    acc_u = gl.zeros([BLOCK_N, 8], gl.float32, layout=MMA)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        a = _mx_activation(a_row, k0, K, BLOCK_K, MMA, EVEN_K)
+        acc = mma_v2(_mx_operand(w_rows, s_rows, k0, K, BLOCK_N, BLOCK_K, MMA, EVEN_K), a, acc)
+        if GATED:
+            acc_u = mma_v2(_mx_operand(u_rows, su_rows, k0, K, BLOCK_N, BLOCK_K, MMA, EVEN_K), a, acc_u)
+    first = (gl.arange(0, 8, layout=gl.SliceLayout(0, MMA)) == 0)[None, :]
+    out = gl.sum(gl.where(first, acc, 0.0), axis=1) * (2.0**_MX_SHIFT)
+    if GATED:
+        return out, gl.sum(gl.where(first, acc_u, 0.0), axis=1) * (2.0**_MX_SHIFT)
+    return out, out
 
 
 @gluon.jit
@@ -205,7 +307,9 @@ def moe_decode_mma_gemm1(
     ``EVEN_K``: ``K`` a multiple of ``BLOCK_K``."""
     NW: gl.constexpr = gl.num_warps()
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
-    KW: gl.constexpr = 16 if B_QUANT != 0 else 8  # 16 bytes per thread and row
+    # elements per thread and chunk of the weights' operand A layout: 16 bytes (fp8, bf16; mxfp4:
+    # its bytes, 32 elements once dequantized, _mx_operand)
+    KW: gl.constexpr = 16 if B_QUANT == 4 else (16 if B_QUANT != 0 else 8)
     OP_DTYPE: gl.constexpr = w_ptr.dtype.element_ty
     rows_l: gl.constexpr = gl.SliceLayout(1, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=KW))
     out_l: gl.constexpr = gl.SliceLayout(1, MMA)
@@ -224,25 +328,42 @@ def moe_decode_mma_gemm1(
     k_lo, k_hi = 0, K
     if SPLIT > 1:
         k_lo, k_hi = _split_range(K, gl.program_id(2), SPLIT, BLOCK_K)
-    gate, up = _mma_dot(
-        w_rows,
-        s_rows,
-        w_rows + INTER * stride_wn,
-        su_rows,
-        x_row,
-        as_row,
-        K,
-        k_lo,
-        k_hi,
-        GATED,
-        B_QUANT,
-        BLOCK_N,
-        BLOCK_K,
-        MMA,
-        KW,
-        OP_DTYPE,
-        EVEN_K,
-    )
+    if B_QUANT == 4:
+        gate, up = _mx_dot(
+            w_rows,
+            s_rows,
+            w_rows + INTER * stride_wn,
+            su_rows,
+            x_row,
+            K,
+            k_lo,
+            k_hi,
+            GATED,
+            BLOCK_N,
+            BLOCK_K,
+            MMA,
+            EVEN_K,
+        )
+    else:
+        gate, up = _mma_dot(
+            w_rows,
+            s_rows,
+            w_rows + INTER * stride_wn,
+            su_rows,
+            x_row,
+            as_row,
+            K,
+            k_lo,
+            k_hi,
+            GATED,
+            B_QUANT,
+            BLOCK_N,
+            BLOCK_K,
+            MMA,
+            KW,
+            OP_DTYPE,
+            EVEN_K,
+        )
     offs_o = gl.program_id(1) * BLOCK_N + gl.arange(0, BLOCK_N, layout=out_l)
     o_mask = offs_o < INTER
     last = True
@@ -332,7 +453,7 @@ def moe_decode_mma_gemm2(
     ``EVEN_K``: ``K`` a multiple of ``BLOCK_K``."""
     NW: gl.constexpr = gl.num_warps()
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
-    KW: gl.constexpr = 16 if B_QUANT != 0 else 8
+    KW: gl.constexpr = 16 if B_QUANT == 4 else (16 if B_QUANT != 0 else 8)
     OP_DTYPE: gl.constexpr = w_ptr.dtype.element_ty
     rows_l: gl.constexpr = gl.SliceLayout(1, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=KW))
     out_l: gl.constexpr = gl.SliceLayout(1, MMA)
@@ -362,25 +483,30 @@ def moe_decode_mma_gemm2(
             as_row = as_ptr + entry * stride_asm
             w_rows = w_ptr + expert * stride_we + offs_n.to(gl.int64) * stride_wn
             s_rows = ws_ptr + expert * stride_wse + (offs_n // GROUP_N) * stride_wsn
-            y, _y = _mma_dot(
-                w_rows,
-                s_rows,
-                w_rows,
-                s_rows,
-                a_row,
-                as_row,
-                K,
-                k_lo,
-                k_hi,
-                False,
-                B_QUANT,
-                BLOCK_N,
-                BLOCK_K,
-                MMA,
-                KW,
-                OP_DTYPE,
-                EVEN_K,
-            )
+            if B_QUANT == 4:
+                y, _y = _mx_dot(
+                    w_rows, s_rows, w_rows, s_rows, a_row, K, k_lo, k_hi, False, BLOCK_N, BLOCK_K, MMA, EVEN_K
+                )
+            else:
+                y, _y = _mma_dot(
+                    w_rows,
+                    s_rows,
+                    w_rows,
+                    s_rows,
+                    a_row,
+                    as_row,
+                    K,
+                    k_lo,
+                    k_hi,
+                    False,
+                    B_QUANT,
+                    BLOCK_N,
+                    BLOCK_K,
+                    MMA,
+                    KW,
+                    OP_DTYPE,
+                    EVEN_K,
+                )
             if A_QUANT == 1:
                 y = y * gl.load(as_row)
             elif A_QUANT == 2:
