@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -473,7 +474,8 @@ def _time_decode(
         stage1 = stages(c, base.gemm2)[0]
         return lambda: _run_all(stage1)
 
-    mma = _mma_capable(device)
+    # MOE_PORTABLE_DECODE_MMA=0: the tensor-core kernels untried (a fault there would end the process)
+    mma = _mma_capable(device) and os.environ.get("MOE_PORTABLE_DECODE_MMA", "") != "0"
     g1, t1 = search.best(decode_space(base.gemm1, space, spec, mma), make1, _filled)
 
     def make2(c: GemmConfig) -> Callable[[], None]:
