@@ -37,7 +37,7 @@ VARIANTS = {
     "decode": {"MOE_PORTABLE_DECODE": "1"},
     "decode-prequant": {"MOE_PORTABLE_DECODE": "1", "MOE_PORTABLE_PREQUANT": "1"},
     "decode-inkernel": {"MOE_PORTABLE_DECODE": "1", "MOE_PORTABLE_PREQUANT": "0"},
-    "decode-mma": {"MOE_PORTABLE_DECODE": "1", "MOE_PORTABLE_PREQUANT": "1", "MOE_PORTABLE_DECODE_MMA": "1"},
+    "decode-mma": {"MOE_PORTABLE_DECODE": "1", "MOE_PORTABLE_DECODE_MMA": "1"},
     "sorted-dot_scaled": {"MOE_PORTABLE_DECODE": "0", "MOE_PORTABLE_MXFP4": "dot_scaled"},
     "sorted-dequant": {"MOE_PORTABLE_DECODE": "0", "MOE_PORTABLE_MXFP4": "dequant"},
     "sorted-no_ptx": {

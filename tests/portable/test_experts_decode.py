@@ -286,6 +286,9 @@ def test_mma_config_flag_env_and_tuner_round(monkeypatch):
             assert all(
                 g.block_n % (16 * g.num_warps) == 0 and g.block_k >= 64 for g in (found.gemm1, found.gemm2)
             )
+    monkeypatch.setenv("MOE_PORTABLE_DECODE_MMA", "1")  # fp8 activations: pre-quantized as well
+    found = configs.lookup_decode(tq._spec("fp8_block"), 1, torch.device("cpu"))
+    assert found.gemm1.prequant and found.gemm2.prequant and found.gemm1.mma
     monkeypatch.delenv("MOE_PORTABLE_DECODE_MMA")
     tile = configs.mma_tile(configs.GemmConfig(8, 512, 4, 3, 1, split=2))
     assert (tile.block_n, tile.num_warps, tile.split, tile.block_k, tile.mma) == (32, 2, 8, 512, True)

@@ -101,9 +101,10 @@ class GemmConfig:
     ``prequant``: a decode launch with fp8 activations reads its input quantized by a pre-pass
     (one more launch; the codes and scales are read per K step) instead of quantizing it in
     every program (the sorted path always quantizes ahead or in GEMM 1's epilogue). ``mma``: a
-    decode launch on NVIDIA tensor cores (the Gluon kernels of ``_details/_decode_mma.py``;
-    bf16/fp16 weights, or fp8 weights with ``prequant``; ``block_n`` a multiple of
-    ``16 * num_warps``), else on the CUDA-core Triton kernels."""
+    decode launch on NVIDIA tensor cores (the Gluon kernels of ``_details/_decode_mma.py``, for
+    the launches ``experts._mma_fits``: bf16/fp16 weights, fp8 or mxfp4 weights with fp8
+    activations pre-quantized, mxfp4 with bf16; ``block_n`` a multiple of ``16 * num_warps``),
+    else on the CUDA-core Triton kernels."""
 
     block_n: int
     block_k: int
@@ -236,7 +237,7 @@ def lookup_decode(
     host time), with ``MOE_PORTABLE_DECODE=rule`` the rule alone. Tiles from the entry,
     else :func:`decode_heuristic`; ``MOE_PORTABLE_PREQUANT=0``/``1`` sets both GEMMs'
     ``prequant``, ``MOE_PORTABLE_DECODE_MMA=0``/``1`` their ``mma`` (``1``: tiles fitted by
-    :func:`mma_tile`).
+    :func:`mma_tile`, fp8 activations pre-quantized).
     """
     force = os.environ.get("MOE_PORTABLE_DECODE", "")
     if force == "0":
@@ -265,8 +266,10 @@ def lookup_decode(
     if pre in ("0", "1"):  # A/B runs: every decode GEMM's input pre-quantized, or none
         cfg = DecodeConfig(replace(cfg.gemm1, prequant=pre == "1"), replace(cfg.gemm2, prequant=pre == "1"))
     mma = os.environ.get("MOE_PORTABLE_DECODE_MMA", "")
-    if mma == "1":
+    if mma == "1":  # (fp8 activations: pre-quantized, as those kernels take them)
         cfg = DecodeConfig(mma_tile(cfg.gemm1), mma_tile(cfg.gemm2))
+        if spec.quant.activation != "none":
+            cfg = DecodeConfig(replace(cfg.gemm1, prequant=True), replace(cfg.gemm2, prequant=True))
     elif mma == "0":
         cfg = DecodeConfig(replace(cfg.gemm1, mma=False), replace(cfg.gemm2, mma=False))
     return cfg

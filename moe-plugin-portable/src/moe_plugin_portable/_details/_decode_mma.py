@@ -3,24 +3,31 @@
 The same contracts, arguments and grids as ``moe_decode_gemm1`` / ``moe_decode_gemm2`` of
 :mod:`._fused_moe` (one program per (entry or token, ``BLOCK_N`` rows, K chunk)), but each K step
 is a tensor-core MMA ``acc [BLOCK_N, 8] += w [BLOCK_N, BLOCK_K] @ a [BLOCK_K, 8]`` whose column 0
-is the program's activation row (the other 7 columns hold it too: one broadcast load, never read). The weight tile is
-loaded straight into the MMA's operand registers (``DotOperandLayout`` with 16 bytes per thread
-per row: one 16-byte load each, no shared memory), so a K step costs about 1.5 instructions per
-weight against 5-7 for the CUDA-core dot products (sm_90, static), where the decode GEMV is bound
-by instruction issue rather than by memory.
+is the program's activation row (the other 7 columns hold it too: one broadcast load, never
+read). The weight tile is loaded straight into the MMA's operand registers (``DotOperandLayout``
+with 16 bytes per thread and chunk of a row: one 16-byte load each, no shared memory). A K step
+then costs 1.0-1.8 instructions per weight for bf16/fp8 and 2.9-5.4 for mxfp4, against 4-8 for
+the CUDA-core dot products, which are bound by instruction issue rather than by memory (sm_90,
+static: ``benchmarks/results/static-decode-mma-2026-12-04.md``).
 
-Schemes: bf16/fp16 weights with activations of the same dtype (``A_QUANT`` 0); fp8 weights
-(``B_QUANT`` 1 per channel, 2 per tensor, 3 128-blocks) with activations that a pre-pass
-quantized (``A_PRE``: fp8 codes and their scales; the MMA takes both as fp8, upcast to fp16
-exactly); mxfp4 weights (``B_QUANT`` 4) dequantized to bf16 in the operand registers by
-``_fused_moe``'s PTX (:func:`_mx_operand`, in their swizzled order, the activations read in the
-same order) with bf16 activations or pre-quantized fp8 codes (W4A8). In-kernel activation
-quantization stays on the Triton kernels (``experts._mma_fits``). GEMM 2 rounds the float32 intermediate to the weights' dtype
-(bf16/fp16) for the MMA, as the sorted path stores it; the router weight on the input (top-1,
-unquantized) scales the accumulators, which is the same product in another order.
+Schemes:
 
-``BLOCK_N`` is a multiple of ``16 * num_warps`` (each warp 16 rows of an MMA; more rows repeat),
-``BLOCK_K`` a multiple of 32 (fp8_block: its K group, one scale per step).
+- bf16/fp16 weights with activations of the same dtype (``A_QUANT`` 0);
+- fp8 weights (``B_QUANT`` 1 per channel, 2 per tensor, 3 128-blocks) with activations that a
+  pre-pass quantized (``A_PRE``: fp8 codes and their scales; both operands upcast to fp16 for the
+  MMA, exactly);
+- mxfp4 weights (``B_QUANT`` 4), dequantized to bf16 in the operand registers by ``_fused_moe``'s
+  PTX in their stored (swizzled) order, the activations read in the same order
+  (:func:`mx_canonical_index`), with bf16 activations or pre-quantized fp8 codes (W4A8).
+
+In-kernel activation quantization stays on the Triton kernels (``experts._mma_fits``). GEMM 2
+rounds the float32 intermediate to the weights' dtype (bf16/fp16) for the MMA, as the sorted path
+stores it; the router weight on the input (top-1, unquantized) scales the accumulators, the same
+product in another order.
+
+``BLOCK_N`` is a multiple of ``16 * num_warps`` (each warp 16 rows of an MMA; more rows repeat);
+``BLOCK_K`` of an operand row's 4 chunks: 32 (bf16/fp16), 64 (fp8), 128 (mxfp4); fp8_block's K
+step is its group (one scale per step).
 """
 
 from __future__ import annotations
