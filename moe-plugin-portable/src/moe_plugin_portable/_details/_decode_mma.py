@@ -230,41 +230,48 @@ def _mma_dot(
     OP_DTYPE: gl.constexpr,
     EVEN_K: gl.constexpr,
 ):
-    """``sum_k a[k] * w[n, k]`` over ``[k_lo, k_hi)`` for the ``BLOCK_N`` rows ``w_rows`` (pointers
+    """``sum_k a[k] * w[n, k]`` over ``[k_lo, k_hi)`` (mxfp4: :func:`_mx_dot`) for the ``BLOCK_N`` rows ``w_rows`` (pointers
     in ``SliceLayout(1, operand A)``, every one valid), float32 in ``SliceLayout(1, MMA)``, and
     the same for the ``u_rows`` when ``GATED`` (one activation load per step for both; else the
     first result twice). fp8 blocks (``B_QUANT`` 3): the step's weight scales ``s_rows[k0 //
     BLOCK_K]`` (``su_rows``) and activation scale ``as_row[k0 // BLOCK_K]`` applied per step.
     ``a_row``: the activation row (cast to ``OP_DTYPE`` for the MMA); ``EVEN_K``: ``K`` a
     multiple of ``BLOCK_K`` (no K mask)."""
-    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=KW)
-    b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=KW)
-    offs_k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_l))
-    kb = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, b_l))
-    # every column the same row (one broadcast load per address; the sums are column 0's)
-    col = gl.zeros([8], gl.int32, layout=gl.SliceLayout(0, b_l))
-    acc = gl.zeros([BLOCK_N, 8], gl.float32, layout=MMA)
-    acc_u = gl.zeros([BLOCK_N, 8], gl.float32, layout=MMA)
-    w_tile = w_rows[:, None] + offs_k[None, :]
-    u_tile = u_rows[:, None] + offs_k[None, :]
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k_ok = (offs_k < K - k0)[None, :]
-        if EVEN_K:
-            a = gl.load(a_row + k0 + kb[:, None] + col[None, :])
-        else:
-            a = gl.load(a_row + k0 + kb[:, None] + col[None, :], mask=(kb < K - k0)[:, None], other=0.0)
-        a = a.to(OP_DTYPE)
-        a_s = 1.0
-        if B_QUANT == 3:
-            a_s = gl.load(as_row + k0 // BLOCK_K)
-        acc = _mma_step(w_tile + k0, a, acc, s_rows + k0 // BLOCK_K, a_s, B_QUANT, MMA, k_ok, EVEN_K)
+    if B_QUANT == 4:
+        return _mx_dot(
+            w_rows, s_rows, u_rows, su_rows, a_row, K, k_lo, k_hi, GATED, BLOCK_N, BLOCK_K, MMA, EVEN_K
+        )
+    else:
+        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=KW)
+        b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=KW)
+        offs_k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_l))
+        kb = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, b_l))
+        # every column the same row (one broadcast load per address; the sums are column 0's)
+        col = gl.zeros([8], gl.int32, layout=gl.SliceLayout(0, b_l))
+        acc = gl.zeros([BLOCK_N, 8], gl.float32, layout=MMA)
+        acc_u = gl.zeros([BLOCK_N, 8], gl.float32, layout=MMA)
+        w_tile = w_rows[:, None] + offs_k[None, :]
+        u_tile = u_rows[:, None] + offs_k[None, :]
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k_ok = (offs_k < K - k0)[None, :]
+            if EVEN_K:
+                a = gl.load(a_row + k0 + kb[:, None] + col[None, :])
+            else:
+                a = gl.load(a_row + k0 + kb[:, None] + col[None, :], mask=(kb < K - k0)[:, None], other=0.0)
+            a = a.to(OP_DTYPE)
+            a_s = 1.0
+            if B_QUANT == 3:
+                a_s = gl.load(as_row + k0 // BLOCK_K)
+            acc = _mma_step(w_tile + k0, a, acc, s_rows + k0 // BLOCK_K, a_s, B_QUANT, MMA, k_ok, EVEN_K)
+            if GATED:
+                acc_u = _mma_step(
+                    u_tile + k0, a, acc_u, su_rows + k0 // BLOCK_K, a_s, B_QUANT, MMA, k_ok, EVEN_K
+                )
+        first = (gl.arange(0, 8, layout=gl.SliceLayout(0, MMA)) == 0)[None, :]
+        out = gl.sum(gl.where(first, acc, 0.0), axis=1)
         if GATED:
-            acc_u = _mma_step(u_tile + k0, a, acc_u, su_rows + k0 // BLOCK_K, a_s, B_QUANT, MMA, k_ok, EVEN_K)
-    first = (gl.arange(0, 8, layout=gl.SliceLayout(0, MMA)) == 0)[None, :]
-    out = gl.sum(gl.where(first, acc, 0.0), axis=1)
-    if GATED:
-        return out, gl.sum(gl.where(first, acc_u, 0.0), axis=1)
-    return out, out
+            return out, gl.sum(gl.where(first, acc_u, 0.0), axis=1)
+        return out, out
 
 
 @gluon.jit
@@ -316,7 +323,7 @@ def moe_decode_mma_gemm1(
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
     # elements per thread and chunk of the weights' operand A layout: 16 bytes (fp8, bf16; mxfp4:
     # its bytes, 32 elements once dequantized, _mx_operand)
-    KW: gl.constexpr = 16 if B_QUANT == 4 else (16 if B_QUANT != 0 else 8)
+    KW: gl.constexpr = 16 if B_QUANT != 0 else 8
     OP_DTYPE: gl.constexpr = w_ptr.dtype.element_ty
     rows_l: gl.constexpr = gl.SliceLayout(1, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=KW))
     out_l: gl.constexpr = gl.SliceLayout(1, MMA)
@@ -335,42 +342,25 @@ def moe_decode_mma_gemm1(
     k_lo, k_hi = 0, K
     if SPLIT > 1:
         k_lo, k_hi = _split_range(K, gl.program_id(2), SPLIT, BLOCK_K)
-    if B_QUANT == 4:
-        gate, up = _mx_dot(
-            w_rows,
-            s_rows,
-            w_rows + INTER * stride_wn,
-            su_rows,
-            x_row,
-            K,
-            k_lo,
-            k_hi,
-            GATED,
-            BLOCK_N,
-            BLOCK_K,
-            MMA,
-            EVEN_K,
-        )
-    else:
-        gate, up = _mma_dot(
-            w_rows,
-            s_rows,
-            w_rows + INTER * stride_wn,
-            su_rows,
-            x_row,
-            as_row,
-            K,
-            k_lo,
-            k_hi,
-            GATED,
-            B_QUANT,
-            BLOCK_N,
-            BLOCK_K,
-            MMA,
-            KW,
-            OP_DTYPE,
-            EVEN_K,
-        )
+    gate, up = _mma_dot(
+        w_rows,
+        s_rows,
+        w_rows + INTER * stride_wn,
+        su_rows,
+        x_row,
+        as_row,
+        K,
+        k_lo,
+        k_hi,
+        GATED,
+        B_QUANT,
+        BLOCK_N,
+        BLOCK_K,
+        MMA,
+        KW,
+        OP_DTYPE,
+        EVEN_K,
+    )
     offs_o = gl.program_id(1) * BLOCK_N + gl.arange(0, BLOCK_N, layout=out_l)
     o_mask = offs_o < INTER
     last = True
@@ -460,7 +450,7 @@ def moe_decode_mma_gemm2(
     ``EVEN_K``: ``K`` a multiple of ``BLOCK_K``."""
     NW: gl.constexpr = gl.num_warps()
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
-    KW: gl.constexpr = 16 if B_QUANT == 4 else (16 if B_QUANT != 0 else 8)
+    KW: gl.constexpr = 16 if B_QUANT != 0 else 8
     OP_DTYPE: gl.constexpr = w_ptr.dtype.element_ty
     rows_l: gl.constexpr = gl.SliceLayout(1, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=KW))
     out_l: gl.constexpr = gl.SliceLayout(1, MMA)
@@ -490,30 +480,25 @@ def moe_decode_mma_gemm2(
             as_row = as_ptr + entry * stride_asm
             w_rows = w_ptr + expert * stride_we + offs_n.to(gl.int64) * stride_wn
             s_rows = ws_ptr + expert * stride_wse + (offs_n // GROUP_N) * stride_wsn
-            if B_QUANT == 4:
-                y, _y = _mx_dot(
-                    w_rows, s_rows, w_rows, s_rows, a_row, K, k_lo, k_hi, False, BLOCK_N, BLOCK_K, MMA, EVEN_K
-                )
-            else:
-                y, _y = _mma_dot(
-                    w_rows,
-                    s_rows,
-                    w_rows,
-                    s_rows,
-                    a_row,
-                    as_row,
-                    K,
-                    k_lo,
-                    k_hi,
-                    False,
-                    B_QUANT,
-                    BLOCK_N,
-                    BLOCK_K,
-                    MMA,
-                    KW,
-                    OP_DTYPE,
-                    EVEN_K,
-                )
+            y, _y = _mma_dot(
+                w_rows,
+                s_rows,
+                w_rows,
+                s_rows,
+                a_row,
+                as_row,
+                K,
+                k_lo,
+                k_hi,
+                False,
+                B_QUANT,
+                BLOCK_N,
+                BLOCK_K,
+                MMA,
+                KW,
+                OP_DTYPE,
+                EVEN_K,
+            )
             if A_QUANT == 1:
                 y = y * gl.load(as_row)
             elif A_QUANT == 2:
