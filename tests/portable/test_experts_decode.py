@@ -22,7 +22,7 @@ from moe_plugin_portable import _launch, configs, experts
 
 from ..gpu_checks import no_host_sync
 from . import test_experts_quant as tq
-from .helpers import DEVICE, assert_graph_replay_matches_eager, gpu, needs_triton
+from .helpers import DEVICE, HAS_GPU, assert_graph_replay_matches_eager, gpu, needs_triton
 
 KERNEL = "portable.triton.fused_moe"
 BASE = {"num_experts": 7, "top_k": 3, "hidden_size": 72, "intermediate_size": 40}
@@ -572,24 +572,18 @@ MMA_CASES = [
 ]
 
 
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    ("case", "changes"), MMA_CASES, ids=[f"{c}-{i}" for i, (c, _) in enumerate(MMA_CASES)]
-)
-@pytest.mark.parametrize("T", [1, 5])
-def test_gpu_decode_mma_matches_reference(case, changes, T):
-    """The Gluon tensor-core decode kernels at odd shapes (rows past the end, K not a multiple of
-    the step, split K, slot groups, EP, biases, every activation, the fp8 schemes pre-quantized)
-    against the reference with poisoned outputs, and against the Triton decode kernels."""
+def _check_mma_case(case, changes, T: int, device: str) -> None:
+    """The tensor-core decode kernels on ``case`` (poisoned outputs) against the reference and
+    against the Triton decode kernels, with the mma configs ``MMA1``/``MMA2`` (split K, slot groups,
+    rows past the end, K not a multiple of the step; fp8 and W4A8 pre-quantized)."""
     if changes is None:
         spec = MoESpec(**{**BASE, **CASES[case][0]})
-        weights = random_expert_weights(spec, device="cuda", seed=T)
-        gen = torch.Generator(device="cuda").manual_seed(T)
-        x = (torch.randn(T, spec.hidden_size, generator=gen, device="cuda") * 1.5).to(spec.dtype)
-        topk_w = torch.rand(T, spec.top_k, generator=gen, device="cuda") + 0.05
+        weights = random_expert_weights(spec, device=device, seed=T)
+        gen = torch.Generator(device=device).manual_seed(T)
+        x = (torch.randn(T, spec.hidden_size, generator=gen, device=device) * 1.5).to(spec.dtype)
+        topk_w = torch.rand(T, spec.top_k, generator=gen, device=device) + 0.05
         ids = (
-            torch.rand(T, spec.num_experts, generator=gen, device="cuda")
+            torch.rand(T, spec.num_experts, generator=gen, device=device)
             .argsort(dim=1)[:, : spec.top_k]
             .int()
         )
@@ -599,7 +593,7 @@ def test_gpu_decode_mma_matches_reference(case, changes, T):
         weights = tq._weights(spec, seed=T)[1]
         x, topk_w, ids = tq._inputs(spec, T, seed=T)
         bound = tq.bound(spec)
-    prepared = moe_plan(spec, "cuda").prepare(weights)
+    prepared = moe_plan(spec, device).prepare(weights)
     want = fused_experts_reference(spec, x, weights, topk_w, ids, compute_dtype=torch.float64)
     pre = spec.quant.activation != "none"
     step = 128 if spec.quant.name == "mxfp4" else (64 if pre else 32)
@@ -611,19 +605,53 @@ def test_gpu_decode_mma_matches_reference(case, changes, T):
         launch[0].__name__
         for launch in experts.decode_launches(spec, x, prepared.tensors, topk_w, ids, x.clone(), cfg)
     ]
-    if spec.dtype != torch.float32:
-        assert "moe_decode_mma_gemm1" in names and "moe_decode_mma_gemm2" in names, names
+    assert "moe_decode_mma_gemm1" in names and "moe_decode_mma_gemm2" in names, names
     plain = configs.DecodeConfig(
         dataclasses.replace(cfg.gemm1, mma=False), dataclasses.replace(cfg.gemm2, mma=False)
     )
     outs = []
     for c in (cfg, plain):
-        out = torch.full((T, spec.hidden_size), float("nan"), dtype=spec.dtype, device="cuda")
+        out = torch.full((T, spec.hidden_size), float("nan"), dtype=spec.dtype, device=device)
         outs.append(experts.fused_moe(spec, x, prepared.tensors, topk_w, ids, out, config=c))
         err = relative_error(out, want)
         assert err <= bound, f"{c}: relative error {err:.3e} > {bound:.1e} for {spec.describe()}"
     assert relative_error(outs[0], outs[1]) <= 2 * bound
-    assert not experts._split_counters(torch.device("cuda"), 0).any()
+    assert not experts._split_counters(torch.device(device), 0).any()
+
+
+@needs_triton
+@pytest.mark.skipif(
+    HAS_GPU, reason="the GPU runs the compiled kernels (test_gpu_decode_mma_matches_reference)"
+)
+@pytest.mark.parametrize(
+    ("case", "changes"), MMA_CASES, ids=[f"{c}-{i}" for i, (c, _) in enumerate(MMA_CASES)]
+)
+def test_decode_mma_kernels_interpreted(case, changes, monkeypatch):
+    """The Gluon tensor-core kernels' own source run by Triton's interpreter on the CPU
+    (:mod:`.gluon_interpreter`: layouts dropped, the mxfp4 PTX emulated), T = 3."""
+    from moe_plugin_portable._details import _decode_mma
+
+    from .gluon_interpreter import interpret
+
+    monkeypatch.setattr(experts, "_mma_capable", lambda device: True)
+    monkeypatch.setattr(experts, "_mma_kernels", lambda: interpret(_decode_mma))
+    experts._decode_kwargs.cache_clear()  # (it holds the kernel objects)
+    try:
+        _check_mma_case(case, changes, 3, "cpu")
+    finally:
+        experts._decode_kwargs.cache_clear()
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("case", "changes"), MMA_CASES, ids=[f"{c}-{i}" for i, (c, _) in enumerate(MMA_CASES)]
+)
+@pytest.mark.parametrize("T", [1, 5])
+def test_gpu_decode_mma_matches_reference(case, changes, T):
+    """The compiled tensor-core decode kernels at odd shapes, every activation, EP, biases, the fp8
+    and mxfp4 schemes (:func:`_check_mma_case`)."""
+    _check_mma_case(case, changes, T, "cuda")
 
 
 @gpu

@@ -292,8 +292,8 @@ def test_decode_kernels_report_their_k_loop(target):
 
 @needs_amd_backend  # (the set of Triton backends this tree's CI has: also NVIDIA's)
 def test_mma_decode_kernels_compile_for_sm90():
-    """The Gluon tensor-core decode kernels (no CPU interpreter runs Gluon: this is their CI check)
-    compile for sm_90 without spills, with MMAs in their K loop, for every scheme they take: bf16
+    """The Gluon tensor-core decode kernels (their logic runs on the CPU in
+    test_experts_decode.py's interpreted test; this checks what the compiler makes of them) compile for sm_90 without spills, with MMAs in their K loop, for every scheme they take: bf16
     (EVEN_K and not), fp8 per-channel / per-tensor / 128-blocks with pre-quantized activations,
     mxfp4 W4A16 and W4A8, swiglu_oai with biases, expert maps, split K and slot groups."""
     import torch
