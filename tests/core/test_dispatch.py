@@ -366,6 +366,30 @@ def test_bad_input_raises_before_any_launch(kernels):
     assert kernels.applied == []
 
 
+def test_fast_check_takes_a_dispatching_plan(kernels, monkeypatch):
+    """A dispatching plan's good calls pass the fast input check (no checks one by one on the hot
+    path); prepared weights lacking a part, or moved after a passing call, do not."""
+    from moe_core import planner
+
+    kernels.install(kernels.entry(SMALL, priority=10), kernels.entry(BIG, priority=5))
+    plan = moe_plan(SPEC, "cpu", dispatch=_table([SMALL, SMALL, SMALL, BIG, BIG, BIG, BIG]))
+    weights = random_expert_weights(SPEC)
+    prepared = plan.prepare(weights)
+    x, w, ids = _inputs(40)
+    monkeypatch.setattr(planner, "should_check_values", lambda t: False)  # (as on a GPU)
+    assert planner._plain_inputs(plan, x, prepared, w, ids, None)
+    plain = moe_plan(SPEC, "cpu", dispatch=False).prepare(weights)
+    partial = DispatchedWeights.build({SMALL: plain})
+    assert not planner._plain_inputs(plan, x, partial, w, ids, None)
+    assert planner._plain_inputs(plan, x, prepared, w, ids, None)
+    name = next(iter(prepared.tensors))
+    prepared.tensors[name] = prepared.tensors[name].to("meta")  # a new version: checked again
+    assert not planner._plain_inputs(plan, x, prepared, w, ids, None)
+    with pytest.raises(MoEInputError, match="device"):
+        moe_apply(plan, x, prepared, w, ids)
+    assert kernels.applied == []
+
+
 def test_cli_tune_writes_the_dispatch_table(kernels, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_DISPATCH_DIR", str(tmp_path))
     kernels.standard()

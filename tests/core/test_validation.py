@@ -232,5 +232,41 @@ def test_fast_check_takes_good_inputs_only(spy_plan, monkeypatch):
     assert not planner._plain_inputs("plan", x, prepared, w, ids, out)
     moved = type(prepared)(prepared.kernel, {**prepared.tensors, "w2": prepared.tensors["w2"].to("meta")})
     assert not planner._plain_inputs(plan, x, moved, w, ids, out)
+    # a passing check is remembered per version of the tensors: a replaced tensor is checked again
+    assert planner._plain_inputs(plan, x, prepared, w, ids, out)
+    good = prepared.tensors["w2"]
+    prepared.tensors["w2"] = good.to("meta")
+    assert not planner._plain_inputs(plan, x, prepared, w, ids, out)
+    prepared.tensors["w2"] = good
+    assert planner._plain_inputs(plan, x, prepared, w, ids, out)
+    prepared.tensors = {**prepared.tensors, "w2": good.to("meta")}  # a plain dict: checked every call
+    assert not planner._plain_inputs(plan, x, prepared, w, ids, out)
+    prepared.tensors = planner.TensorDict(prepared.tensors, w2=good)
     moe_apply(plan, x, prepared, w, ids, out=out)
     assert CALLS == ["apply"]
+
+
+def test_prepared_tensors_version_changes_with_every_change():
+    from moe_core.planner import PreparedWeights, TensorDict
+
+    t = torch.zeros(2)
+    prepared = PreparedWeights("spy.torch.experts", {"a": t})
+    tensors = prepared.tensors
+    assert isinstance(tensors, TensorDict) and tensors == {"a": t}
+    seen = {tensors.version}
+    changes = [
+        lambda d: d.__setitem__("b", t),
+        lambda d: d.update(c=t),
+        lambda d: d.__ior__({"d": t}),
+        lambda d: d.setdefault("e", t),
+        lambda d: d.pop("e"),
+        lambda d: d.__delitem__("d"),
+        lambda d: d.popitem(),
+        lambda d: d.clear(),
+    ]
+    for change in changes:
+        change(tensors)
+        assert tensors.version not in seen
+        seen.add(tensors.version)
+    assert TensorDict().version not in seen  # unique across dicts too
+    assert PreparedWeights("k", tensors).tensors is tensors

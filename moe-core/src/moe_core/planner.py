@@ -73,13 +73,62 @@ def _new_handle(table: dict[int, Any], value: Any) -> int:
     return handle
 
 
+_versions = itertools.count(1)
+
+
+class TensorDict(dict):
+    """The ``dict`` of :attr:`PreparedWeights.tensors`: ``version``, unique in the process, changes
+    with every change of its items, so that a kernel's per-layer cache (and the core's input check)
+    is validated by one comparison per call instead of one per tensor."""
+
+    __slots__ = ("version",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.version = next(_versions)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.version = next(_versions)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self.version = next(_versions)
+
+    def __ior__(self, other: Any) -> TensorDict:
+        super().__ior__(other)
+        self.version = next(_versions)
+        return self
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        self.version = next(_versions)
+
+    def pop(self, *args: Any) -> Any:
+        self.version = next(_versions)
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[str, Any]:
+        self.version = next(_versions)
+        return super().popitem()
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        self.version = next(_versions)
+        return super().setdefault(key, default)
+
+    def clear(self) -> None:
+        super().clear()
+        self.version = next(_versions)
+
+
 @dataclass
 class PreparedWeights:
     """Weights re-laid out for one kernel by its ``prepare``.
 
     Attributes:
         kernel: name of the kernel they were prepared for.
-        tensors: the kernel's tensors, by name (the kernel's own layout).
+        tensors: the kernel's tensors, by name (the kernel's own layout); kept as a
+            :class:`TensorDict` (a ``dict`` whose ``version`` changes with its items).
         meta: non-tensor facts the kernel recorded (tile sizes, layout tags).
         layout_handle: integer id of (kernel, tensor names, meta) for the custom op.
         cache: scratch of the kernel's ``apply``, empty at first: what it derives from
@@ -95,6 +144,8 @@ class PreparedWeights:
     cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.tensors.__class__ is not TensorDict:
+            self.tensors = TensorDict(self.tensors)
         if self.layout_handle is None:  # the custom op rebuilds prepared weights under a known handle
             self.layout_handle = _new_handle(LAYOUTS, (self.kernel, tuple(self.tensors), self.meta))
 
@@ -514,16 +565,22 @@ def _check_scales(spec: MoESpec, weights: ExpertWeights, name: str, n: int, kdim
 
 
 _Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
 _ID_DTYPES = (torch.int32, torch.int64)
 
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+#: key of ``PreparedWeights.cache`` where :func:`_plain_inputs` notes the tensors' version, the
+#: device it found them all on and the plan they were checked for (a dispatching plan: every part)
+_CHECKED = "moe_core.checked"
+_PREPARED = (PreparedWeights, DispatchedWeights)
 
 
 def _fast_facts(plan: MoEPlan) -> tuple:
     """What :func:`_plain_inputs` compares against, kept on the plan (rebuilt when ``plan.device``
-    or ``plan.entry`` is replaced): ``(device info, entry, kernel name, H, dtype, top_k,
-    contiguous needed, simulated, device type, index or None, value checks asked)``.
+    or ``plan.entry`` is replaced): ``(device info, entry, kernel name (a dispatching plan's:
+    :data:`DISPATCH`), H, dtype, top_k, contiguous input needed (by any of its kernels),
+    simulated, device type, index or None, value checks asked)``.
     ``MOE_CHECK_INPUTS`` is the plan's (read when it was made), not the environment on every call."""
     facts = plan._fast
     if facts is None or facts[0] is not plan.device or facts[1] is not plan.entry:
@@ -533,11 +590,11 @@ def _fast_facts(plan: MoEPlan) -> tuple:
         facts = plan._fast = (
             info,
             entry,
-            entry.name,
+            plan.kernel,
             spec.hidden_size,
             spec.dtype,
             spec.top_k,
-            entry.needs_contiguous,
+            any(e.needs_contiguous for e in plan.entries),
             info.simulated,
             want.type,
             want.index,
@@ -551,7 +608,7 @@ def _plain_inputs(plan: Any, x: Any, prepared: Any, topk_weights: Any, topk_ids:
     (host time on the hot path). Conservative: ``False`` sends the call through the checks one by
     one, which raise with the precise message (or pass); ``True`` only where each of them passes
     and no value check applies (CPU tensors; ``MOE_CHECK_INPUTS``, as read when planned)."""
-    if plan.__class__ is not MoEPlan or prepared.__class__ is not PreparedWeights:
+    if plan.__class__ is not MoEPlan or prepared.__class__ not in _PREPARED:
         return False
     if not (isinstance(x, _Tensor) and isinstance(topk_weights, _Tensor) and isinstance(topk_ids, _Tensor)):
         return False
@@ -575,17 +632,31 @@ def _plain_inputs(plan: Any, x: Any, prepared: Any, topk_weights: Any, topk_ids:
     ):
         return False
     device = x.device
-    if device != plan._fast_device:  # (a torch.device's type and index are slow to read)
+    fast_device = plan._fast_device
+    if device != fast_device:  # (a torch.device's type and index are slow to read)
         if device.type != dev_type or (dev_index is not None and device.index != dev_index):
             return False
-        plan._fast_device = device
+        plan._fast_device = fast_device = device
     if topk_weights.device != device or topk_ids.device != device:
         return False
     if out is not None and out.device != device:
         return False
-    for t in prepared.tensors.values():
-        if not isinstance(t, _Tensor) or t.device != device:
+    tensors = prepared.tensors
+    version = getattr(tensors, "version", None)
+    seen = prepared.cache.get(_CHECKED)
+    if (
+        seen is None
+        or seen[0] != version
+        or seen[1] is not fast_device
+        or seen[2] is not plan
+        or version is None
+    ):
+        for t in tensors.values():
+            if not isinstance(t, _Tensor) or t.device != device:
+                return False
+        if plan.routes is not None and any(k not in getattr(prepared, "parts", {}) for k in plan.kernels):
             return False
+        prepared.cache[_CHECKED] = (version, fast_device, plan)  # while the version holds
     if dev_type == "cpu" or checks:
         return not should_check_values(topk_ids)
     return True  # a GPU tensor, no value checks asked: should_check_values would say False
@@ -663,11 +734,16 @@ def moe_apply(
     """
     if not _plain_inputs(plan, hidden_states, prepared, topk_weights, topk_ids, out):
         check_apply_inputs(plan, hidden_states, prepared, topk_weights, topk_ids, out)
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         from .ops import moe_apply_op
 
         return moe_apply_op(plan, hidden_states, prepared, topk_weights, topk_ids, out)
-    return run_experts(plan, hidden_states, prepared, topk_weights, topk_ids, out)
+    if plan.routes is not None or out is None or not hidden_states.numel():  # (numel: T * H, H > 0)
+        return run_experts(plan, hidden_states, prepared, topk_weights, topk_ids, out)
+    plan.entry.apply(
+        plan.spec, hidden_states, prepared, topk_weights, topk_ids, out
+    )  # (run_experts' common case)
+    return out
 
 
 def run_experts(

@@ -49,7 +49,6 @@ which is how FlashInfer maps global ids (``ep_rank * E_local`` first).
 from __future__ import annotations
 
 import functools
-import operator
 import os
 import shutil
 import warnings
@@ -437,14 +436,14 @@ def _layer_call(
     spec: MoESpec, prepared: PreparedWeights
 ) -> tuple[dict[str, Any], list[int], Callable | None, Callable | None]:
     """``(layer_kwargs, default tactics, tactics picker or None, input transform or None)``, built on
-    the first call and kept in ``prepared.cache`` with the tensor objects they came from (rebuilt
-    if one is replaced). The picker maps ``T`` to the tune cache's tactics of its bucket
+    the first call and kept in ``prepared.cache`` with the ``version`` of the tensors they came from
+    (rebuilt if one is replaced; on every call where the tensors are a plain dict). The picker maps ``T`` to the tune cache's tactics of its bucket
     (:func:`.tuning.pick`); the transform is :func:`kernel_input` where the input is not passed
     as it is (fp8, mxfp4)."""
     t = prepared.tensors
-    key = tuple(t.values())  # held by the entry: their ids stay unique while it lives
     hit = prepared.cache.get(KERNEL)
-    if hit is not None and len(hit[0]) == len(key) and all(map(operator.is_, hit[0], key)):
+    version = getattr(t, "version", None)  # (moe_core.planner.TensorDict: changes with the items)
+    if hit is not None and hit[0] == version and version is not None:
         return hit[1]
     kw = layer_kwargs(spec, prepared, _ACT[prepared.meta["activation"]])
     resolved = None if spec.quant.name == "fp8_block" else _resolve_tactics(spec, prepared)
@@ -452,7 +451,7 @@ def _layer_call(
     transform = kernel_input if spec.quant.name in ("fp8", "mxfp4") else None
     # fp8_block: its one tactic (FIXED_TACTICS), never tuned
     call = (kw, DEFAULT_TACTICS, pick, transform)
-    prepared.cache[KERNEL] = (key, call)
+    prepared.cache[KERNEL] = (version, call)
     return call
 
 
