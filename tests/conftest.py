@@ -8,6 +8,11 @@ import pytest
 
 import moe_core
 
+if os.environ.get("TRITON_INTERPRET") == "1":  # kernels under the interpreter round as on a GPU
+    from .interpreter_fixes import install
+
+    install()
+
 
 @pytest.fixture(autouse=True)
 def _clean_moe_state(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory):

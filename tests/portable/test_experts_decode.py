@@ -628,10 +628,10 @@ def _check_mma_case(case, changes, T: int, device: str) -> None:
 )
 def test_decode_mma_kernels_interpreted(case, changes, monkeypatch):
     """The Gluon tensor-core kernels' own source run by Triton's interpreter on the CPU
-    (:mod:`.gluon_interpreter`: layouts dropped, the mxfp4 PTX emulated), T = 3."""
+    (:mod:`tests.gluon_interpreter`: layouts dropped, the mxfp4 PTX emulated), T = 3."""
     from moe_plugin_portable._details import _decode_mma
 
-    from .gluon_interpreter import interpret
+    from ..gluon_interpreter import interpret
 
     monkeypatch.setattr(experts, "_mma_capable", lambda device: True)
     monkeypatch.setattr(experts, "_mma_kernels", lambda: interpret(_decode_mma))

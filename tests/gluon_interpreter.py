@@ -8,9 +8,16 @@ operations are ``triton.language``'s with the layouts dropped, and wraps them in
 What this checks: the kernels' index arithmetic, masks, control flow (early exits, split-K
 arrivals: programs run in order, so the last to arrive is the last in the grid), scales, epilogues
 and stores, on the real prepared tensors. What it cannot: layouts (which thread holds which
-element) and the hardware's float32 summation order inside an MMA (here: numpy's). Inline PTX runs
-through :mod:`.ptx_emulator` where a program is registered in :data:`PTX_PROGRAMS`, elementwise with
-Triton's ``pack`` grouping (each output element from the input elements of the same index).
+element) and the hardware's float32 summation order inside an MMA (here: numpy's).
+
+Hardware ops, by value: NVIDIA ``mma_v2`` (float32 ``acc + a @ b``); AMD CDNA4 ``mfma``,
+``mfma_scaled`` (e4m3 x e2m1 with e8m0 scales) and ``scaled_upcast`` (e2m1 to bf16), OCP
+semantics; inline PTX through :mod:`.portable.ptx_emulator` where a program is registered in
+:data:`PTX_PROGRAMS`, elementwise (each output element from the input elements of the same index,
+which is what Triton's ``pack`` grouping gives). Anything else raises ``NotImplementedError``.
+Loads and stores take their masks as booleans (the interpreter computes ``block & scalar`` of
+int1 in int32). Float down-conversions round as on the GPUs once :mod:`.interpreter_fixes` is
+installed (``tests/conftest.py`` does it under the interpreter).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import numpy as np
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction, TensorHandle
 
-from .ptx_emulator import run_ptx
+from .portable.ptx_emulator import run_ptx
 
 __all__ = ["PTX_PROGRAMS", "interpret"]
 
@@ -76,12 +83,81 @@ def _register_ptx() -> None:
     PTX_PROGRAMS[program] = functools.partial(_mx_dequant, program)
 
 
+def _mma_v2(a, b, acc, input_precision=None):
+    """``acc + a @ b`` in float32 (the operands' values exactly: bf16, fp16 and fp8 are float32)."""
+    return _matmul_acc(a.to(tl.float32).handle.data, b.to(tl.float32).handle.data, acc)
+
+
+def _matmul_acc(a: np.ndarray, b: np.ndarray, acc: tl.tensor) -> tl.tensor:
+    data = np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(np.float32) + acc.handle.data
+    return _tensor(data.astype(np.float32), acc, tl.float32)
+
+
+_E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32)
+
+
+def _e2m1_along(packed: np.ndarray, axis: int) -> np.ndarray:
+    """float32 values of e2m1 pairs packed along ``axis`` (element ``2i``: the low nibble of byte ``i``)."""
+    lo, hi = _E2M1[packed & 15], _E2M1[packed >> 4]
+    both = np.stack([lo, hi], axis=axis + 1)
+    shape = list(packed.shape)
+    shape[axis] *= 2
+    return both.reshape(shape)
+
+
+def _e8m0(s: np.ndarray) -> np.ndarray:
+    return np.ldexp(np.float32(1.0), s.astype(np.int32) - 127).astype(np.float32)
+
+
+def _bool_mask(mask: Any) -> Any:
+    """``mask`` with boolean data (the interpreter computes ``block & scalar`` of int1 in int32)."""
+    if isinstance(mask, tl.tensor) and mask.handle.data.dtype != np.bool_:
+        return mask != 0
+    return mask
+
+
+class _CDNA4:
+    """``gl.amd.cdna4``: the scaled MFMA and the scaled fp4 upcast, by value (OCP mx semantics)."""
+
+    get_mfma_scale_layout = staticmethod(lambda *args, **kwargs: _Layout())
+    get_scaled_upcast_fp4_scale_layout = staticmethod(lambda *args, **kwargs: _Layout())
+
+    @staticmethod
+    def mfma(a, b, acc):
+        return _mma_v2(a, b, acc)
+
+    @staticmethod
+    def scaled_upcast(b, s, dtype, axis):
+        """bf16 ``[2 * b.shape[axis], ...]``: e2m1 pairs of ``b`` times ``2**(s - 127)`` (one e8m0
+        per 32 elements along ``axis``)."""
+        if dtype != tl.bfloat16 or axis != 0:
+            raise NotImplementedError("scaled_upcast emulated for bf16 along axis 0")
+        v = _e2m1_along(b.handle.data, 0) * np.repeat(_e8m0(s.handle.data), 32, axis=0)
+        bits = (v.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)  # exact: e2m1 * 2**e
+        return _tensor(bits, b, tl.bfloat16)
+
+    @staticmethod
+    def mfma_scaled(a, a_scale, a_format, b, b_scale, b_format, acc):
+        """``acc + a @ (e2m1(b) * 2**(b_scale - 127))`` (``b`` packed along K, ``b_scale [N, K/32]``)."""
+        if a_scale is not None or a_format != "e4m3" or b_format != "e2m1":
+            raise NotImplementedError("mfma_scaled emulated for unscaled e4m3 x scaled e2m1")
+        w = _e2m1_along(b.handle.data, 0) * np.repeat(_e8m0(b_scale.handle.data).T, 32, axis=0)
+        return _matmul_acc(a.to(tl.float32).handle.data, w, acc)
+
+
+class _AMD:
+    AMDMFMALayout = _Layout
+    cdna4 = _CDNA4
+
+
 class _GluonOnTriton(types.SimpleNamespace):
     """The ``gl`` namespace under the interpreter: ``triton.language`` without layouts."""
 
     def __init__(self, num_warps: list[int]) -> None:
         super().__init__()
         self._num_warps = num_warps
+
+    amd = _AMD
 
     def __getattr__(self, name: str) -> Any:  # dtypes, constexpr, where, minimum, load, ...
         if name.endswith("Layout"):
@@ -102,6 +178,14 @@ class _GluonOnTriton(types.SimpleNamespace):
     @staticmethod
     def full(shape, value, dtype, layout=None):
         return tl.full(shape, value, dtype)
+
+    @staticmethod
+    def load(pointer, mask=None, other=None, **kwargs):
+        return tl.load(pointer, mask=_bool_mask(mask), other=other, **kwargs)
+
+    @staticmethod
+    def store(pointer, value, mask=None, **kwargs):
+        return tl.store(pointer, value, mask=_bool_mask(mask), **kwargs)
 
     @staticmethod
     def convert_layout(value, layout, assert_trivial=False):
@@ -125,13 +209,6 @@ class _GluonOnTriton(types.SimpleNamespace):
         return _tensor(np.asarray(out, dtype=np.int32), args[0], dtype)
 
 
-def _mma_v2(a, b, acc, input_precision=None):
-    """``acc + a @ b`` in float32 (the operands' values exactly: bf16, fp16 and fp8 are float32)."""
-    a32, b32 = a.to(tl.float32), b.to(tl.float32)
-    data = np.matmul(a32.handle.data, b32.handle.data).astype(np.float32) + acc.handle.data
-    return _tensor(data.astype(np.float32), acc, tl.float32)
-
-
 class _Kernel(InterpretedFunction):
     """An interpreted Gluon kernel: ``num_warps`` of each launch is what ``gl.num_warps()`` reads."""
 
@@ -152,11 +229,18 @@ class _Kernel(InterpretedFunction):
         return super().run(*args, grid=grid, warmup=warmup, **kwargs)
 
 
+def _rebind(fn: Callable, scope: dict[str, Any]) -> Callable:
+    return types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 @functools.cache
 def interpret(module: types.ModuleType) -> types.SimpleNamespace:
     """Every ``@gluon.jit`` function of ``module`` as an interpreted kernel (``ns.name[grid](...)``),
     by the name it has there. Needs ``TRITON_INTERPRET=1`` before Triton was imported."""
     from triton.experimental.gluon._runtime import GluonJITFunction
+    from triton.runtime import jit
+
+    ConstexprFunction = getattr(jit, "ConstexprFunction", ())
 
     num_warps = [4]
     gl = _GluonOnTriton(num_warps)
@@ -165,7 +249,7 @@ def interpret(module: types.ModuleType) -> types.SimpleNamespace:
     kernels = {}
     for name, value in vars(module).items():
         if isinstance(value, GluonJITFunction):
-            fn = value.fn
-            rebuilt = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
-            kernels[name] = scope[name] = _Kernel(rebuilt, num_warps)
+            kernels[name] = scope[name] = _Kernel(_rebind(value.fn, scope), num_warps)
+        elif isinstance(value, ConstexprFunction):  # (layout helpers: plain Python on the shim)
+            scope[name] = _rebind(value.fn, scope)
     return types.SimpleNamespace(**kernels)
