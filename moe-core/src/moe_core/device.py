@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .env import getenv
 from .errors import MoEInputError
 
 __all__ = ["Capability", "DeviceInfo", "device_info", "triton_interpreting", "triton_refusal"]
@@ -213,7 +214,7 @@ class Capability:
 
 def triton_interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "") in ("1", "true", "True")
+    return getenv("TRITON_INTERPRET", "") in ("1", "true", "True")
 
 
 def triton_refusal(device: DeviceInfo) -> str | None:

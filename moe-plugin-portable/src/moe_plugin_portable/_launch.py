@@ -33,10 +33,11 @@ every cached launch of the run checked equal to Triton's own choice.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
+
+from moe_core.env import getenv
 
 __all__ = ["FAST_LAUNCH_ENV", "clear_cache", "fast_launch_stats", "run_launch", "specialization_key"]
 
@@ -121,7 +122,7 @@ def specialization_key(args: tuple[Any, ...], hip: bool = False) -> tuple[Any, .
 
 def run_launch(kernel: Any, grid: tuple[int, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """``kernel[grid](*args, **kwargs)``, through the cached launcher when it is safe (module docstring)."""
-    mode = os.environ.get(FAST_LAUNCH_ENV, "1")
+    mode = getenv(FAST_LAUNCH_ENV, "1")
     rt = _runtime() if mode != "0" else None
     if rt is None or not isinstance(kernel, rt[0]) or id(kernel) in _SLOW:
         _STATS["slow"] += 1

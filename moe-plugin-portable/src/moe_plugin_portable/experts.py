@@ -64,13 +64,13 @@ activation scales ``a13_scale``/``a2_scale`` as float32 ``[1]``; biases as given
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, NamedTuple
 
 import torch
 
 from moe_core import DeviceInfo, ExpertWeights, KernelEntry, MoESpec, PreparedWeights, QuantScheme
 from moe_core import quant as mq
+from moe_core.env import getenv
 from moe_core.registry import dispatch_op
 from moe_core.sorting import SortingRequest, align_block_size, max_padded_len
 
@@ -299,7 +299,7 @@ def _mx_dot(spec: MoESpec, interpret: bool | None, block_m: int, tuned: bool | N
     through fp16."""
     if spec.quant.name != "mxfp4" or (interpreting() if interpret is None else interpret):
         return False
-    mode = os.environ.get("MOE_PORTABLE_MXFP4", "auto")
+    mode = getenv("MOE_PORTABLE_MXFP4", "auto")
     if mode not in ("auto", "dot_scaled", "dequant"):
         raise ValueError(f"MOE_PORTABLE_MXFP4 must be auto, dot_scaled or dequant, got {mode!r}")
     if mode != "auto":
@@ -315,7 +315,7 @@ def _mx_ptx(
     ``MOE_PORTABLE_MX_PTX=0`` keeps the portable Triton dequantization."""
     if spec.quant.name != "mxfp4" or (interpreting() if interpret is None else interpret):
         return False
-    if os.environ.get("MOE_PORTABLE_MX_PTX", "1") == "0":
+    if getenv("MOE_PORTABLE_MX_PTX", "1") == "0":
         return False
     if nvidia is None:
         nvidia = device.type == "cuda" and torch.version.hip is None and _capability(device) >= (8, 0)
@@ -905,7 +905,7 @@ def _configs(
 
 
 def _env_key(device: torch.device) -> tuple[str | None, ...]:
-    get = os.environ.get
+    get = getenv  # (per call: os.environ.get of an unset name costs 0.7 us)
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     return (
         get("MOE_PORTABLE_DECODE"),
