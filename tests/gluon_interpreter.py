@@ -33,7 +33,7 @@ from triton.runtime.interpreter import InterpretedFunction, TensorHandle
 
 from .portable.ptx_emulator import run_ptx
 
-__all__ = ["PTX_PROGRAMS", "interpret"]
+__all__ = ["PTX_PROGRAMS", "create_inline_asm", "interpret"]
 
 
 class _Layout:
@@ -72,15 +72,36 @@ def _mx_dequant(program: str, b: np.ndarray, factor: np.ndarray) -> np.ndarray:
     return out
 
 
-#: inline PTX the interpreter can run: program text -> ``fn(*input arrays) -> output array``
+#: inline PTX the interpreter can run: program text -> ``fn(*input arrays) -> int32 output array``
 PTX_PROGRAMS: dict[str, Callable[..., np.ndarray]] = {}
 
 
-def _register_ptx() -> None:
-    from moe_plugin_portable._details import _fused_moe
+def _ptx_program(asm: Any) -> Callable[..., np.ndarray]:
+    if not PTX_PROGRAMS:
+        from moe_plugin_portable._details import _fused_moe
 
-    program = _fused_moe.MXFP4_TO_BF16_PTX.value
-    PTX_PROGRAMS[program] = functools.partial(_mx_dequant, program)
+        program = _fused_moe.MXFP4_TO_BF16_PTX.value
+        PTX_PROGRAMS[program] = functools.partial(_mx_dequant, program)
+    fn = PTX_PROGRAMS.get(getattr(asm, "value", asm))
+    if fn is None:
+        raise NotImplementedError(f"no emulation of this inline PTX:\n{asm}")
+    return fn
+
+
+class _AsmCall:
+    def __init__(self, results: list[TensorHandle]) -> None:
+        self.results = results
+
+    def get_result(self, index: int) -> TensorHandle:
+        return self.results[index]
+
+
+def create_inline_asm(self, asm, constraints, values, types, is_pure, pack):
+    """A ``triton.runtime.interpreter.InterpreterBuilder.create_inline_asm`` (which raises for any
+    inline assembly) that runs the programs of :data:`PTX_PROGRAMS`: patch it in to run Triton
+    kernels' ``tl.inline_asm_elementwise`` under the interpreter."""
+    out = _ptx_program(asm)(*[v.data for v in values])
+    return _AsmCall([TensorHandle(np.asarray(out, dtype=np.int32), tl.int32)])
 
 
 def _mma_v2(a, b, acc, input_precision=None):
@@ -199,11 +220,7 @@ class _GluonOnTriton(types.SimpleNamespace):
 
     @staticmethod
     def inline_asm_elementwise(asm, constraints, args, dtype, is_pure, pack):
-        if not PTX_PROGRAMS:
-            _register_ptx()
-        fn = PTX_PROGRAMS.get(getattr(asm, "value", asm))
-        if fn is None:
-            raise NotImplementedError(f"no emulation of this inline PTX:\n{asm}")
+        fn = _ptx_program(asm)
         args = tl.broadcast(*args) if len(args) > 1 else args
         out = fn(*[a.handle.data for a in args])
         return _tensor(np.asarray(out, dtype=np.int32), args[0], dtype)

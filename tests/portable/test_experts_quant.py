@@ -35,7 +35,7 @@ from moe_core.testing import TOLERANCES, random_expert_weights, random_routing, 
 from moe_plugin_portable import configs, experts
 
 from ..gpu_checks import no_host_sync
-from .helpers import DEVICE, assert_graph_replay_matches_eager, gpu, needs_triton
+from .helpers import DEVICE, HAS_GPU, assert_graph_replay_matches_eager, gpu, needs_triton
 
 KERNEL = "portable.triton.fused_moe"
 
@@ -418,6 +418,35 @@ def test_mxfp4_dot_scaled_path(name, monkeypatch):
     moe_apply(plan, x, plan.prepare(weights), topk_w, ids, out=out)
     want = fused_experts_reference(spec, x, weights, topk_w, ids, compute_dtype=torch.float64)
     assert relative_error(out, want) <= bound(spec)
+
+
+@needs_triton
+@pytest.mark.skipif(HAS_GPU, reason="the GPU runs the PTX itself (test_gpu_mxfp4_ptx_is_bit_exact)")
+@pytest.mark.parametrize("name", ["mxfp4-w4a16", "mxfp4-w4a8"])
+def test_mxfp4_ptx_path_interpreted(name, monkeypatch):
+    """The sorted path with the PTX dequantization (``MX_PTX``: weights at ``2**-MX_PTX_SHIFT``,
+    the epilogues multiplying back) under the interpreter, the PTX run by the emulator of
+    tests/portable/ptx_emulator.py: the same bits as the portable dequantization, weights over
+    several binades."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    from ..gluon_interpreter import create_inline_asm
+
+    monkeypatch.setenv("MOE_PORTABLE_DECODE", "0")
+    monkeypatch.setattr(InterpreterBuilder, "create_inline_asm", create_inline_asm)
+    spec = _spec(name, **SWIGLU)
+    weights = _weights(spec, seed=4)[1]
+    x, topk_w, ids = _inputs(spec, 9, seed=4)
+    plan = moe_plan(spec, DEVICE)
+    prepared = plan.prepare(weights)
+    outs = []
+    for ptx in (True, False):
+        monkeypatch.setattr(experts, "_mx_ptx", lambda *args, ptx=ptx, **kw: ptx)
+        out = torch.full((9, spec.hidden_size), float("nan"), dtype=spec.dtype, device=DEVICE)
+        outs.append(moe_apply(plan, x, prepared, topk_w, ids, out=out))
+    assert torch.equal(outs[0], outs[1])
+    want = fused_experts_reference(spec, x, weights, topk_w, ids, compute_dtype=torch.float64)
+    assert relative_error(outs[0], want) <= bound(spec)
 
 
 @gpu
