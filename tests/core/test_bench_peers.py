@@ -8,6 +8,8 @@ quantization, scales and scatter are then checked against the float64 reference.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -85,3 +87,44 @@ def test_report_compares_each_case_with_its_torch_peer():
     assert _vs_torch({"speedup_vs_grouped_mm": 1.5}) == 1.5
     assert _vs_torch({"speedup_vs_scaled_grouped_mm": 2.0}) == 2.0
     assert _vs_torch({}) is None
+
+
+def _fake_vllm(tmp_path, with_fp8: bool):
+    """A vLLM peer package whose functions record their calls (``CALLS``)."""
+    pkg = tmp_path / ("vllm_fp8" if with_fp8 else "vllm_plain")
+    pkg.mkdir()
+    text = (
+        "CALLS = []\n"
+        "def describe():\n    return {'vllm': 'fake'}\n"
+        "def fused_moe(x, w1, w2, topk_weights, topk_ids):\n    CALLS.append(('bf16', w1.dtype))\n    return x\n"
+    )
+    if with_fp8:
+        text += (
+            "def fused_moe_fp8(x, w1, w2, w1_scale, w2_scale, topk_weights, topk_ids, block_shape):\n"
+            "    CALLS.append(('fp8', w1.dtype, tuple(w1_scale.shape), block_shape))\n    return x\n"
+        )
+    (pkg / "__init__.py").write_text(text)
+    return pkg
+
+
+def test_vllm_peer_takes_fp8_only_through_fused_moe_fp8(tmp_path, monkeypatch):
+    gpu = torch.device("cuda")  # (supports only reads the type: nothing runs on it here)
+    rowwise = MoESpec(8, 2, 256, 256, quant="fp8")
+    block = MoESpec(8, 2, 256, 256, quant="fp8_block")
+    static = MoESpec(8, 2, 256, 256, quant=QuantScheme("fp8", activation="fp8_per_tensor"))
+    plain = peers.vllm_peer(_fake_vllm(tmp_path, with_fp8=False))
+    assert "no fused_moe_fp8" in plain.supports(rowwise, gpu)
+    peer = peers.vllm_peer(_fake_vllm(tmp_path, with_fp8=True))
+    assert peer.supports(rowwise, gpu) is None and peer.supports(block, gpu) is None
+    assert "fp8_per_tensor" in peer.supports(static, gpu)
+    assert "needs a GPU" in peer.supports(rowwise, torch.device("cpu"))
+    module = sys.modules["moe_bench_vllm_peer"]
+    x, w, ids = torch.randn(3, 256), torch.rand(3, 2), torch.zeros(3, 2, dtype=torch.int32)
+    for spec in (rowwise, block, MoESpec(8, 2, 256, 256)):
+        peer.bind(spec, random_expert_weights(spec, seed=0))(x, w, ids)
+    calls = module.CALLS
+    assert calls == [
+        ("fp8", torch.float8_e4m3fn, (8, 512), None),
+        ("fp8", torch.float8_e4m3fn, (8, 4, 2), (128, 128)),
+        ("bf16", torch.bfloat16),
+    ]

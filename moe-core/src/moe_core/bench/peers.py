@@ -9,7 +9,11 @@
 - ``vllm``: vLLM's Triton ``fused_moe``, loaded from a folder given with
   ``--vllm-peer PATH`` or ``MOE_BENCH_VLLM`` (git-ignored, never committed). The folder
   is a package providing ``fused_moe(x, w1, w2, topk_weights, topk_ids)`` (canonical
-  ``w13 [E, 2I, H]`` and ``w2 [E, H, I]``) and ``describe() -> dict``.
+  ``w13 [E, 2I, H]`` and ``w2 [E, H, I]``) and ``describe() -> dict``; optionally
+  ``fused_moe_fp8(x, w1, w2, w1_scale, w2_scale, topk_weights, topk_ids, block_shape)``
+  for vLLM's fp8 path (e4m3 weights in the canonical layout, ``moe_core.quant``'s scales:
+  per-channel ``[E, N]`` with ``block_shape=None`` and per-token dynamic activations, or
+  128x128 blocks ``[E, N/128, K/128]`` with ``block_shape=(128, 128)`` and 1x128 groups).
 
 Each :class:`Peer` says whether it runs a spec (a reason when not) and binds
 a set of canonical weights to a callable ``fn(x, topk_weights, topk_ids) -> out``.
@@ -179,18 +183,35 @@ def load_vllm_peer(path: str | os.PathLike) -> Any:
 
 
 def vllm_peer(path: str | os.PathLike) -> Peer:
-    """The vLLM ``fused_moe`` peer loaded from ``path`` (bf16/fp16, silu, no bias)."""
+    """The vLLM ``fused_moe`` peer loaded from ``path`` (bf16/fp16, silu, no bias; fp8 rowwise and
+    fp8_block where the package has ``fused_moe_fp8``)."""
     module = load_vllm_peer(path)
+
+    fp8 = getattr(module, "fused_moe_fp8", None)
 
     def supports(spec: MoESpec, device: torch.device) -> str | None:
         if spec.dtype not in (torch.bfloat16, torch.float16):
             return f"dtype {spec.dtype} not supported"
         if device.type != "cuda":
             return "needs a GPU"
-        return _plain_silu(spec)
+        if spec.quant.is_quantized:
+            scheme = spec.quant
+            if fp8 is None:
+                return f"quant {scheme.name}: the peer package has no fused_moe_fp8"
+            rowwise = scheme.name == "fp8" and (scheme.weight_scale, scheme.activation) == (
+                "per_channel",
+                "fp8_per_token",
+            )
+            if not (rowwise or scheme.name == "fp8_block"):
+                return f"quant {scheme.name} ({scheme.weight_scale}, {scheme.activation}) not supported"
+        return _plain_silu(spec, quantized=True)
 
     def bind(spec: MoESpec, weights: ExpertWeights) -> PeerFn:
-        return lambda x, w, ids: module.fused_moe(x, weights.w13, weights.w2, w, ids)
+        if not spec.quant.is_quantized:
+            return lambda x, w, ids: module.fused_moe(x, weights.w13, weights.w2, w, ids)
+        block = tuple(spec.quant.block_shape) if spec.quant.name == "fp8_block" else None
+        w13, w2, s13, s2 = weights.w13, weights.w2, weights.w13_scale, weights.w2_scale
+        return lambda x, w, ids: fp8(x, w13, w2, s13, s2, w, ids, block)
 
     info = {"status": "loaded", "path": str(Path(path).resolve()), **module.describe()}
     return Peer("vllm", "vllm.fused_moe", supports, bind, graphs=True, info=info, describe=module.describe)
