@@ -740,9 +740,8 @@ def moe_apply(
         return moe_apply_op(plan, hidden_states, prepared, topk_weights, topk_ids, out)
     if plan.routes is not None or out is None or not hidden_states.numel():  # (numel: T * H, H > 0)
         return run_experts(plan, hidden_states, prepared, topk_weights, topk_ids, out)
-    plan.entry.apply(
-        plan.spec, hidden_states, prepared, topk_weights, topk_ids, out
-    )  # (run_experts' common case)
+    # run_experts' common case, without its call
+    plan.entry.apply(plan.spec, hidden_states, prepared, topk_weights, topk_ids, out)
     return out
 
 

@@ -437,9 +437,9 @@ def _layer_call(
 ) -> tuple[dict[str, Any], list[int], Callable | None, Callable | None]:
     """``(layer_kwargs, default tactics, tactics picker or None, input transform or None)``, built on
     the first call and kept in ``prepared.cache`` with the ``version`` of the tensors they came from
-    (rebuilt if one is replaced; on every call where the tensors are a plain dict). The picker maps ``T`` to the tune cache's tactics of its bucket
-    (:func:`.tuning.pick`); the transform is :func:`kernel_input` where the input is not passed
-    as it is (fp8, mxfp4)."""
+    (rebuilt when one is replaced, and on every call where the tensors are a plain dict). The
+    picker maps ``T`` to the tune cache's tactics of its bucket (:func:`.tuning.pick`); the
+    transform is :func:`kernel_input` where the input is not passed as it is (fp8, mxfp4)."""
     t = prepared.tensors
     hit = prepared.cache.get(KERNEL)
     version = getattr(t, "version", None)  # (moe_core.planner.TensorDict: changes with the items)
