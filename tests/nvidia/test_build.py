@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
@@ -191,3 +193,28 @@ def test_build_module_end_to_end_with_a_fake_flashinfer(tmp_path, monkeypatch):
     after = {p.name: p.stat().st_mtime_ns for p in obj.glob("*.o")}
     assert after["core.o"] == before["core.o"] and after["bf16.o"] == before["bf16.o"] and "fp16.o" in after
     assert more.manifest.units == 3 and more.library != res.library and more.installed is None
+    # The same build again (a fresh environment): reused and installed, nothing generated or
+    # compiled, unless FlashInfer's version changed or force is given.
+    monkeypatch.setattr(build, "_installed_flashinfer", lambda: ("0.7.2", fi))
+
+    def no_generate(*a):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(build, "_generate", no_generate)
+    (fi / "data" / "aot" / "fused_moe_90" / "fused_moe_90.so").unlink()
+    again = build.build_module("9.0a", "bf16", output=tmp_path / "out", echo=lambda s: None)
+    assert again.library == res.library and again.manifest == res.manifest
+    assert again.installed == res.installed and again.installed.exists()
+    for kwargs, version in (({"force": True}, "0.7.2"), ({}, "0.7.3")):
+        monkeypatch.setattr(build, "_installed_flashinfer", lambda v=version: (v, fi))
+        with pytest.raises(AssertionError, match="generated again"):
+            build.build_module("9.0a", "bf16", output=tmp_path / "out", echo=lambda s: None, **kwargs)
+
+
+def test_installed_flashinfer_is_found_without_importing_it():
+    found = build._installed_flashinfer()
+    if importlib.util.find_spec("flashinfer") is None:
+        assert found is None
+    else:
+        assert found[0] == importlib.metadata.version("flashinfer-python")
+        assert (found[1] / "__init__.py").exists()

@@ -1,6 +1,6 @@
 """``moe nvidia ...`` commands (added through the ``register_commands`` hook).
 
-``moe nvidia build --arch 9.0a --quant bf16,fp8 [--jobs N] [--output DIR] [--no-install]``
+``moe nvidia build --arch 9.0a --quant bf16,fp8 [--jobs N] [--output DIR] [--no-install] [--force]``
 builds FlashInfer's fused-MoE module ahead of time (see :mod:`.aot.build`).
 """
 
@@ -37,6 +37,9 @@ def add_command(subparsers: Any) -> None:
         "--cuda-include", action="append", default=[], help="extra CUDA header folder (repeatable)"
     )
     p.add_argument("--no-install", action="store_true", help="build only; do not copy into FlashInfer")
+    p.add_argument(
+        "--force", action="store_true", help="compile again even when the same module is already built"
+    )
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     p.set_defaults(func=run_build)
 
@@ -96,6 +99,7 @@ def run_build(args: argparse.Namespace) -> int:
             progress=bar,
             cuda_include=args.cuda_include,
             echo=lambda s: print(s, file=sys.stderr),
+            force=args.force,
         )
     print(
         json.dumps(

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from moe_core import MoEError
 
-from .manifest import MANIFEST_NAME, Manifest, write_manifest
+from .manifest import MANIFEST_NAME, Manifest, read_manifest, write_manifest
 from .ninja import parse_ninja, parse_ninja_log, render_subset
 from .stubs import link_stub_source, needs_stub, stub_source
 from .units import parse_quant_list, select_units
@@ -254,6 +254,7 @@ def build_module(
     progress: Progress | None = None,
     cuda_include: Sequence[Path] = (),
     echo: Callable[[str], None] = print,
+    force: bool = False,
 ) -> BuildResult:
     """Build FlashInfer's fused-MoE module for ``arch`` with only ``quants``' kernels.
 
@@ -262,8 +263,12 @@ def build_module(
     ``install`` copies the library and ``moe_build.json`` into FlashInfer's
     AOT slot (replacing what is there). ``progress(unit, done, total)`` is
     called as ninja finishes units. ``cuda_include``: extra header folders
-    (see :func:`find_extra_includes`). Raises BuildError (the log path in its
-    message) on failure.
+    (see :func:`find_extra_includes`). A library already built in ``output``
+    for the same arch, schemes, nvcc and installed FlashInfer version is
+    reused (installed, not compiled again: a fresh environment's FlashInfer
+    headers are newer files, which would make ninja recompile every unit)
+    unless ``force``. Raises BuildError (the log path in its message) on
+    failure.
     """
     if arch not in MODULES:
         raise BuildError(f"arch {arch!r} is not supported (supported: {', '.join(MODULES)})")
@@ -279,6 +284,18 @@ def build_module(
     cuda_home = find_cuda_home()
     nvcc = nvcc_version(cuda_home)
     includes = find_extra_includes(cuda_home, cuda_include)
+    final = out_dir / f"{module}.so"
+    installed_fi = _installed_flashinfer()
+    prior = read_manifest(out_dir) if final.exists() and not force else None
+    if (
+        prior is not None
+        and installed_fi is not None
+        and (prior.arch, prior.quants, prior.nvcc, prior.flashinfer_version)
+        == (arch, list(quants), nvcc, installed_fi[0])
+    ):
+        echo(f"reusing {final} (built {prior.built_at}; --force rebuilds)")
+        installed = install_module(final, installed_fi[1], echo=echo) if install else None
+        return BuildResult(final, installed, prior, log_path)
     t0 = time.monotonic()
     with open(log_path, "w") as log:
         echo(f"generating FlashInfer's {module} sources (arch {arch}, nvcc {nvcc} at {cuda_home})")
@@ -288,7 +305,6 @@ def build_module(
         sel = select_units(texts, quants)
         objs = [nf.edge_for(s).obj for s in sel.kept]
         probe = out_dir / f"{module}.probe.so"
-        final = out_dir / f"{module}.so"
         stub_src = out_dir / "moe_stubs.cpp"
         stub_obj = out_dir / "moe_stubs.o"
         if not stub_src.exists():
@@ -357,6 +373,19 @@ def build_module(
         probe.unlink(missing_ok=True)
     installed = install_module(final, Path(info["flashinfer_dir"]), echo=echo) if install else None
     return BuildResult(final, installed, manifest, log_path)
+
+
+def _installed_flashinfer() -> tuple[str, Path] | None:
+    """(version, package folder) of the installed flashinfer-python, found without importing it."""
+    from importlib import metadata, util
+
+    try:
+        spec = util.find_spec("flashinfer")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        return metadata.version("flashinfer-python"), Path(next(iter(spec.submodule_search_locations)))
+    except (metadata.PackageNotFoundError, ImportError, ValueError):
+        return None
 
 
 def _run_objects(
