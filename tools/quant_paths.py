@@ -132,6 +132,7 @@ def main() -> None:
             plan = moe_plan(spec, DEV, backend="portable.triton.fused_moe")
             drawn = [random_expert_weights(spec, device=DEV, seed=i) for i in range(args.copies)]
             prepared = [plan.prepare(w) for w in drawn]
+            calls = outs = None  # hold the prepared copies: dropped with them below
             for T in (int(t) for t in args.tokens.split(",")):
                 gen = torch.Generator(device=DEV).manual_seed(T)
                 x = torch.randn(T, spec.hidden_size, generator=gen, device=DEV).to(spec.dtype)
@@ -170,7 +171,7 @@ def main() -> None:
                         row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-            del prepared, drawn
+            del prepared, drawn, calls, outs
             if DEV == "cuda":
                 torch.cuda.empty_cache()
     for k in KNOBS:
