@@ -5,7 +5,7 @@
 
 Per layer (model x scheme) and ``T``, for each variant (environment settings of the plugin):
 
-- ``sorted``: ``MOE_PORTABLE_DECODE=0``; ``decode``: ``MOE_PORTABLE_DECODE=1``;
+- ``default``: no setting (the plugin's own choice of path and config); ``sorted``: ``MOE_PORTABLE_DECODE=0``; ``decode``: ``MOE_PORTABLE_DECODE=1``;
   ``decode-prequant`` / ``decode-inkernel`` (fp8 activations): that with ``MOE_PORTABLE_PREQUANT=1`` / ``0``;
   ``decode-mma`` (bf16 and fp8 weights): on the Gluon tensor-core kernels (``MOE_PORTABLE_DECODE_MMA=1``,
   fp8 activations pre-quantized) with the table's or the heuristic's tiles where they fit them
@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 VARIANTS = {
+    "default": {},  # the planner's own choice (tuned entry or heuristics)
     "sorted": {"MOE_PORTABLE_DECODE": "0"},
     "decode": {"MOE_PORTABLE_DECODE": "1"},
     "decode-prequant": {"MOE_PORTABLE_DECODE": "1", "MOE_PORTABLE_PREQUANT": "1"},
