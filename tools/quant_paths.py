@@ -1,7 +1,7 @@
 """On the GPU: each path and variant of portable.triton.fused_moe on quantized layers, L2-cold.
 
     python tools/quant_paths.py [--models deepseek-v3-tp8,gpt-oss-120b] [--quant fp8,mxfp4]
-        [--tokens 1,8] [--copies 8] [--out DIR]
+        [--tokens 1,8] [--copies 8] [--out DIR] [--from-json quant_paths.json]
 
 Per layer (model x scheme) and ``T``, for each variant (environment settings of the plugin):
 
@@ -113,9 +113,17 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--copies", type=int, default=8)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument(
+        "--from-json", help="rewrite quant_paths.md from this quant_paths.json; measure nothing"
+    )
     args = parser.parse_args()
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        write(Path(args.out), data["meta"], data["rows"])
+        return
 
     from moe_core import moe_apply, moe_plan
+    from moe_core.bench.floors import measure_ceilings
     from moe_core.bench.suite import uniform_routing
     from moe_core.presets import get_preset
     from moe_core.reference import fused_experts_reference
@@ -126,6 +134,7 @@ def main() -> None:
     rows = []
     start = time.monotonic()
     name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
+    ceilings = measure_ceilings(DEV) if DEV == "cuda" else None
     for model in args.models.split(","):
         preset = get_preset(model)
         for quant in args.quant.split(","):
@@ -177,19 +186,44 @@ def main() -> None:
                 torch.cuda.empty_cache()
     for k in KNOBS:
         os.environ.pop(k, None)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {
         "device": name,
         "torch": torch.__version__,
         "copies": args.copies,
         "wall_s": round(time.monotonic() - start),
+        "ceilings": ceilings,
     }
+    write(Path(args.out), meta, rows)
+
+
+def floors(rows: list[dict], ceilings: dict[str, float]) -> dict[tuple[str, str, int], float]:
+    """The physical floor (us) of each (model, quant, T) of ``rows`` (``moe_core.bench.floors``)."""
+    from moe_core.bench.floors import floor_us
+    from moe_core.presets import get_preset
+    from moe_plugin_portable.experts import QUANT_VARIANTS
+
+    found = {}
+    for model, quant, T in {(r["model"], r["quant"], r["T"]) for r in rows}:
+        preset = get_preset(model)
+        spec = preset.moe_spec(torch.bfloat16, quant=QUANT_VARIANTS.get(quant, quant))
+        shared = preset.routing.num_fused_shared_experts
+        found[model, quant, T] = floor_us(spec, T, ceilings, num_routed=preset.num_experts, num_shared=shared)
+    return found
+
+
+def write(out: Path, meta: dict, rows: list[dict]) -> None:
+    """``quant_paths.json`` and ``quant_paths.md`` under ``out``: every row, then the fastest correct
+    variant per case with its ratio to the floor (the run's ceilings: measured, or
+    ``H100_CEILINGS`` for an H100 run that recorded none) and this plugin's best bf16 time over it."""
+    from moe_core.bench.floors import H100_CEILINGS
+
+    out.mkdir(parents=True, exist_ok=True)
     (out / "quant_paths.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    name = meta["device"]
     lines = [
         f"# quant_paths on {name}",
         "",
-        json.dumps(meta),
+        json.dumps({k: v for k, v in meta.items() if k != "ceilings"}),
         "",
         "| model | quant | T | variant | us | rel. err | ok | table |",
         "|---|---|---|---|---|---|---|---|",
@@ -199,6 +233,35 @@ def main() -> None:
             f"| {r['model']} | {r['quant']} | {r['T']} | {r['variant']} | {r.get('us', '-')} | "
             f"{r.get('rel_err', float('nan')):.1e} | {r.get('ok', r.get('error', ''))} | {r['table']} |"
         )
+    ceilings = meta.get("ceilings") or (H100_CEILINGS if "H100" in name else None)
+    best: dict[tuple[str, str, int], dict] = {}
+    for r in rows:
+        key = (r["model"], r["quant"], r["T"])
+        if r.get("ok") and (key not in best or r["us"] < best[key]["us"]):
+            best[key] = r
+    if best and ceilings:
+        floor = floors(rows, ceilings)
+        lines += [
+            "",
+            "Fastest correct variant per case; floor from the ceilings "
+            f"{json.dumps({k: f'{v:.3g}' for k, v in ceilings.items()})}; "
+            "`vs bf16`: the best bf16 time of the same model and T over this one.",
+            "",
+            "| model | quant | T | best | us | floor us | x floor | vs bf16 | default us |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for key, r in sorted(best.items()):
+            model, quant, T = key
+            bf16 = best.get((model, "bf16", T))
+            default = next(
+                (x for x in rows if (x["model"], x["quant"], x["T"]) == key and x["variant"] == "default"),
+                None,
+            )
+            vs_bf16 = f"{bf16['us'] / r['us']:.2f}" if bf16 else "-"
+            lines.append(
+                f"| {model} | {quant} | {T} | {r['variant']} | {r['us']} | {floor[key]:.1f} | "
+                f"{r['us'] / floor[key]:.2f} | {vs_bf16} | {default.get('us', '-') if default else '-'} |"
+            )
     (out / "quant_paths.md").write_text("\n".join(lines) + "\n")
 
 
