@@ -7,7 +7,7 @@ Per layer (model x scheme) and ``T``, for each variant (environment settings of 
 
 - ``default``: no setting (the plugin's own choice of path and config); ``sorted``: ``MOE_PORTABLE_DECODE=0``; ``decode``: ``MOE_PORTABLE_DECODE=1``;
   ``decode-prequant`` / ``decode-inkernel`` (fp8 activations): that with ``MOE_PORTABLE_PREQUANT=1`` / ``0``;
-  ``decode-mma`` (bf16 and fp8 weights): on the Gluon tensor-core kernels (``MOE_PORTABLE_DECODE_MMA=1``,
+  ``decode-mma``: on the Gluon tensor-core kernels (``MOE_PORTABLE_DECODE_MMA=1``,
   fp8 activations pre-quantized) with the table's or the heuristic's tiles where they fit them
   (else the Triton kernels: the row's ``config`` says which);
 - ``sorted-dot_scaled`` / ``sorted-dequant`` (mxfp4): ``MOE_PORTABLE_MXFP4`` forced;
@@ -59,8 +59,8 @@ KNOBS = (
 
 
 def applies(variant: str, quant: str) -> bool:
-    if variant == "decode-mma":  # the tensor-core decode kernels: bf16/fp16 and fp8 weights
-        return not quant.startswith("mxfp4")
+    if variant == "decode-mma":  # the tensor-core decode kernels: every scheme
+        return True
     if variant.startswith("decode-"):  # the activations' quantization: fp8 activations only
         return quant not in ("mxfp4", "bf16")
     return quant.startswith("mxfp4") or not variant.startswith("sorted-")

@@ -183,13 +183,19 @@ def test_prequant_config_round_trips_and_is_tuned(monkeypatch):
     assert filled and all(c.prequant for c in filled)
     bf16 = MoESpec(**BASE)
     assert len(tuning.decode_space(configs.decode_heuristic(bf16, 1, 8, False).gemm1, "quick", bf16)) == 3
-    # the heuristic: on AMD for dynamic fp8 activations only
-    for name, amd in (("fp8_block", True), ("fp8-channel-token", True)):
+    # the heuristic: on AMD for dynamic fp8 activations, on NVIDIA for every fp8 activation
+    on = (
+        ("fp8_block", True),
+        ("fp8-channel-token", True),
+        ("fp8_block", False),
+        ("fp8-tensor-static", False),
+    )
+    for name, amd in on:
         cfg = configs.decode_heuristic(tq._spec(name), 1, 256, amd)
-        assert cfg.gemm1.prequant and cfg.gemm2.prequant, name
-    for name, amd in (("fp8_block", False), ("fp8-tensor-static", True), ("mxfp4-w4a16", True)):
+        assert cfg.gemm1.prequant and cfg.gemm2.prequant, (name, amd)
+    for name, amd in (("fp8-tensor-static", True), ("mxfp4-w4a16", True), ("mxfp4-w4a16", False)):
         cfg = configs.decode_heuristic(tq._spec(name), 1, 256, amd)
-        assert not (cfg.gemm1.prequant or cfg.gemm2.prequant), name
+        assert not (cfg.gemm1.prequant or cfg.gemm2.prequant), (name, amd)
 
 
 # ----------------------------------------------------------------------------- tensor-core decode (Gluon)
@@ -437,7 +443,7 @@ def test_lookup_decode_env_and_table(tmp_path, monkeypatch):
     }
     (tmp_path / "Fake_GPU.json").write_text(json.dumps(table))
     monkeypatch.setenv("MOE_PORTABLE_CONFIG_DIR", str(tmp_path))
-    monkeypatch.setattr(configs, "_device_facts", lambda index: ("Fake GPU", 132, False))
+    monkeypatch.setattr(configs, "_device_facts", lambda index: ("Fake GPU", 132, False, 8))
     configs._load_table.cache_clear()
     try:
         gpu = torch.device("cuda", 0)
@@ -464,6 +470,32 @@ def test_lookup_decode_env_and_table(tmp_path, monkeypatch):
         assert configs.lookup_decode(spec, 8, gpu, capturing=True) is not None
     finally:
         configs._load_table.cache_clear()
+
+
+def test_decode_heuristic_takes_the_tensor_core_kernels_on_sm90(monkeypatch):
+    from moe_core.presets import get_preset
+
+    bf16 = get_preset("deepseek-v3-tp8").moe_spec()
+    block = get_preset("deepseek-v3-tp8").moe_spec(quant="fp8_block")
+    channel = get_preset("deepseek-v3-tp8").moe_spec(quant="fp8")
+    for spec, tokens in ((bf16, 1), (block, 1), (block, 8)):
+        cfg = configs.decode_heuristic(spec, tokens, 132, False, sm90=True)
+        base = configs.decode_heuristic(spec, tokens, 132, False)
+        for g, plain in ((cfg.gemm1, base.gemm1), (cfg.gemm2, base.gemm2)):
+            assert g.mma and g == configs.mma_tile(plain), (spec.quant.name, tokens)
+            assert g.block_n % (16 * g.num_warps) == 0 and g.block_k >= 128
+    for spec, tokens in ((bf16, 8), (channel, 1), (block, 16)):  # slower there on the H100, or untimed
+        cfg = configs.decode_heuristic(spec, tokens, 132, False, sm90=True)
+        assert cfg == configs.decode_heuristic(spec, tokens, 132, False), (spec.quant.name, tokens)
+    assert not configs.decode_heuristic(bf16, 1, 304, True, sm90=False).gemm1.mma  # AMD: never
+    # lookup_decode on a Hopper without a tuned entry passes sm90; on an Ampere it does not
+    monkeypatch.setattr(configs, "_table_entry", lambda *args: None)
+    gpu = torch.device("cuda", 0)
+    for major in (9, 8):
+        monkeypatch.setattr(configs, "_device_facts", lambda index, m=major: ("Fake GPU", 132, False, m))
+        got = configs.lookup_decode(bf16, 1, gpu)
+        assert got == configs.decode_heuristic(bf16, 1, 132, False, sm90=major == 9)
+        assert got.gemm1.mma == (major == 9)
 
 
 def test_decode_heuristic_fills_the_gpu():

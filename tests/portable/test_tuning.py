@@ -115,7 +115,7 @@ def test_tuned_quantized_entry_is_what_apply_runs(name, tmp_path, monkeypatch):
     tuning.write_table("Fake GPU", {key: {"1": entry}}, tmp_path, "3.x")
 
     monkeypatch.setenv("MOE_PORTABLE_CONFIG_DIR", str(tmp_path))
-    monkeypatch.setattr(configs, "_device_facts", lambda index: ("Fake GPU", 8, False))
+    monkeypatch.setattr(configs, "_device_facts", lambda index: ("Fake GPU", 8, False, 9))
     configs._load_table.cache_clear()
     try:  # what fused_moe (moe_apply) looks up for a call of 1 token on that GPU, captured in a graph
         gpu = torch.device("cuda", 0)

@@ -192,7 +192,9 @@ def use_decode(num_tokens: int, top_k: int, num_experts: int) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def decode_heuristic(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool) -> DecodeConfig:
+def decode_heuristic(
+    spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool, sm90: bool = False
+) -> DecodeConfig:
     """Decode tiles from the shape. Long K steps first (``block_k``: ``K`` rounded up to a power
     of two, within ``[32, 512]``: long contiguous row segments, 16-byte vector loads), then
     ``block_n`` rows so that a tile holds about 4096 elements (2048 per gated half), halved
@@ -203,11 +205,24 @@ def decode_heuristic(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool)
     ``prequant`` on AMD for dynamic fp8 activations (per token, groups). There, quantizing in
     every program makes gfx950's K steps 2.6-7.7x longer for fp8_block (the group's amax and
     its correctly rounded divisions), and a per-token scale re-reads the whole row in every
-    program (static compiles, benchmarks/results/static-decode-prequant-2026-12-04.md). NVIDIA
-    takes it from a tuned entry, where the tuner timed it."""
+    program (static compiles, benchmarks/results/static-decode-prequant-2026-12-04.md). On
+    NVIDIA for every fp8 activation, static per-tensor included: faster in 11 of 12 untuned H100
+    cases at T = 1 and 8, by up to 23% (a 2% loss: benchmarks/results/h100-quant-paths-2026-12-06.md).
+
+    ``sm90`` (NVIDIA Hopper): the tensor-core decode kernels (``mma``, tiles of :func:`mma_tile`)
+    at ``T = 1`` for bf16/fp16 weights and at ``T <= 8`` for fp8_block, where they were the
+    fastest untuned decode kernels on the H100 (e.g. deepseek-v3-tp8 fp8_block T = 1: 32.5 us
+    against 36.0, bf16: 48.0 against 54.0); at ``T = 8`` bf16 and per-channel fp8 they were
+    slower (one MMA per slot). A tuned entry decides where there is one."""
     scheme = spec.quant
     stages = 2 if is_amd else 3
-    prequant = is_amd and scheme.activation in ("fp8_per_token", "fp8_group")
+    if is_amd:
+        prequant = scheme.activation in ("fp8_per_token", "fp8_group")
+    else:
+        prequant = scheme.activation in ("fp8_per_token", "fp8_group", "fp8_per_tensor")
+    mma = sm90 and (
+        (num_tokens == 1 and not scheme.is_quantized) or (num_tokens <= 8 and scheme.name == "fp8_block")
+    )
 
     def tile(programs: int, n: int, k: int, gated: bool, slots: int) -> GemmConfig:
         block_k = max(32, min(512, 1 << max(0, k - 1).bit_length()))
@@ -217,7 +232,8 @@ def decode_heuristic(spec: MoESpec, num_tokens: int, num_sms: int, is_amd: bool)
         while block_n > 4 and programs * -(-n // block_n) < 2 * num_sms:
             block_n //= 2
         split = decode_split(programs * -(-n // block_n), slots * -(-k // block_k), num_sms)
-        return GemmConfig(block_n, block_k, 4, stages, 1, split=split, prequant=prequant)
+        cfg = GemmConfig(block_n, block_k, 4, stages, 1, split=split, prequant=prequant)
+        return mma_tile(cfg) if mma else cfg
 
     return DecodeConfig(
         tile(num_tokens * spec.top_k, spec.intermediate_size, spec.hidden_size, spec.is_gated, 1),
@@ -243,9 +259,9 @@ def lookup_decode(
     if force == "0":
         return None
     override: dict[str, Any] = {}
-    num_sms, is_amd = 8, False
+    num_sms, is_amd, major = 8, False, 0
     if device.type == "cuda":
-        name, num_sms, is_amd = _device_facts(
+        name, num_sms, is_amd, major = _device_facts(
             device.index if device.index is not None else torch.cuda.current_device()
         )
         entry = _table_entry(spec, num_tokens, name)
@@ -261,7 +277,7 @@ def lookup_decode(
     if "gemm1" in override and "gemm2" in override:
         cfg = DecodeConfig.from_json(override)
     else:
-        cfg = decode_heuristic(spec, num_tokens, num_sms, is_amd)
+        cfg = decode_heuristic(spec, num_tokens, num_sms, is_amd, sm90=not is_amd and major == 9)
     pre = os.environ.get("MOE_PORTABLE_PREQUANT", "")
     if pre in ("0", "1"):  # A/B runs: every decode GEMM's input pre-quantized, or none
         cfg = DecodeConfig(replace(cfg.gemm1, prequant=pre == "1"), replace(cfg.gemm2, prequant=pre == "1"))
@@ -350,9 +366,10 @@ _SAME_WIDTH = {torch.float16: torch.bfloat16, torch.bfloat16: torch.float16}
 
 
 @functools.cache
-def _device_facts(index: int) -> tuple[str, int, bool]:
+def _device_facts(index: int) -> tuple[str, int, bool, int]:
+    """Name, SM (CU) count, whether it is AMD, and the compute capability's major of GPU ``index``."""
     props = torch.cuda.get_device_properties(index)
-    return props.name, props.multi_processor_count, bool(torch.version.hip)
+    return props.name, props.multi_processor_count, bool(torch.version.hip), props.major
 
 
 def _table_entry(spec: MoESpec, num_tokens: int, name: str) -> dict[str, Any] | None:
@@ -369,7 +386,7 @@ def lookup_config(spec: MoESpec, num_tokens: int, device: torch.device) -> MoECo
     """The tuned config for ``spec`` at ``num_tokens`` on ``device``, else the heuristic's."""
     if device.type != "cuda":
         return heuristic_config(spec, num_tokens, 8, False)
-    name, num_sms, is_amd = _device_facts(
+    name, num_sms, is_amd, _ = _device_facts(
         device.index if device.index is not None else torch.cuda.current_device()
     )
     entry = _table_entry(spec, num_tokens, name)
