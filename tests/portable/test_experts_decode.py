@@ -183,19 +183,25 @@ def test_prequant_config_round_trips_and_is_tuned(monkeypatch):
     assert filled and all(c.prequant for c in filled)
     bf16 = MoESpec(**BASE)
     assert len(tuning.decode_space(configs.decode_heuristic(bf16, 1, 8, False).gemm1, "quick", bf16)) == 3
-    # the heuristic: on AMD for dynamic fp8 activations, on NVIDIA for every fp8 activation
+    # the heuristic: on AMD for dynamic fp8 activations; on NVIDIA for every fp8 activation,
+    # static per-tensor at T > 1
     on = (
-        ("fp8_block", True),
-        ("fp8-channel-token", True),
-        ("fp8_block", False),
-        ("fp8-tensor-static", False),
+        ("fp8_block", True, 1),
+        ("fp8-channel-token", True, 1),
+        ("fp8_block", False, 1),
+        ("fp8-channel-token", False, 8),
+        ("fp8-tensor-static", False, 2),
     )
-    for name, amd in on:
-        cfg = configs.decode_heuristic(tq._spec(name), 1, 256, amd)
-        assert cfg.gemm1.prequant and cfg.gemm2.prequant, (name, amd)
-    for name, amd in (("fp8-tensor-static", True), ("mxfp4-w4a16", True), ("mxfp4-w4a16", False)):
-        cfg = configs.decode_heuristic(tq._spec(name), 1, 256, amd)
-        assert not (cfg.gemm1.prequant or cfg.gemm2.prequant), (name, amd)
+    off = (
+        ("fp8-tensor-static", True, 8),
+        ("fp8-tensor-static", False, 1),
+        ("mxfp4-w4a16", True, 1),
+        ("mxfp4-w4a16", False, 8),
+    )
+    for name, amd, tokens in on + off:
+        cfg = configs.decode_heuristic(tq._spec(name), tokens, 256, amd)
+        want = (name, amd, tokens) in on
+        assert cfg.gemm1.prequant == cfg.gemm2.prequant == want, (name, amd, tokens)
 
 
 # ----------------------------------------------------------------------------- tensor-core decode (Gluon)

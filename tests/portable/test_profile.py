@@ -327,3 +327,28 @@ def test_mma_decode_kernels_compile_for_sm90():
     bad = [p for p in profiles if not p.ok]
     assert not bad, profile.format_table(bad)
     assert all(p.mfma > 0 and p.loop_instructions > 20 for p in profiles), profile.format_table(profiles)
+
+
+@needs_amd_backend  # (the set of Triton backends this tree's CI has: also NVIDIA's)
+def test_sm90_heuristic_mma_tiles_compile_without_spills():
+    """The tiles the decode heuristic gives the tensor-core kernels on sm_90 (no tuned entry:
+    bf16/fp16 at T = 1, fp8_block at T <= 8) compile for sm_90 without spills, on the benchmark shapes."""
+    import torch
+
+    from moe_plugin_portable import configs
+
+    groups = []
+    for model in (*QUANT_MODELS, "mixtral-8x7b"):
+        preset = get_preset(model)
+        for quant, tokens in ((None, 1), ("fp8_block", 1), ("fp8_block", 8)):
+            spec = preset.moe_spec(torch.bfloat16, quant)
+            cfg = configs.decode_heuristic(spec, tokens, 132, False, sm90=True)
+            assert cfg.gemm1.mma and cfg.gemm2.mma, (model, quant, tokens)
+            sorted_cfg = heuristic_config(spec, tokens, 132, False)
+            launches = profile._expert_launches(spec, tokens, sorted_cfg, (), cfg, nvidia=True)
+            groups.append((f"{model}/{quant}/T={tokens}", [x for x in launches if "decode" in x[0].__name__]))
+    launch_set = profile.merge_launches(groups)
+    assert {c.kernel for c in launch_set} == {"moe_decode_mma_gemm1", "moe_decode_mma_gemm2"}
+    profiles = profile.compile_profile("sm90", launch_set)
+    bad = [p for p in profiles if not p.ok]
+    assert not bad, profile.format_table(bad)

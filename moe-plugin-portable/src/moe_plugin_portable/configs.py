@@ -206,8 +206,10 @@ def decode_heuristic(
     every program makes gfx950's K steps 2.6-7.7x longer for fp8_block (the group's amax and
     its correctly rounded divisions), and a per-token scale re-reads the whole row in every
     program (static compiles, benchmarks/results/static-decode-prequant-2026-12-04.md). On
-    NVIDIA for every fp8 activation, static per-tensor included: faster in 11 of 12 untuned H100
-    cases at T = 1 and 8, by up to 23% (a 2% loss: benchmarks/results/h100-quant-paths-2026-12-06.md).
+    NVIDIA for every fp8 activation: faster in 11 of 12 untuned H100 cases at T = 1 and 8, by
+    up to 23% (a 2% loss: benchmarks/results/h100-quant-paths-2026-12-06.md); static per-tensor
+    only at ``T > 1`` (at ``T = 1`` within 2% but on deepseek-v3-tp8's mxfp4 W4A8 GEMM 2 the
+    pre-quantized read spills 12 bytes on sm_90).
 
     ``sm90`` (NVIDIA Hopper): the tensor-core decode kernels (``mma``, tiles of :func:`mma_tile`)
     at ``T = 1`` for bf16/fp16 weights and at ``T <= 8`` for fp8_block, where they were the
@@ -219,7 +221,8 @@ def decode_heuristic(
     if is_amd:
         prequant = scheme.activation in ("fp8_per_token", "fp8_group")
     else:
-        prequant = scheme.activation in ("fp8_per_token", "fp8_group", "fp8_per_tensor")
+        dynamic = scheme.activation in ("fp8_per_token", "fp8_group")
+        prequant = dynamic or (scheme.activation == "fp8_per_tensor" and num_tokens > 1)
     mma = sm90 and (
         (num_tokens == 1 and not scheme.is_quantized) or (num_tokens <= 8 and scheme.name == "fp8_block")
     )

@@ -471,7 +471,10 @@ def _decode_config(
     spec: MoESpec, num_tokens: int, target: Target, tables: list[dict[str, Any]], num_sms: int
 ):
     """The decode config ``configs.lookup_decode`` can pick on the target, eager (the rule) or
-    captured (a tuned ``"use": true``); ``None``: the sorted path only."""
+    captured (a tuned ``"use": true``); ``None``: the sorted path only. The heuristic's tiles
+    on the Triton kernels: its ``sm90`` choice of the Gluon tensor-core kernels is profiled by
+    ``tests/portable/test_profile.py``'s sm_90 compiles instead (these profiles are of
+    ``@triton.jit`` kernels)."""
     from .configs import DecodeConfig, decode_heuristic, layer_key, t_bucket, use_decode
 
     override: dict[str, Any] = {}
