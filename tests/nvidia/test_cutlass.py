@@ -168,6 +168,26 @@ def test_prepare_fp8_quantizes_and_folds_scales():
     torch.testing.assert_close(back.a2_scale, quantized.a2_scale.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_kernel_input_is_the_static_quantization(dtype):
+    """fp8's input: e4m3 of ``x / a13_scale`` in float32, saturated at +-448, as the reference's;
+    a replaced scale tensor is seen."""
+    from moe_core.quant import quantize_fp8_per_tensor
+
+    spec = _spec(quant=FP8_PT, dtype=dtype)
+    p = prepare(spec, random_expert_weights(spec, seed=6), SM90)
+    x = (torch.randn(9, spec.hidden_size, generator=torch.Generator().manual_seed(1)) * 300).to(dtype)
+    for scale in (p.tensors["fc1_input_scale"], torch.tensor(0.37)):
+        p.tensors["fc1_input_scale"] = scale
+        got = cutlass.kernel_input(spec, x, p)
+        want = (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        assert got.dtype == torch.float8_e4m3fn and got.shape == x.shape
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        assert got.float().abs().max() == 448.0  # (x spans beyond the range: saturated, no NaN)
+    ref = quantize_fp8_per_tensor(x, torch.tensor(0.37))  # the reference quantizer
+    assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+
+
 def test_prepare_fp8_block_swaps_gate_and_up_blocks_with_their_scales():
     spec = _spec(**BLOCK)
     high = random_expert_weights(spec, seed=6, quantize=False)

@@ -504,6 +504,26 @@ def test_decode_heuristic_takes_the_tensor_core_kernels_on_sm90(monkeypatch):
         assert got.gemm1.mma == (major == 9)
 
 
+def test_captured_untuned_quantized_layers_follow_the_rule(monkeypatch):
+    """No tuned entry: a captured call of a quantized layer takes the decode path where the rule
+    says (an unquantized one keeps the sorted path); with an entry, the entry decides."""
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(configs, "_device_facts", lambda index: ("Fake GPU", 132, False, 8))
+    monkeypatch.setattr(configs, "_table_entry", lambda *args: None)
+    for name in ("fp8_block", "fp8-channel-token", "mxfp4-w4a16"):
+        spec = tq._spec(name)
+        assert configs.lookup_decode(spec, 1, gpu, capturing=True) == configs.decode_heuristic(
+            spec, 1, 132, False
+        )
+        many = next(t for t in range(2, 64) if not configs.use_decode(t, spec.top_k, spec.num_experts))
+        assert configs.lookup_decode(spec, many, gpu, capturing=True) is None, name
+    assert configs.lookup_decode(MoESpec(**BASE), 1, gpu, capturing=True) is None
+    sorted_only = configs.heuristic_config(tq._spec("fp8_block"), 1, 132, False).to_json()
+    monkeypatch.setattr(configs, "_table_entry", lambda *args: sorted_only)  # tuned: no "decode" use
+    assert configs.lookup_decode(tq._spec("fp8_block"), 1, gpu, capturing=True) is None
+
+
 def test_decode_heuristic_fills_the_gpu():
     from moe_core.presets import get_preset
 

@@ -429,7 +429,14 @@ def kernel_input(spec: MoESpec, hidden_states: torch.Tensor, prepared: PreparedW
     if spec.quant.name != "fp8":
         return hidden_states
     scale = prepared.tensors["fc1_input_scale"]
-    return (hidden_states.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    kept = prepared.cache.get(_INPUT_SCALE)
+    if kept is None or kept[0] is not scale:  # a [1] view: divides a bf16/fp16 input in float32
+        kept = prepared.cache[_INPUT_SCALE] = (scale, scale.reshape(1))
+    # three launches (each costs host time on an eager call): the quotient, in float32, clamped in place
+    return torch.div(hidden_states, kept[1]).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+
+_INPUT_SCALE = "nvidia.cutlass.input_scale"
 
 
 def _layer_call(

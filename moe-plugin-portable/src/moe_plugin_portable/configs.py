@@ -250,10 +250,13 @@ def lookup_decode(
     """The decode path's config for ``spec`` at ``num_tokens``, or ``None`` for the sorted path.
 
     ``MOE_PORTABLE_DECODE`` (``0``/``1``) first; then, for a call being captured in a
-    CUDA graph, the tuned entry's ``"decode": {"use": ...}`` (absent: the sorted path);
-    for an eager call (``capturing`` false) :func:`use_decode` or a tuned ``use`` (eager
-    calls are also host-bound at these ``T``: the decode path's two launches cost less
-    host time), with ``MOE_PORTABLE_DECODE=rule`` the rule alone. Tiles from the entry,
+    CUDA graph, the tuned entry's ``"decode": {"use": ...}`` (absent: the sorted path; no
+    entry at all: the sorted path for bf16/fp16, the rule for quantized layers, whose
+    decode kernels were 1.1-3.3x faster at ``T = 1`` in graphs on the untuned H100, e.g.
+    deepseek-v3-tp8 mxfp4 28.4 against 93.9 us); for an eager call (``capturing`` false)
+    :func:`use_decode` or a tuned ``use`` (eager calls are also host-bound at these ``T``:
+    the decode path's two launches cost less host time), with ``MOE_PORTABLE_DECODE=rule``
+    the rule alone. Tiles from the entry,
     else :func:`decode_heuristic`; ``MOE_PORTABLE_PREQUANT=0``/``1`` sets both GEMMs'
     ``prequant``, ``MOE_PORTABLE_DECODE_MMA=0``/``1`` their ``mma`` (``1``: tiles fitted by
     :func:`mma_tile`, fp8 activations pre-quantized).
@@ -262,6 +265,7 @@ def lookup_decode(
     if force == "0":
         return None
     override: dict[str, Any] = {}
+    entry = None
     num_sms, is_amd, major = 8, False, 0
     if device.type == "cuda":
         name, num_sms, is_amd, major = _device_facts(
@@ -271,7 +275,7 @@ def lookup_decode(
         override = (entry or {}).get("decode") or {}
     if force != "1":
         tuned = force != "rule" and bool(override.get("use", False))
-        if capturing and force != "rule":
+        if capturing and force != "rule" and (entry is not None or not spec.quant.is_quantized):
             use = tuned
         else:
             use = tuned or use_decode(num_tokens, spec.top_k, spec.num_experts)
