@@ -484,13 +484,15 @@ def test_decode_heuristic_takes_the_tensor_core_kernels_on_sm90(monkeypatch):
     bf16 = get_preset("deepseek-v3-tp8").moe_spec()
     block = get_preset("deepseek-v3-tp8").moe_spec(quant="fp8_block")
     channel = get_preset("deepseek-v3-tp8").moe_spec(quant="fp8")
-    for spec, tokens in ((bf16, 1), (block, 1), (block, 8)):
+    mx = get_preset("deepseek-v3-tp8").moe_spec(quant="mxfp4")
+    mx_a8 = get_preset("deepseek-v3-tp8").moe_spec(quant=experts.QUANT_VARIANTS["mxfp4_w4a8"])
+    for spec, tokens in ((bf16, 1), (block, 1), (block, 8), (mx, 1), (mx, 8), (mx_a8, 4)):
         cfg = configs.decode_heuristic(spec, tokens, 132, False, sm90=True)
         base = configs.decode_heuristic(spec, tokens, 132, False)
         for g, plain in ((cfg.gemm1, base.gemm1), (cfg.gemm2, base.gemm2)):
             assert g.mma and g == configs.mma_tile(plain), (spec.quant.name, tokens)
             assert g.block_n % (16 * g.num_warps) == 0 and g.block_k >= 128
-    for spec, tokens in ((bf16, 8), (channel, 1), (block, 16)):  # slower there on the H100, or untimed
+    for spec, tokens in ((bf16, 8), (channel, 1), (block, 16), (mx, 16)):  # slower on the H100, or untimed
         cfg = configs.decode_heuristic(spec, tokens, 132, False, sm90=True)
         assert cfg == configs.decode_heuristic(spec, tokens, 132, False), (spec.quant.name, tokens)
     assert not configs.decode_heuristic(bf16, 1, 304, True, sm90=False).gemm1.mma  # AMD: never

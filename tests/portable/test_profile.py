@@ -332,16 +332,17 @@ def test_mma_decode_kernels_compile_for_sm90():
 @needs_amd_backend  # (the set of Triton backends this tree's CI has: also NVIDIA's)
 def test_sm90_heuristic_mma_tiles_compile_without_spills():
     """The tiles the decode heuristic gives the tensor-core kernels on sm_90 (no tuned entry:
-    bf16/fp16 at T = 1, fp8_block at T <= 8) compile for sm_90 without spills, on the benchmark shapes."""
+    bf16/fp16 at T = 1, fp8_block and mxfp4 at T <= 8) compile for sm_90 without spills, on the
+    benchmark shapes."""
     import torch
 
-    from moe_plugin_portable import configs
+    from moe_plugin_portable import configs, experts
 
     groups = []
     for model in (*QUANT_MODELS, "mixtral-8x7b"):
         preset = get_preset(model)
-        for quant, tokens in ((None, 1), ("fp8_block", 1), ("fp8_block", 8)):
-            spec = preset.moe_spec(torch.bfloat16, quant)
+        for quant, tokens in ((None, 1), ("fp8_block", 1), ("fp8_block", 8), ("mxfp4", 1), ("mxfp4_w4a8", 8)):
+            spec = preset.moe_spec(torch.bfloat16, experts.QUANT_VARIANTS.get(quant))
             cfg = configs.decode_heuristic(spec, tokens, 132, False, sm90=True)
             assert cfg.gemm1.mma and cfg.gemm2.mma, (model, quant, tokens)
             sorted_cfg = heuristic_config(spec, tokens, 132, False)

@@ -212,10 +212,11 @@ def decode_heuristic(
     pre-quantized read spills 12 bytes on sm_90).
 
     ``sm90`` (NVIDIA Hopper): the tensor-core decode kernels (``mma``, tiles of :func:`mma_tile`)
-    at ``T = 1`` for bf16/fp16 weights and at ``T <= 8`` for fp8_block, where they were the
-    fastest untuned decode kernels on the H100 (e.g. deepseek-v3-tp8 fp8_block T = 1: 32.5 us
-    against 36.0, bf16: 48.0 against 54.0); at ``T = 8`` bf16 and per-channel fp8 they were
-    slower (one MMA per slot). A tuned entry decides where there is one."""
+    at ``T = 1`` for bf16/fp16 weights and at ``T <= 8`` for fp8_block and mxfp4, where they were
+    the fastest untuned decode kernels on the H100 (deepseek-v3-tp8, us: fp8_block T = 1 32.5
+    against 36.0, bf16 48.0 against 54.0, mxfp4 W4A8 27.3 against 31.8, mxfp4 W4A16 T = 8 110.8
+    against 134.8; gpt-oss-120b mxfp4 W4A16 T = 1 was 5% slower); at ``T = 8`` bf16 and
+    per-channel fp8 they were slower (one MMA per slot). A tuned entry decides where there is one."""
     scheme = spec.quant
     stages = 2 if is_amd else 3
     if is_amd:
@@ -224,7 +225,8 @@ def decode_heuristic(
         dynamic = scheme.activation in ("fp8_per_token", "fp8_group")
         prequant = dynamic or (scheme.activation == "fp8_per_tensor" and num_tokens > 1)
     mma = sm90 and (
-        (num_tokens == 1 and not scheme.is_quantized) or (num_tokens <= 8 and scheme.name == "fp8_block")
+        (num_tokens == 1 and not scheme.is_quantized)
+        or (num_tokens <= 8 and scheme.name in ("fp8_block", "mxfp4"))
     )
 
     def tile(programs: int, n: int, k: int, gated: bool, slots: int) -> GemmConfig:
