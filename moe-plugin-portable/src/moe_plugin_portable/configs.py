@@ -254,7 +254,7 @@ def lookup_decode(
     ``MOE_PORTABLE_DECODE`` (``0``/``1``) first; then, for a call being captured in a
     CUDA graph, the tuned entry's ``"decode": {"use": ...}`` (absent: the sorted path; no
     entry at all: the sorted path for bf16/fp16, the rule for quantized layers, whose
-    decode kernels were 1.1-3.3x faster at ``T = 1`` in graphs on the untuned H100, e.g.
+    decode kernels were 1.1-3.9x faster at ``T = 1`` in graphs on the untuned H100, e.g.
     deepseek-v3-tp8 mxfp4 28.4 against 93.9 us); for an eager call (``capturing`` false)
     :func:`use_decode` or a tuned ``use`` (eager calls are also host-bound at these ``T``:
     the decode path's two launches cost less host time), with ``MOE_PORTABLE_DECODE=rule``
