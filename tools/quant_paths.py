@@ -135,6 +135,13 @@ def main() -> None:
     start = time.monotonic()
     name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     ceilings = measure_ceilings(DEV) if DEV == "cuda" else None
+    meta = {
+        "device": name,
+        "torch": torch.__version__,
+        "copies": args.copies,
+        "wall_s": 0,
+        "ceilings": ceilings,
+    }
     for model in args.models.split(","):
         preset = get_preset(model)
         for quant in args.quant.split(","):
@@ -184,16 +191,10 @@ def main() -> None:
             del prepared, drawn, calls, outs
             if DEV == "cuda":
                 torch.cuda.empty_cache()
+            meta["wall_s"] = round(time.monotonic() - start)
+            write(Path(args.out), meta, rows)  # after every layer: a time limit keeps what was measured
     for k in KNOBS:
         os.environ.pop(k, None)
-    meta = {
-        "device": name,
-        "torch": torch.__version__,
-        "copies": args.copies,
-        "wall_s": round(time.monotonic() - start),
-        "ceilings": ceilings,
-    }
-    write(Path(args.out), meta, rows)
 
 
 def floors(rows: list[dict], ceilings: dict[str, float]) -> dict[tuple[str, str, int], float]:
