@@ -219,11 +219,8 @@ def decode_heuristic(
     per-channel fp8 they were slower (one MMA per slot). A tuned entry decides where there is one."""
     scheme = spec.quant
     stages = 2 if is_amd else 3
-    if is_amd:
-        prequant = scheme.activation in ("fp8_per_token", "fp8_group")
-    else:
-        dynamic = scheme.activation in ("fp8_per_token", "fp8_group")
-        prequant = dynamic or (scheme.activation == "fp8_per_tensor" and num_tokens > 1)
+    static = scheme.activation == "fp8_per_tensor" and not is_amd and num_tokens > 1
+    prequant = static or scheme.activation in ("fp8_per_token", "fp8_group")
     mma = sm90 and (
         (num_tokens == 1 and not scheme.is_quantized)
         or (num_tokens <= 8 and scheme.name in ("fp8_block", "mxfp4"))
