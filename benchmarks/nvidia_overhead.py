@@ -33,7 +33,7 @@ import time
 import torch
 
 from moe_core import moe_apply, moe_plan
-from moe_core.bench.floors import floor_us, measure_ceilings
+from moe_core.bench.floors import measure_ceilings, preset_floor_us
 from moe_core.bench.suite import uniform_routing
 from moe_core.bench.timing import graph_times, median_us, rotating
 from moe_core.presets import get_preset
@@ -162,13 +162,7 @@ def bench_case(
         "T": T,
         "spec": spec.describe(),
         "tuned": ids_tuned,
-        "floor_us": floor_us(
-            spec,
-            T,
-            ceilings,
-            num_routed=preset.num_experts,
-            num_shared=preset.routing.num_fused_shared_experts,
-        ),
+        "floor_us": preset_floor_us(preset, spec, T, ceilings),
     }
 
     def timed(label, fn, graphs):

@@ -199,7 +199,7 @@ def main() -> None:
 
 def floors(rows: list[dict], ceilings: dict[str, float]) -> dict[tuple[str, str, int], float]:
     """The physical floor (us) of each (model, quant, T) of ``rows`` (``moe_core.bench.floors``)."""
-    from moe_core.bench.floors import floor_us
+    from moe_core.bench.floors import preset_floor_us
     from moe_core.presets import get_preset
     from moe_plugin_portable.experts import QUANT_VARIANTS
 
@@ -207,8 +207,7 @@ def floors(rows: list[dict], ceilings: dict[str, float]) -> dict[tuple[str, str,
     for model, quant, T in {(r["model"], r["quant"], r["T"]) for r in rows}:
         preset = get_preset(model)
         spec = preset.moe_spec(torch.bfloat16, quant=QUANT_VARIANTS.get(quant, quant))
-        shared = preset.routing.num_fused_shared_experts
-        found[model, quant, T] = floor_us(spec, T, ceilings, num_routed=preset.num_experts, num_shared=shared)
+        found[model, quant, T] = preset_floor_us(preset, spec, T, ceilings)
     return found
 
 

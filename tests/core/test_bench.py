@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from moe_core import KernelEntry, hookimpl
-from moe_core.bench import H100_CEILINGS, BenchConfig, floor_us, quick_models, run_bench
+from moe_core.bench import (
+    H100_CEILINGS,
+    BenchConfig,
+    expert_bytes,
+    floor_us,
+    preset_floor_us,
+    quick_models,
+    run_bench,
+)
 from moe_core.bench.report import failures, markdown
 from moe_core.bench.suite import SHAPES
 from moe_core.cli import main
@@ -90,6 +98,17 @@ def test_floor_formula_matches_benchmarks_md(model, tokens, quant, want_us):
     spec = preset.moe_spec(torch.bfloat16, quant)
     got = floor_us(spec, tokens, H100_CEILINGS, num_routed=preset.num_experts)
     assert got == pytest.approx(want_us, rel=0.03)
+
+
+def test_preset_floor_counts_the_shared_expert_as_always_active():
+    preset = get_preset("deepseek-v3-tp8")  # 256 routed + 1 fused shared expert, 9 slots
+    spec = preset.moe_spec(torch.bfloat16, "fp8_block")
+    for tokens in (1, 8, 2048):
+        got = preset_floor_us(preset, spec, tokens, H100_CEILINGS)
+        assert got == floor_us(spec, tokens, H100_CEILINGS, num_routed=256, num_shared=1)
+    # T = 1: 8 routed experts + the shared one, not 9 of 257 routed
+    one = expert_bytes(spec) / H100_CEILINGS["copy_bytes_per_s"] * 1e6
+    assert preset_floor_us(preset, spec, 1, H100_CEILINGS) == pytest.approx(9 * one, rel=0.01)
 
 
 def test_quick_takes_the_three_smallest_shapes():

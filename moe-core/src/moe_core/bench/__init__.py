@@ -11,7 +11,14 @@ Imports torch and ``moe_core`` only: no triton or vendor library at import time.
 
 from __future__ import annotations
 
-from .floors import H100_CEILINGS, expected_active_experts, expert_bytes, floor_us, measure_ceilings
+from .floors import (
+    H100_CEILINGS,
+    expected_active_experts,
+    expert_bytes,
+    floor_us,
+    measure_ceilings,
+    preset_floor_us,
+)
 from .suite import BenchConfig, default_models, quick_models, run_bench, uniform_routing
 
 __all__ = [
@@ -22,6 +29,7 @@ __all__ = [
     "expert_bytes",
     "floor_us",
     "measure_ceilings",
+    "preset_floor_us",
     "quick_models",
     "run_bench",
     "uniform_routing",

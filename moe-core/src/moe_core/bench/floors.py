@@ -19,11 +19,15 @@ fused shared experts are always active.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..spec import MoESpec, QuantScheme
 from .timing import median_us
+
+if TYPE_CHECKING:
+    from ..presets import ModelPreset
 
 __all__ = [
     "H100_CEILINGS",
@@ -32,6 +36,7 @@ __all__ = [
     "floor_us",
     "layer_flops",
     "measure_ceilings",
+    "preset_floor_us",
 ]
 
 #: Ceilings measured on the lent H100 80GB HBM3 (../shared/BENCHMARKS.md), for reference and tests.
@@ -115,6 +120,18 @@ def floor_us(
     nbytes = active * expert_bytes(spec) + act_bytes
     seconds = max(nbytes / ceilings["copy_bytes_per_s"], layer_flops(spec, tokens) / _rate(spec, ceilings))
     return seconds * 1e6
+
+
+def preset_floor_us(preset: ModelPreset, spec: MoESpec, tokens: int, ceilings: dict[str, float]) -> float:
+    """:func:`floor_us` of ``spec`` (one of ``preset``'s layers) with the preset's routed and
+    always-active shared experts."""
+    return floor_us(
+        spec,
+        tokens,
+        ceilings,
+        num_routed=preset.num_experts,
+        num_shared=preset.routing.num_fused_shared_experts,
+    )
 
 
 def measure_ceilings(device: torch.device | str) -> dict[str, float]:

@@ -42,7 +42,7 @@ from ..registry import get_registry
 from ..routing import RoutingSpec, select_experts
 from ..spec import QUANT_SCHEMES, MoESpec
 from ..testing import random_expert_weights, random_logits, relative_error, tolerance
-from .floors import floor_us, measure_ceilings
+from .floors import measure_ceilings, preset_floor_us
 from .peers import Peer, make_peers
 from .timing import graph_times, median_us, rotating
 
@@ -248,8 +248,7 @@ def run_case(
         "tolerance": tolerance(spec),
     }
     usable, refused = select_kernels(spec, device, config.kernels)
-    n_shared = preset.routing.num_fused_shared_experts
-    case["floor_us"] = floor_us(spec, tokens, ceilings, num_routed=preset.num_experts, num_shared=n_shared)
+    case["floor_us"] = preset_floor_us(preset, spec, tokens, ceilings)
     case["refused"] = refused
     case["kernels"] = {}
     case["peers"] = {}
