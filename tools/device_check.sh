@@ -16,7 +16,9 @@
 #   paths    tools/quant_paths.py ${PATHS_ARGS} -> $OUT/logs/paths (PATHS_TIMEOUT, default 300)
 #   hf       benchmarks/hf_generate.py: tokens/s of a small HF MoE model per experts backend -> $OUT/logs/hf
 #            (needs transformers and its deps as cp312 wheels in .whl: ../shared/tools/device-wheels.sh)
-#   retuned  tools/quant_paths.py ${PATHS_ARGS} on the tables the tune step wrote (MOE_PORTABLE_CONFIG_DIR=$OUT/logs/configs)
+#   stages   tools/decode_stages.py ${STAGES_ARGS}: each decode launch alone vs read-only kernels over the same
+#            expert bytes -> $OUT/logs/stages (STAGES_TIMEOUT, default 240)
+#   retuned  tools/quant_paths.py ${RETUNED_ARGS:-$PATHS_ARGS} on the tables the tune step wrote (MOE_PORTABLE_CONFIG_DIR=$OUT/logs/configs)
 #            -> $OUT/logs/paths-retuned: against the paths step, the shipped tables vs the retuned ones in one call
 #   ab       tools/quant_paths.py ${AB_ARGS} with this tree's portable plugin, then with the one in .whl/old (an older
 #            commit's: OLD_REV=<rev> bash tools/device_wheels.sh), then this tree's again -> $OUT/logs/ab/{new1,old,new2}
@@ -48,7 +50,8 @@ step tune "${TUNE_TIMEOUT:-540}" bash -c 'IFS=";"; for a in ${TUNE_RUNS:- }; do 
 step dispatch 540 python3 benchmarks/dispatch.py --budget-s "${DISPATCH_BUDGET_S:-400}" --out "$L/dispatch"
 step hf 300 python3 benchmarks/hf_generate.py ${HF_ARGS:-} --out "$L/hf"
 step paths "${PATHS_TIMEOUT:-300}" python3 tools/quant_paths.py ${PATHS_ARGS:-} --out "$L/paths"
-step retuned "${PATHS_TIMEOUT:-300}" env MOE_PORTABLE_CONFIG_DIR="$L/configs" python3 tools/quant_paths.py ${PATHS_ARGS:-} \
+step stages "${STAGES_TIMEOUT:-240}" python3 tools/decode_stages.py ${STAGES_ARGS:-} --out "$L/stages"
+step retuned "${RETUNED_TIMEOUT:-${PATHS_TIMEOUT:-300}}" env MOE_PORTABLE_CONFIG_DIR="$L/configs" python3 tools/quant_paths.py ${RETUNED_ARGS:-${PATHS_ARGS:-}} \
   --out "$L/paths-retuned"
 step ab "${AB_TIMEOUT:-400}" bash -c 'python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_old .whl/old/*.whl &&
   for v in new1 old new2; do p=/tmp/site; [ $v = old ] && p=/tmp/site_old:/tmp/site;
