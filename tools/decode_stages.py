@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quant_paths import DEV, graph_us
+from quant_paths import DEV, case, graph_us, layers
 
 #: (int32 words per program, words per load); the read kernels' grid shapes searched
 READ_SHAPES = ((4096, 1024), (16384, 1024), (65536, 2048), (262144, 2048))
@@ -103,15 +103,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
 
-    from moe_core import moe_plan
-    from moe_core.bench.floors import measure_ceilings, preset_floor_us
-    from moe_core.bench.suite import uniform_routing
-    from moe_core.presets import get_preset
-    from moe_core.reference import fused_experts_reference
-    from moe_core.testing import random_expert_weights, relative_error, tolerance
-    from moe_plugin_portable import configs
-    from moe_plugin_portable._launch import run_launch
-    from moe_plugin_portable.experts import QUANT_VARIANTS, decode_launches
+    from moe_core.bench.floors import measure_ceilings
 
     start = time.monotonic()
     name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
@@ -121,68 +113,58 @@ def main() -> None:
     rows: list[dict] = []
     dummy = torch.empty(1, device=DEV)
     empty2 = graph_us([functools.partial(_empty[(1,)], dummy) for _ in range(2 * args.copies)]) * 2
-    for model in args.models.split(","):
-        preset = get_preset(model)
-        for quant in args.quant.split(","):
-            spec = preset.moe_spec(torch.bfloat16, quant=QUANT_VARIANTS.get(quant, quant))
-            plan = moe_plan(spec, DEV, backend="portable.triton.fused_moe")
-            drawn = [random_expert_weights(spec, device=DEV, seed=i) for i in range(args.copies)]
-            prepared = [plan.prepare(w) for w in drawn]
-            for T in (int(t) for t in args.tokens.split(",")):
-                row: dict = {"model": model, "quant": quant, "T": T, "empty2": round(empty2, 1)}
-                try:
-                    gen = torch.Generator(device=DEV).manual_seed(T)
-                    x = torch.randn(T, spec.hidden_size, generator=gen, device=DEV).to(spec.dtype)
-                    topk_w, topk_ids = uniform_routing(
-                        preset.routing, T, preset.num_experts, device=DEV, seed=T
-                    )
-                    topk_w, topk_ids = topk_w.contiguous(), topk_ids.contiguous()
-                    cfg = configs.lookup_decode(spec, T, x.device, capturing=True)
-                    row["rule"] = "decode" if cfg is not None else "sorted"
-                    if cfg is None:
-                        os.environ["MOE_PORTABLE_DECODE"] = "1"
-                        cfg = configs.lookup_decode(spec, T, x.device, capturing=True)
-                        os.environ.pop("MOE_PORTABLE_DECODE")
-                    row["config"] = str(cfg)
-                    outs = [torch.full_like(x, float("nan")) for _ in prepared]
-                    per_copy = [
-                        decode_launches(spec, x, p.tensors, topk_w, topk_ids, o, cfg)
-                        for p, o in zip(prepared, outs)
-                    ]
-                    names = _stage_names(per_copy[0])
-                    row["step"] = round(
-                        graph_us([functools.partial(_run_all, ls, run_launch) for ls in per_copy]), 1
-                    )
-                    want = fused_experts_reference(
-                        spec, x, drawn[0], topk_w, topk_ids, compute_dtype=torch.float64
-                    )
-                    row["rel_err"] = float(relative_error(outs[0], want))
-                    row["ok"] = row["rel_err"] <= tolerance(spec)
-                    for j, stage in enumerate(names):
-                        calls = [functools.partial(run_launch, *ls[j]) for ls in per_copy]
-                        row[stage] = round(graph_us(calls), 1)
-                    ids = torch.unique(topk_ids).to(torch.int32)
-                    best: dict[str, float] = {}
-                    for shape in READ_SHAPES:
-                        for key, pick in (("read13", 0), ("read2", 1), ("read2x", None)):
-                            calls = []
-                            for w in drawn:
-                                parts = weight_tensors(w)
-                                ts = parts[0] + parts[1] if pick is None else parts[pick]
-                                calls.append(read_call(ts, ids, shape))
-                            us = graph_us(calls)
-                            best[key] = min(best.get(key, float("inf")), us)
-                    row.update({k: round(v, 1) for k, v in best.items()})
-                    row["floor"] = round(preset_floor_us(preset, spec, T, ceilings), 1)
-                except Exception as exc:  # recorded, never fatal
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-            del prepared, drawn
-            if DEV == "cuda":
-                torch.cuda.empty_cache()
-            meta["wall_s"] = round(time.monotonic() - start)
-            write(Path(args.out), meta, rows)
+    for model, quant, preset, spec, _, drawn, prepared in layers(args.models, args.quant, args.copies):
+        for T in (int(t) for t in args.tokens.split(",")):
+            row: dict = {"model": model, "quant": quant, "T": T, "empty2": round(empty2, 1)}
+            try:
+                row.update(measure(preset, spec, T, drawn, prepared, ceilings))
+            except Exception as exc:  # recorded, never fatal
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        meta["wall_s"] = round(time.monotonic() - start)
+        write(Path(args.out), meta, rows)  # after every layer: a time limit keeps what was measured
+
+
+def measure(preset, spec, T: int, drawn: list, prepared: list, ceilings: dict) -> dict:
+    """One case's row (module docstring) on its ``drawn`` weight sets and their ``prepared`` copies."""
+    from moe_core.bench.floors import preset_floor_us
+    from moe_core.testing import relative_error, tolerance
+    from moe_plugin_portable import configs
+    from moe_plugin_portable._launch import run_launch
+    from moe_plugin_portable.experts import decode_launches
+
+    x, topk_w, topk_ids, want = case(preset, spec, T, drawn[0])
+    topk_w, topk_ids = topk_w.contiguous(), topk_ids.contiguous()
+    row: dict = {}
+    cfg = configs.lookup_decode(spec, T, x.device, capturing=True)
+    row["rule"] = "decode" if cfg is not None else "sorted"
+    if cfg is None:  # the decode path forced, its config from the table or heuristic
+        os.environ["MOE_PORTABLE_DECODE"] = "1"
+        try:
+            cfg = configs.lookup_decode(spec, T, x.device, capturing=True)
+        finally:
+            os.environ.pop("MOE_PORTABLE_DECODE")
+    row["config"] = str(cfg)
+    outs = [torch.full_like(x, float("nan")) for _ in prepared]
+    per_copy = [decode_launches(spec, x, p.tensors, topk_w, topk_ids, o, cfg) for p, o in zip(prepared, outs)]
+    row["step"] = round(graph_us([functools.partial(_run_all, ls, run_launch) for ls in per_copy]), 1)
+    row["rel_err"] = float(relative_error(outs[0], want))
+    row["ok"] = row["rel_err"] <= tolerance(spec)
+    for j, stage in enumerate(_stage_names(per_copy[0])):
+        row[stage] = round(graph_us([functools.partial(run_launch, *ls[j]) for ls in per_copy]), 1)
+    ids = torch.unique(topk_ids).to(torch.int32)
+    best: dict[str, float] = {}
+    for shape in READ_SHAPES:
+        for key, pick in (("read13", 0), ("read2", 1), ("read2x", None)):
+            calls = []
+            for w in drawn:
+                first, second = weight_tensors(w)
+                calls.append(read_call(first + second if pick is None else (first, second)[pick], ids, shape))
+            best[key] = min(best.get(key, float("inf")), graph_us(calls))
+    row.update({k: round(v, 1) for k, v in best.items()})
+    row["floor"] = round(preset_floor_us(preset, spec, T, ceilings), 1)
+    return row
 
 
 def _stage_names(launches: list) -> list[str]:

@@ -28,6 +28,7 @@ import functools
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -105,6 +106,43 @@ def graph_us(calls, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def layers(models: str, quants: str, copies: int) -> Iterator[tuple]:
+    """Per layer (``models`` x ``quants``, comma-separated): ``(model, quant, preset, spec, plan,
+    drawn, prepared)``, ``drawn``: ``copies`` weight sets, each drawn with its own seed (as ``moe
+    bench`` does), ``prepared``: their ``plan.prepare``. Both lists are emptied (and the GPU's
+    cache freed) when the next layer is asked for: drop whatever else holds their tensors first."""
+    from moe_core import moe_plan
+    from moe_core.presets import get_preset
+    from moe_core.testing import random_expert_weights
+    from moe_plugin_portable.experts import QUANT_VARIANTS
+
+    for model in models.split(","):
+        preset = get_preset(model)
+        for quant in quants.split(","):
+            spec = preset.moe_spec(torch.bfloat16, quant=QUANT_VARIANTS.get(quant, quant))
+            plan = moe_plan(spec, DEV, backend="portable.triton.fused_moe")
+            drawn = [random_expert_weights(spec, device=DEV, seed=i) for i in range(copies)]
+            prepared = [plan.prepare(w) for w in drawn]
+            yield model, quant, preset, spec, plan, drawn, prepared
+            drawn.clear()
+            prepared.clear()
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+
+
+def case(preset, spec, T: int, weights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, topk_weights, topk_ids, reference out)`` of a layer at ``T`` tokens: seeded by ``T``,
+    the preset's routing with uniform load, the float64 reference on ``weights``."""
+    from moe_core.bench.suite import uniform_routing
+    from moe_core.reference import fused_experts_reference
+
+    gen = torch.Generator(device=DEV).manual_seed(T)
+    x = torch.randn(T, spec.hidden_size, generator=gen, device=DEV).to(spec.dtype)
+    topk_w, topk_ids = uniform_routing(preset.routing, T, preset.num_experts, device=DEV, seed=T)
+    want = fused_experts_reference(spec, x, weights, topk_w, topk_ids, compute_dtype=torch.float64)
+    return x, topk_w, topk_ids, want
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="deepseek-v3-tp8,gpt-oss-120b")
@@ -122,14 +160,10 @@ def main() -> None:
         write(Path(args.out), data["meta"], data["rows"])
         return
 
-    from moe_core import moe_apply, moe_plan
+    from moe_core import moe_apply
     from moe_core.bench.floors import measure_ceilings
-    from moe_core.bench.suite import uniform_routing
-    from moe_core.presets import get_preset
-    from moe_core.reference import fused_experts_reference
-    from moe_core.testing import random_expert_weights, relative_error, tolerance
+    from moe_core.testing import relative_error, tolerance
     from moe_plugin_portable import configs
-    from moe_plugin_portable.experts import QUANT_VARIANTS
 
     rows = []
     start = time.monotonic()
@@ -142,57 +176,41 @@ def main() -> None:
         "wall_s": 0,
         "ceilings": ceilings,
     }
-    for model in args.models.split(","):
-        preset = get_preset(model)
-        for quant in args.quant.split(","):
-            spec = preset.moe_spec(torch.bfloat16, quant=QUANT_VARIANTS.get(quant, quant))
-            plan = moe_plan(spec, DEV, backend="portable.triton.fused_moe")
-            drawn = [random_expert_weights(spec, device=DEV, seed=i) for i in range(args.copies)]
-            prepared = [plan.prepare(w) for w in drawn]
-            calls = outs = None  # hold the prepared copies: dropped with them below
-            for T in (int(t) for t in args.tokens.split(",")):
-                gen = torch.Generator(device=DEV).manual_seed(T)
-                x = torch.randn(T, spec.hidden_size, generator=gen, device=DEV).to(spec.dtype)
-                topk_w, topk_ids = uniform_routing(preset.routing, T, preset.num_experts, device=DEV, seed=T)
-                want = fused_experts_reference(
-                    spec, x, drawn[0], topk_w, topk_ids, compute_dtype=torch.float64
-                )
-                entry = configs._table_entry(spec, T, name)
-                for variant in args.variants.split(","):
-                    if not applies(variant, quant):
-                        continue
-                    set_variant(variant)
-                    row = {
-                        "model": model,
-                        "quant": quant,
-                        "T": T,
-                        "variant": variant,
-                        "table": entry is not None,
-                    }
-                    try:
-                        outs = [torch.full_like(x, float("nan")) for _ in prepared]
-                        calls = [
-                            functools.partial(moe_apply, plan, x, p, topk_w, topk_ids, out=o)
-                            for p, o in zip(prepared, outs)
-                        ]
-                        row["us"] = round(graph_us(calls), 1)
-                        row["rel_err"] = float(relative_error(outs[0], want))
-                        row["ok"] = row["rel_err"] <= tolerance(spec)
-                        decode = configs.lookup_decode(spec, T, x.device, capturing=True)
-                        row["config"] = (
-                            str(decode)
-                            if decode is not None
-                            else str(configs.lookup_config(spec, T, x.device))
-                        )
-                    except Exception as exc:  # recorded, never fatal
-                        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-            del prepared, drawn, calls, outs
-            if DEV == "cuda":
-                torch.cuda.empty_cache()
-            meta["wall_s"] = round(time.monotonic() - start)
-            write(Path(args.out), meta, rows)  # after every layer: a time limit keeps what was measured
+    for model, quant, preset, spec, plan, drawn, prepared in layers(args.models, args.quant, args.copies):
+        for T in (int(t) for t in args.tokens.split(",")):
+            x, topk_w, topk_ids, want = case(preset, spec, T, drawn[0])
+            entry = configs._table_entry(spec, T, name)
+            for variant in args.variants.split(","):
+                if not applies(variant, quant):
+                    continue
+                set_variant(variant)
+                row = {
+                    "model": model,
+                    "quant": quant,
+                    "T": T,
+                    "variant": variant,
+                    "table": entry is not None,
+                }
+                try:
+                    outs = [torch.full_like(x, float("nan")) for _ in prepared]
+                    calls = [
+                        functools.partial(moe_apply, plan, x, p, topk_w, topk_ids, out=o)
+                        for p, o in zip(prepared, outs)
+                    ]
+                    row["us"] = round(graph_us(calls), 1)
+                    row["rel_err"] = float(relative_error(outs[0], want))
+                    row["ok"] = row["rel_err"] <= tolerance(spec)
+                    decode = configs.lookup_decode(spec, T, x.device, capturing=True)
+                    row["config"] = (
+                        str(decode) if decode is not None else str(configs.lookup_config(spec, T, x.device))
+                    )
+                except Exception as exc:  # recorded, never fatal
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        calls = outs = None  # they hold the prepared copies, which layers() frees next
+        meta["wall_s"] = round(time.monotonic() - start)
+        write(Path(args.out), meta, rows)  # after every layer: a time limit keeps what was measured
     for k in KNOBS:
         os.environ.pop(k, None)
 
