@@ -130,24 +130,29 @@ def _check(spec: MoESpec, T: int, seed: int, *, from_high: bool = False, limit: 
 @needs_triton
 @pytest.mark.parametrize("mode", ["fp8_per_token", "fp8_group", "fp8_per_tensor"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_prepass_is_bit_exact(mode, dtype):
-    """The activation pre-pass gives moe_core.quant's codes and scales, bit for bit."""
+@pytest.mark.parametrize("cols", [200, 8200])
+def test_prepass_is_bit_exact(mode, dtype, cols):
+    """The activation pre-pass gives moe_core.quant's codes and scales, bit for bit (per token:
+    200 columns from one load, 8200 looped twice over 1024-column steps)."""
     scheme = {
         "fp8_per_token": QuantScheme("fp8"),
         "fp8_group": QuantScheme("fp8_block", block_shape=(128, 32)),
         "fp8_per_tensor": QuantScheme("fp8", activation="fp8_per_tensor"),
     }[mode]
-    spec = MoESpec(4, 1, 200, 64, quant=scheme, dtype=dtype)
+    spec = MoESpec(4, 1, cols, 64, quant=scheme, dtype=dtype)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    x = torch.randn(9, 200, generator=gen, device=DEVICE) * _pow2_cycle(9, 7, DEVICE)[:, None]
+    x = torch.randn(9, cols, generator=gen, device=DEVICE) * _pow2_cycle(9, 7, DEVICE)[:, None]
+    x[6, cols - 1] = 4.0 * x[6].abs().max()  # the row's max in its last column
     x[3] = 0.0  # an all-zero row: scale 1
     x[4, :50] = 2.0**-14 * torch.arange(50, device=DEVICE)  # e4m3 subnormals (a group of them)
     x[5, 7] = -0.0
     x = x.to(dtype)
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=DEVICE)
     static = torch.tensor([0.0173], device=DEVICE)
-    scale = experts._scale_buffer(spec, 9, 200, torch.device(DEVICE))
+    scale = experts._scale_buffer(spec, 9, cols, torch.device(DEVICE))
     kernel, grid, args, kwargs = experts.quantize_launch(spec, x, q, scale, static_scale=static)
+    if mode == "fp8_per_token":
+        assert kwargs.get("ONE_PASS", False) == (cols < 8192)
     kernel[grid](*args, **kwargs)
     if mode == "fp8_per_token":
         q_ref, s_ref = mq.quantize_fp8_per_token(x)

@@ -110,6 +110,10 @@ QUANT_VARIANTS: dict[str, QuantScheme] = {
 }
 _COMBINE_BLOCK = 1024
 _QUANT_BLOCK = 1024  # columns per program (or per loop step) of the quantization pre-pass
+#: rows up to this many columns are quantized per token from one load (8 warps at 8192: 32 values
+#: a thread); a row of 7168 looped over 1024 columns twice took 5.8 us at T=1 on the H100, against
+#: 2.4 us for fp8_block's one load per group (benchmarks/results/h100-decode-stages-2026-12-07.md)
+_ROW_BLOCK = 8192
 _FP8 = torch.float8_e4m3fn
 #: AMD architectures whose Triton backend has the OCP e4m3 (``float8e4nv``) dot
 _FP8_AMD = ("gfx942", "gfx950", "gfx1200", "gfx1201")
@@ -560,8 +564,11 @@ def quantize_launch(
 
     mode = kernels.A_QUANTS[spec.quant.activation]
     rows, K = x.shape
+    one_pass, warps = False, 4
     if mode == kernels.A_QUANTS["fp8_per_token"]:
-        block, grid = min(_QUANT_BLOCK, _next_pow2(K)), (rows, 1)
+        one_pass = _next_pow2(K) <= _ROW_BLOCK
+        block, grid = (_next_pow2(K) if one_pass else _QUANT_BLOCK), (rows, 1)
+        warps = max(4, block // 1024)
     elif mode == kernels.A_QUANTS["fp8_group"]:
         block = spec.quant.block_shape[1]
         grid = (rows, triton_cdiv(K, block))
@@ -584,8 +591,10 @@ def quantize_launch(
         scale.stride(0) if scale is not None else 0,
     )
     kwargs = dict(
-        MODE=mode, SORTED=blocks is not None, WEIGHT=topk_weights is not None, BLOCK=block, num_warps=4
+        MODE=mode, SORTED=blocks is not None, WEIGHT=topk_weights is not None, BLOCK=block, num_warps=warps
     )
+    if one_pass:  # (absent otherwise: the other modes' compiled variants stay as they were)
+        kwargs["ONE_PASS"] = True
     return kernels.moe_quant_fp8, grid, args, kwargs
 
 

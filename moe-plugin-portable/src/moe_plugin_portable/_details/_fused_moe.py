@@ -582,11 +582,13 @@ def moe_quant_fp8(
     SORTED: tl.constexpr,
     WEIGHT: tl.constexpr,
     BLOCK: tl.constexpr,
+    ONE_PASS: tl.constexpr = False,
 ):
     """fp8 rows ``q[r] = quantize(x[r])`` (``MODE``: ``A_QUANT`` 1 per row, 2 static, 3 groups of ``BLOCK``).
 
-    Grid ``(rows, column blocks)``: one program per row (mode 1: it loops over ``K``) or per
-    ``BLOCK`` columns of a row. ``SORTED``: rows are sorted positions (the intermediate), those
+    Grid ``(rows, column blocks)``: one program per row (mode 1: it loops over ``K`` twice, for
+    the row's max and then the codes, unless ``ONE_PASS``: ``BLOCK >= K``, the row held in
+    registers from one load) or per ``BLOCK`` columns of a row. ``SORTED``: rows are sorted positions (the intermediate), those
     past ``num_padded`` or holding padding are skipped. ``WEIGHT``: the row is scaled by its
     router weight first (``top_k == 1``, weight on the input). Scales: ``s[r]`` per row,
     ``s[r, group]`` per group.
@@ -604,7 +606,14 @@ def moe_quant_fp8(
     if WEIGHT:
         route = tl.load(topk_weights_ptr + row).to(tl.float32)
     offs = tl.arange(0, BLOCK)
-    if MODE == 1:
+    if MODE == 1 and ONE_PASS:
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        if WEIGHT:
+            x = x * route
+        scale = _fp8_scale(tl.max(tl.abs(x), axis=0))
+        tl.store(q_row + offs, _fp8_quantize(x, scale), mask=offs < K)
+        tl.store(s_ptr + row * stride_sm, scale)
+    elif MODE == 1:
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
