@@ -526,6 +526,36 @@ def test_captured_untuned_quantized_layers_follow_the_rule(monkeypatch):
     assert configs.lookup_decode(tq._spec("fp8_block"), 1, gpu, capturing=True) is None
 
 
+def test_sm90_mxfp4_takes_the_decode_path_up_to_a_larger_reread(monkeypatch):
+    """On sm_90, untuned mxfp4 layers take the (tensor-core) decode path at T = 8 where the slots
+    reread up to DECODE_MXFP4_MMA_REREAD of the distinct experts (deepseek-v3-tp8, gpt-oss-120b),
+    not beyond (qwen3-30b-a3b); fp8 layers and other GPUs keep DECODE_MAX_REREAD; the tensor-core
+    tiles pre-quantize fp8 activations (W4A8) at every T."""
+    from moe_core.presets import get_preset
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(configs, "_table_entry", lambda *args: None)
+    w4a8 = experts.QUANT_VARIANTS["mxfp4_w4a8"]
+    for major in (9, 8):
+        monkeypatch.setattr(configs, "_device_facts", lambda index, m=major: ("Fake GPU", 132, False, m))
+        for model, decode_on_sm90 in (
+            ("deepseek-v3-tp8", True),
+            ("gpt-oss-120b", True),
+            ("qwen3-30b-a3b", False),
+        ):
+            for quant in ("mxfp4", w4a8):
+                spec = get_preset(model).moe_spec(quant=quant)
+                got = configs.lookup_decode(spec, 8, gpu, capturing=True)
+                assert (got is not None) == (decode_on_sm90 and major == 9), (model, major)
+            fp8 = get_preset(model).moe_spec(quant="fp8")
+            assert configs.lookup_decode(fp8, 8, gpu, capturing=True) is None, model
+    spec = get_preset("deepseek-v3-tp8").moe_spec(quant=w4a8)
+    for tokens in (1, 8):
+        cfg = configs.decode_heuristic(spec, tokens, 132, False, sm90=True)
+        assert cfg.gemm1.mma and cfg.gemm1.prequant and cfg.gemm2.prequant, tokens
+    assert not configs.decode_heuristic(spec, 1, 132, False).gemm1.prequant  # the Triton GEMV: in-kernel
+
+
 def test_decode_heuristic_fills_the_gpu():
     from moe_core.presets import get_preset
 

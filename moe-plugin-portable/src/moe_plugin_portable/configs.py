@@ -87,6 +87,11 @@ _PACKAGE_DIR = Path(__file__).parent / "configs"
 #: the decode path's bounds (module docstring)
 DECODE_MAX_TOKENS = 8
 DECODE_MAX_REREAD = 0.1
+#: the bound for mxfp4 weights on sm_90, whose tensor-core decode kernels beat the sorted path
+#: at T = 8 where the slots reread 13-14% (H100 us: deepseek-v3-tp8 111.3 against 159.5, gpt-oss-120b
+#: 276.4 against 307.5) and lost at 27% (qwen3-30b-a3b 103.8 against 91.6;
+#: benchmarks/results/h100-decode-stages-2026-12-07.md)
+DECODE_MXFP4_MMA_REREAD = 0.2
 #: programs per SM a decode launch is split up to (:func:`decode_split`): each holds one K step's
 #: loads in flight, and fewer leave the weight stream latency-bound
 DECODE_PROGRAMS_PER_SM = 16
@@ -180,15 +185,17 @@ def decode_split(programs: int, steps: int, num_sms: int) -> int:
     return max(1, min(steps, -(-DECODE_PROGRAMS_PER_SM * num_sms // max(1, programs))))
 
 
-def use_decode(num_tokens: int, top_k: int, num_experts: int) -> bool:
-    """Whether ``T`` tokens of ``top_k`` slots over ``num_experts`` take the decode path (module docstring)."""
+def use_decode(num_tokens: int, top_k: int, num_experts: int, max_reread: float = DECODE_MAX_REREAD) -> bool:
+    """Whether ``T`` tokens of ``top_k`` slots over ``num_experts`` take the decode path (module
+    docstring): ``T = 1``, or ``T <= DECODE_MAX_TOKENS`` slots rereading at most ``max_reread``
+    of the expected distinct experts."""
     if not 1 <= num_tokens <= DECODE_MAX_TOKENS:
         return False
     if num_tokens == 1:
         return True
     n = num_tokens * top_k
     distinct = num_experts * (1.0 - (1.0 - 1.0 / num_experts) ** n)
-    return n <= distinct * (1.0 + DECODE_MAX_REREAD)
+    return n <= distinct * (1.0 + max_reread)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -216,15 +223,17 @@ def decode_heuristic(
     the fastest untuned decode kernels on the H100 (deepseek-v3-tp8, us: fp8_block T = 1 32.5
     against 36.0, bf16 48.0 against 54.0, mxfp4 W4A8 27.3 against 31.8, mxfp4 W4A16 T = 8 110.8
     against 134.8; gpt-oss-120b mxfp4 W4A16 T = 1 was 5% slower); at ``T = 8`` bf16 and
-    per-channel fp8 they were slower (one MMA per slot). A tuned entry decides where there is one."""
+    per-channel fp8 they were slower (one MMA per slot). Their fp8 activations are always
+    pre-quantized: deepseek-v3-tp8 W4A8 at T = 1 took 41.2 us quantizing in every program against
+    27.3 pre-quantized (H100). A tuned entry decides where there is one."""
     scheme = spec.quant
     stages = 2 if is_amd else 3
-    static = scheme.activation == "fp8_per_tensor" and not is_amd and num_tokens > 1
-    prequant = static or scheme.activation in ("fp8_per_token", "fp8_group")
     mma = sm90 and (
         (num_tokens == 1 and not scheme.is_quantized)
         or (num_tokens <= 8 and scheme.name in ("fp8_block", "mxfp4"))
     )
+    static = scheme.activation == "fp8_per_tensor" and not is_amd and (num_tokens > 1 or mma)
+    prequant = static or scheme.activation in ("fp8_per_token", "fp8_group")
 
     def tile(programs: int, n: int, k: int, gated: bool, slots: int) -> GemmConfig:
         block_k = max(32, min(512, 1 << max(0, k - 1).bit_length()))
@@ -277,7 +286,9 @@ def lookup_decode(
         if capturing and force != "rule" and (entry is not None or not spec.quant.is_quantized):
             use = tuned
         else:
-            use = tuned or use_decode(num_tokens, spec.top_k, spec.num_experts)
+            sm90_mxfp4 = not is_amd and major == 9 and spec.quant.name == "mxfp4"
+            reread = DECODE_MXFP4_MMA_REREAD if sm90_mxfp4 else DECODE_MAX_REREAD
+            use = tuned or use_decode(num_tokens, spec.top_k, spec.num_experts, reread)
         if not use:
             return None
     if "gemm1" in override and "gemm2" in override:
