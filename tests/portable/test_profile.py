@@ -341,7 +341,14 @@ def test_sm90_heuristic_mma_tiles_compile_without_spills():
     groups = []
     for model in (*QUANT_MODELS, "mixtral-8x7b"):
         preset = get_preset(model)
-        for quant, tokens in ((None, 1), ("fp8_block", 1), ("fp8_block", 8), ("mxfp4", 1), ("mxfp4_w4a8", 1), ("mxfp4_w4a8", 8)):
+        for quant, tokens in (
+            (None, 1),
+            ("fp8_block", 1),
+            ("fp8_block", 8),
+            ("mxfp4", 1),
+            ("mxfp4_w4a8", 1),
+            ("mxfp4_w4a8", 8),
+        ):
             spec = preset.moe_spec(torch.bfloat16, experts.QUANT_VARIANTS.get(quant))
             cfg = configs.decode_heuristic(spec, tokens, 132, False, sm90=True)
             assert cfg.gemm1.mma and cfg.gemm2.mma, (model, quant, tokens)

@@ -588,8 +588,8 @@ def moe_quant_fp8(
 
     Grid ``(rows, column blocks)``: one program per row (mode 1: it loops over ``K`` twice, for
     the row's max and then the codes, unless ``ONE_PASS``: ``BLOCK >= K``, the row held in
-    registers from one load) or per ``BLOCK`` columns of a row. ``SORTED``: rows are sorted positions (the intermediate), those
-    past ``num_padded`` or holding padding are skipped. ``WEIGHT``: the row is scaled by its
+    registers from one load) or per ``BLOCK`` columns of a row. ``SORTED``: rows are sorted
+    positions (the intermediate), those past ``num_padded`` or holding padding are skipped. ``WEIGHT``: the row is scaled by its
     router weight first (``top_k == 1``, weight on the input). Scales: ``s[r]`` per row,
     ``s[r, group]`` per group.
     """
