@@ -82,7 +82,7 @@ def _print_entry(bucket: str, entry: dict) -> None:
         f"g2 n{g2['block_n']}k{g2['block_k']}w{g2['num_warps']}s{g2['num_stages']}  "
         f"sort {t['sort_us']:.1f} quant {t['quant_us']:.1f} gemm1 {t['gemm1_us']:.1f} "
         f"gemm2 {t['gemm2_us']:.1f} combine {t['combine_us']:.1f} total {t['total_us']:.1f} us"
-        f"  ({timed} timed, {failed} failed)"
+        f"  ({timed} timed, {failed} failed, over {entry.get('routings', 1)} routings)"
     )
     decode = entry.get("decode")
     if decode:

@@ -14,7 +14,11 @@ import torch
 from moe_core import KernelEntry, hookimpl
 from moe_core.bench import (
     H100_CEILINGS,
+    L2_FLUSH_BYTES,
+    MAX_COLD_ROUTINGS,
     BenchConfig,
+    cold_routings,
+    expected_active_experts,
     expert_bytes,
     floor_us,
     preset_floor_us,
@@ -109,6 +113,23 @@ def test_preset_floor_counts_the_shared_expert_as_always_active():
     # T = 1: 8 routed experts + the shared one, not 9 of 257 routed
     one = expert_bytes(spec) / H100_CEILINGS["copy_bytes_per_s"] * 1e6
     assert preset_floor_us(preset, spec, 1, H100_CEILINGS) == pytest.approx(9 * one, rel=0.01)
+
+
+@pytest.mark.parametrize("model", ["deepseek-v3-tp8", "gpt-oss-120b", "qwen3-30b-a3b", "mixtral-8x7b"])
+def test_cold_routings_hold_more_than_the_cache(model):
+    """The fewest routings whose expected experts hold more than L2_FLUSH_BYTES (at most
+    MAX_COLD_ROUTINGS): several at decode sizes, one where a single call already reads that much."""
+    preset = get_preset(model)
+    for scheme in ("bf16", "fp8", "mxfp4"):
+        spec = preset.moe_spec(torch.bfloat16, scheme)
+        for T in (1, 8, 32, 2048):
+            n = cold_routings(spec, T)
+            active = expected_active_experts(spec.num_experts, spec.top_k, T) * expert_bytes(spec)
+            assert 1 <= n <= MAX_COLD_ROUTINGS, (scheme, T, n)
+            assert n == MAX_COLD_ROUTINGS or n * active >= L2_FLUSH_BYTES, (scheme, T, n)
+            assert n == 1 or (n - 1) * active < L2_FLUSH_BYTES, (scheme, T, n)
+    deepseek = get_preset("deepseek-v3-tp8").moe_spec(torch.bfloat16, "fp8")
+    assert (cold_routings(deepseek, 1), cold_routings(deepseek, 32)) == (6, 1)  # 9 experts: 49.5 MB
 
 
 def test_quick_takes_the_three_smallest_shapes():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moe_core import MoESpec, QuantScheme, moe_apply, moe_plan
+from moe_core.bench import cold_routings
 from moe_core.presets import get_preset
 from moe_core.reference import fused_experts_reference
 from moe_core.testing import random_expert_weights, random_routing, relative_error, tolerance
@@ -213,6 +214,7 @@ def test_tune_cache_is_used(tmp_path, monkeypatch):
     entry = tuning.tune_layer(spec, torch.device("cuda"), [4])
     searched = entry["searched"]["4"]
     assert searched["gemm1"]["count"] > 1 and searched["gemm2"]["count"] > 1, searched  # tactics enumerated
+    assert searched["routings"] == cold_routings(spec, 4) > 1  # a tiny layer: timed over many routings
     name = torch.cuda.get_device_name()
     tuning.merge_table(tmp_path / tuning.table_name(name), name, "x", {tuning.layer_key(spec): entry})
     assert tuning.lookup(spec, name, 4) == entry["buckets"]["4"]

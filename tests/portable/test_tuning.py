@@ -96,6 +96,48 @@ def test_search_times_each_config_once():
 
 
 @needs_triton
+def test_tuning_over_routings_reports_per_routing_times(monkeypatch):
+    """Timed over 2 routings, every timed stage runs each routing's launches (twice the launches
+    of 1 routing) and its time is per routing: with a timer that counts the launches it runs,
+    the entry's times equal those of a 1-routing tuning, stage by stage."""
+    spec = QUANT_SPECS["mxfp4_w4a8"]  # with the activations' pre-pass
+    weights = random_expert_weights(spec, device=DEVICE, seed=1)
+    counting = [False, 0]
+    real = tuning.run_launch
+
+    def run_launch(*launch):
+        counting[1] += counting[0]
+        return real(*launch)
+
+    def timer(fn):
+        counting[:] = [True, 0]
+        fn()
+        counting[0] = False
+        return float(counting[1])
+
+    monkeypatch.setattr(tuning, "run_launch", run_launch)
+    entries, launched = [], []
+    for n in (1, 2):
+        total = [0]
+
+        def counted(fn, total=total):
+            us = timer(fn)
+            total[0] += us
+            return us
+
+        monkeypatch.setattr(tuning, "_timer", lambda device, counted=counted: counted)
+        entries.append(
+            tuning.tune_layer(spec, DEVICE, tokens=(1,), weights=weights, space="small", routings=n)["1"]
+        )
+        launched.append(total[0])
+    one, two = entries
+    assert (one["routings"], two["routings"]) == (1, 2)
+    assert one["timing"] == two["timing"] and one["decode"]["timing"] == two["decode"]["timing"]
+    assert one["timing"]["gemm1_us"] >= 1 and one["decode"]["timing"]["gemm2_us"] >= 1
+    assert launched[1] == 2 * launched[0] > 0
+
+
+@needs_triton
 @pytest.mark.parametrize("name", ["fp8_block", "mxfp4", "mxfp4_w4a8"])
 def test_tuned_quantized_entry_is_what_apply_runs(name, tmp_path, monkeypatch):
     """Tuning a quantized layer times its own launches (no fallback to bf16: every candidate ran,

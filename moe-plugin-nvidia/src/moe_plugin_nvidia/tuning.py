@@ -4,7 +4,9 @@ FlashInfer's autotuner lives in process memory and takes 26-88 s per shape;
 its untuned default tactic is 4-5x slower at T >= 32. ``moe tune`` times the
 tactics once per token bucket (GEMM 1 and GEMM 2, absolute indices of the
 runner's tactic list: GEMM 2's follow GEMM 1's; timed by CUDA-graph replay up to
-:data:`GRAPH_TOKENS` tokens, by CUDA events above) and writes the fastest here;
+:data:`GRAPH_TOKENS` tokens, by CUDA events above, rotating through
+``moe_core.bench.cold_routings`` routings so that the weights come from memory, not
+from the L2 cache one routing's experts fit in) and writes the fastest here;
 at run time :func:`lookup` hands them to ``cutlass_fused_moe(profile_ids=[g1, g2])``,
 which skips the autotuner.
 
@@ -237,7 +239,8 @@ def tune_layer(
     import torch
 
     from moe_core import moe_plan
-    from moe_core.bench.timing import events_median, graph_times
+    from moe_core.bench.floors import cold_routings
+    from moe_core.bench.timing import events_median, graph_times, rotating
     from moe_core.testing import random_expert_weights
 
     from .cutlass import KERNEL, _flashinfer, flashinfer_kwargs, kernel_input
@@ -253,30 +256,29 @@ def tune_layer(
     for i, t in enumerate(tokens):
         if progress:
             progress(f"{layer_key(spec)} T={t}", i, len(tokens))
-        x = torch.randn(t, spec.hidden_size, device=dev, dtype=spec.dtype)
-        logits = torch.randn(t, spec.num_experts, device=dev)
-        w, ids = torch.topk(torch.softmax(logits, -1), spec.top_k, dim=-1)
-        xin = kernel_input(spec, x, prepared)  # mxfp4: padded to 128 columns, and so is the output
-        out = torch.empty(xin.shape, dtype=spec.dtype, device=dev)
-        kw = flashinfer_kwargs(
-            spec,
-            xin,
-            prepared,
-            w,
-            ids.int(),
-            out,
-            act(prepared.meta["activation"]),
-            None,
-        )
+        kws = []
+        for _ in range(cold_routings(spec, t)):  # each its own routing: the weights come from memory
+            x = torch.randn(t, spec.hidden_size, device=dev, dtype=spec.dtype)
+            logits = torch.randn(t, spec.num_experts, device=dev)
+            w, ids = torch.topk(torch.softmax(logits, -1), spec.top_k, dim=-1)
+            xin = kernel_input(spec, x, prepared)  # mxfp4: padded to 128 columns, and so is the output
+            out = torch.empty(xin.shape, dtype=spec.dtype, device=dev)
+            kws.append(
+                flashinfer_kwargs(
+                    spec, xin, prepared, w, ids.int(), out, act(prepared.meta["activation"]), None
+                )
+            )
 
-        def time_call(profile_ids: list[int], kw=kw, t=t) -> float:
-            call = dict(kw, profile_ids=profile_ids)
-            fn(**call)  # warm-up; raises for an invalid or failing tactic
+        def time_call(profile_ids: list[int], kws=kws, t=t) -> float:
+            calls = [dict(kw, profile_ids=profile_ids) for kw in kws]
+            fn(**calls[0])  # warm-up; raises for an invalid or failing tactic
+            runs = [lambda call=call: fn(**call) for call in calls]
             if t <= GRAPH_TOKENS:  # eager decode is bound by the host: time the GPU in a graph
-                return graph_times([lambda: fn(**call)], 10)[0]
-            return events_median(lambda: fn(**call), 5)[0]
+                return graph_times(runs, 10)[0]  # (one graph per routing, replayed in turn)
+            return events_median(rotating(lambda k, runs=runs: runs[k](), len(runs)), 5)[0]
 
         buckets[str(t)], searched[str(t)] = search_tactics(time_call)
+        searched[str(t)]["routings"] = len(kws)
         torch.cuda.synchronize(dev)
     if progress:
         progress(layer_key(spec), len(tokens), len(tokens))

@@ -30,8 +30,16 @@ pipelines, then GEMM 2's, from :func:`decode_space`) and the bucket's entry gets
 bucket's largest ``T`` (the most entries, the decode path's worst case), a
 ``use`` holds for the bucket's smaller ``T`` too.
 
+On a GPU, a candidate is timed over ``moe_core.bench.cold_routings`` routings of the same ``T``,
+one after the other (uniform, each its own seed), and its time is their mean: enough routings that
+the experts they hit hold more than ``moe_core.bench.L2_FLUSH_BYTES``, so their weights come from
+memory, as in a model's forward where every layer has experts of its own. Timed on one routing,
+a decode step's weights (8-50 MB) stay in the L2 cache between replays and flatter the tiles that
+issue the fewest instructions over those that stream memory best (H100, deepseek-v3-tp8 fp8 at T=1:
+19.7 us in such a tuner against 35.5 us L2-cold, ``benchmarks/results/h100-2026-12-07.md``).
+
 Each entry also records ``"searched": [timed, failed]``: the candidates timed
-and those that did not compile or run.
+and those that did not compile or run, and ``"routings"``: how many routings each was timed on.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from pathlib import Path
 import torch
 
 from moe_core import DeviceInfo, ExpertWeights, MoESpec, QuantScheme
+from moe_core.bench.floors import cold_routings
 from moe_core.testing import random_expert_weights
 
 from . import configs
@@ -66,7 +75,15 @@ from .experts import (
     sort_tokens,
 )
 
-__all__ = ["DEFAULT_TOKENS", "SPACES", "decode_space", "gemm_space", "refusal", "tune_layer", "write_table"]
+__all__ = [
+    "DEFAULT_TOKENS",
+    "SPACES",
+    "decode_space",
+    "gemm_space",
+    "refusal",
+    "tune_layer",
+    "write_table",
+]
 
 DEFAULT_TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
 _SMEM_BUDGET = 200 * 1024
@@ -298,9 +315,13 @@ class _Search:
         return best, best_us
 
 
-def _inputs(spec: MoESpec, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random tokens, router weights and distinct expert ids for ``T`` tokens (seeded by ``T``)."""
-    gen = torch.Generator(device=device).manual_seed(T)
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _inputs(spec: MoESpec, T: int, device: torch.device, routing: int = 0) -> Inputs:
+    """Random tokens, router weights and distinct expert ids for ``T`` tokens (seeded by ``T`` and
+    the ``routing``'s index)."""
+    gen = torch.Generator(device=device).manual_seed(T + 1_000_003 * routing)
     x = torch.randn(T, spec.hidden_size, generator=gen, device=device).to(spec.dtype)
     topk_w = torch.rand(T, spec.top_k, generator=gen, device=device)
     topk_ids = torch.rand(T, spec.num_experts, generator=gen, device=device).argsort(1)[:, : spec.top_k].int()
@@ -321,27 +342,39 @@ def _run_all(launches: list[Launch]) -> None:
         run_launch(*launch)
 
 
+def _flat(groups: Iterable[Iterable[Launch]]) -> list[Launch]:
+    return [launch for group in groups for launch in group]
+
+
 def _time_block_m(
     spec: MoESpec,
     tensors: dict[str, torch.Tensor],
     T: int,
+    routings: list[Inputs],
     block_m: int,
     device: torch.device,
     search: _Search,
     space: str,
 ) -> tuple[float, MoEConfig, dict[str, float]]:
-    """Best GEMM configs for ``block_m`` at ``T`` tokens, and the stage times of that choice."""
+    """Best GEMM configs for ``block_m`` at ``T`` tokens over ``routings`` (each timed stage runs
+    once per routing, ``search.timer`` the mean), and the stage times of that choice."""
     timer = search.timer
-    x, topk_w, topk_ids = _inputs(spec, T, device)
-    out = torch.empty(T, spec.hidden_size, dtype=spec.dtype, device=device)
-    blocks = sort_tokens(spec, topk_ids, tensors, block_m)
-    t_sort = timer(lambda: sort_tokens(spec, topk_ids, tensors, block_m))
+    outs = [torch.empty(T, spec.hidden_size, dtype=spec.dtype, device=device) for _ in routings]
+    blocks = [sort_tokens(spec, ids, tensors, block_m) for _, _, ids in routings]
+    t_sort = timer(lambda: [sort_tokens(spec, ids, tensors, block_m) for _, _, ids in routings])
 
-    def launches(g1: GemmConfig, g2: GemmConfig) -> list[Launch]:
-        return fused_moe_launches(spec, x, tensors, topk_w, topk_ids, out, MoEConfig(block_m, g1, g2), blocks)
+    def staged(g1: GemmConfig, g2: GemmConfig) -> list[list[Launch]]:
+        """Per stage (:func:`_stages`), its launches for every routing in turn."""
+        cfg = MoEConfig(block_m, g1, g2)
+        per = [
+            _stages(fused_moe_launches(spec, x, tensors, w, ids, out, cfg, b))
+            for (x, w, ids), out, b in zip(routings, outs, blocks)
+        ]
+        pre, stage1, gemm2, post = zip(*per)
+        return [_flat(pre), _flat(stage1), list(gemm2), _flat(post)]
 
     def make1(c: GemmConfig) -> Callable[[], None]:
-        pre, stage1, _, _ = _stages(launches(c, c))
+        pre, stage1, _, _ = staged(c, c)
         _run_all(pre)
         return lambda: _run_all(stage1)
 
@@ -353,10 +386,10 @@ def _time_block_m(
     final: list[list[Launch]] = []
 
     def make2(c: GemmConfig) -> Callable[[], None]:
-        pre, stage1, gemm2, post = _stages(launches(g1, c))
+        pre, stage1, gemm2, post = staged(g1, c)
         _run_all(pre + stage1)
         final[:] = [pre, post]
-        return lambda: run_launch(*gemm2)
+        return lambda: _run_all(gemm2)
 
     g2, t2 = search.best(gemm_space(block_m, 1, space, spec), make2, fill(1))
     pre, post = final
@@ -447,13 +480,14 @@ def _time_decode(
     spec: MoESpec,
     tensors: dict[str, torch.Tensor],
     T: int,
+    routings: list[Inputs],
     device: torch.device,
     search: _Search,
     space: str,
 ) -> tuple[DecodeConfig, dict[str, float]]:
-    """The decode path's best tiles at ``T`` (GEMM 1, then GEMM 2 on its output) and their times."""
-    x, topk_w, topk_ids = _inputs(spec, T, device)
-    out = torch.empty(T, spec.hidden_size, dtype=spec.dtype, device=device)
+    """The decode path's best tiles at ``T`` over ``routings`` (GEMM 1, then GEMM 2 on its output)
+    and their times."""
+    outs = [torch.empty(T, spec.hidden_size, dtype=spec.dtype, device=device) for _ in routings]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         base = configs.decode_heuristic(spec, T, props.multi_processor_count, bool(torch.version.hip))
@@ -461,14 +495,22 @@ def _time_decode(
         base = configs.decode_heuristic(spec, T, 8, False)
 
     def stages(g1: GemmConfig, g2: GemmConfig) -> tuple[list[Launch], list[Launch]]:
-        """The launches of GEMM 1 (after its input's pre-pass, if any) and of GEMM 2 (ditto)."""
-        launches = decode_launches(spec, x, tensors, topk_w, topk_ids, out, DecodeConfig(g1, g2))
-        names = [launch[0].__name__ for launch in launches]
-        i1 = next(i for i, name in enumerate(names) if name in ("moe_decode_gemm1", "moe_decode_mma_gemm1"))
-        for cfg, name in ((g1, names[i1]), (g2, names[-1])):
-            if cfg.mma and "_mma_" not in name:  # a tile those kernels do not take: not a candidate
-                raise ValueError(f"{cfg} does not fit the tensor-core decode kernels")
-        return launches[: i1 + 1], launches[i1 + 1 :]
+        """The launches of GEMM 1 (after its input's pre-pass, if any) and of GEMM 2 (ditto), for
+        every routing in turn."""
+        stage1: list[Launch] = []
+        stage2: list[Launch] = []
+        for (x, w, ids), out in zip(routings, outs):
+            launches = decode_launches(spec, x, tensors, w, ids, out, DecodeConfig(g1, g2))
+            names = [launch[0].__name__ for launch in launches]
+            i1 = next(
+                i for i, name in enumerate(names) if name in ("moe_decode_gemm1", "moe_decode_mma_gemm1")
+            )
+            for cfg, name in ((g1, names[i1]), (g2, names[-1])):
+                if cfg.mma and "_mma_" not in name:  # a tile those kernels do not take: not a candidate
+                    raise ValueError(f"{cfg} does not fit the tensor-core decode kernels")
+            stage1 += launches[: i1 + 1]
+            stage2 += launches[i1 + 1 :]
+        return stage1, stage2
 
     def make1(c: GemmConfig) -> Callable[[], None]:
         stage1 = stages(c, base.gemm2)[0]
@@ -495,11 +537,14 @@ def tune_layer(
     weights: ExpertWeights | None = None,
     progress: Progress | None = None,
     space: str = "full",
+    routings: int | None = None,
 ) -> dict[str, dict]:
     """Best :class:`MoEConfig` per token bucket for ``spec``: ``{bucket: config json}`` (plus timings).
 
     ``space`` is one of :data:`SPACES`. ``weights`` (default: random ones) may be
     high-precision canonical weights of a quantized ``spec``: they are quantized first.
+    ``routings``: how many routings each candidate is timed over (default:
+    ``moe_core.bench.cold_routings`` on a GPU, 1 on the CPU); times are per routing.
     """
     device = torch.device(device)
     timer = _timer(device)
@@ -510,17 +555,21 @@ def tune_layer(
     for step, T in enumerate(tokens):
         if progress:
             progress(f"{configs.layer_key(spec)} T={T}", step, len(tokens))
-        search = _Search(timer)
+        n = routings or (cold_routings(spec, T) if device.type == "cuda" else 1)
+        inputs = [_inputs(spec, T, device, r) for r in range(n)]
+        search = _Search(lambda fn, n=n: timer(fn) / n)
         timings = [
-            _time_block_m(spec, tensors, T, block_m, device, search, space) for block_m in _block_ms(spec, T)
+            _time_block_m(spec, tensors, T, inputs, block_m, device, search, space)
+            for block_m in _block_ms(spec, T)
         ]
         _, config, parts = min(timings, key=lambda r: r[0])
         entry = {**config.to_json(), "tuned_at_tokens": T, "timing": parts}
         if T <= configs.DECODE_MAX_TOKENS:
-            decode, decode_parts = _time_decode(spec, tensors, T, device, search, space)
+            decode, decode_parts = _time_decode(spec, tensors, T, inputs, device, search, space)
             use = decode_parts["total_us"] < parts["total_us"]
             entry["decode"] = {"use": use, **decode.to_json(), "timing": decode_parts}
         entry["searched"] = [search.timed, search.failed]
+        entry["routings"] = n
         result[configs.t_bucket(T)] = entry
     if progress:
         progress(configs.layer_key(spec), len(tokens), len(tokens))

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from .floors import (
     H100_CEILINGS,
+    L2_FLUSH_BYTES,
+    MAX_COLD_ROUTINGS,
+    cold_routings,
     expected_active_experts,
     expert_bytes,
     floor_us,
@@ -23,7 +26,10 @@ from .suite import BenchConfig, default_models, quick_models, run_bench, uniform
 
 __all__ = [
     "H100_CEILINGS",
+    "L2_FLUSH_BYTES",
+    "MAX_COLD_ROUTINGS",
     "BenchConfig",
+    "cold_routings",
     "default_models",
     "expected_active_experts",
     "expert_bytes",

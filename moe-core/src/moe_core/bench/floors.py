@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "H100_CEILINGS",
+    "L2_FLUSH_BYTES",
+    "MAX_COLD_ROUTINGS",
+    "cold_routings",
     "expected_active_experts",
     "expert_bytes",
     "floor_us",
@@ -47,6 +50,10 @@ H100_CEILINGS: dict[str, float] = {
 }
 
 _FP8_ACTIVATIONS = ("fp8_per_token", "fp8_per_tensor", "fp8_group")
+#: inputs and weights are rotated through enough copies to exceed this (the L2 cache and then some)
+L2_FLUSH_BYTES = 256 * 2**20
+#: most routings :func:`cold_routings` returns
+MAX_COLD_ROUTINGS = 16
 
 
 def expected_active_experts(num_routed: int, routed_k: int, tokens: int, num_shared: int = 0) -> float:
@@ -174,3 +181,13 @@ def measure_ceilings(device: torch.device | str) -> dict[str, float]:
         except Exception:  # no fp8 GEMM here: floors fall back to twice the bf16 rate
             pass
     return ceilings
+
+
+def cold_routings(spec: MoESpec, tokens: int) -> int:
+    """The fewest routings of ``tokens`` tokens (uniform, ``spec.top_k`` of ``spec.num_experts``)
+    whose expected distinct experts hold more than :data:`L2_FLUSH_BYTES` of weights, at least 1 and
+    at most :data:`MAX_COLD_ROUTINGS`. A kernel timed over that many routings in turn reads its
+    weights from memory, as in a model's forward where every layer has experts of its own; replayed
+    on one routing, a decode step's 8-50 MB stay in the L2 cache."""
+    active = expected_active_experts(spec.num_experts, spec.top_k, tokens) * expert_bytes(spec)
+    return max(1, min(MAX_COLD_ROUTINGS, -(-L2_FLUSH_BYTES // max(1, int(active)))))

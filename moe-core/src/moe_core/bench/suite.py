@@ -42,7 +42,7 @@ from ..registry import get_registry
 from ..routing import RoutingSpec, select_experts
 from ..spec import QUANT_SCHEMES, MoESpec
 from ..testing import random_expert_weights, random_logits, relative_error, tolerance
-from .floors import measure_ceilings, preset_floor_us
+from .floors import L2_FLUSH_BYTES, measure_ceilings, preset_floor_us
 from .peers import Peer, make_peers
 from .timing import graph_times, median_us, rotating
 
@@ -72,8 +72,6 @@ SHAPES = [
 TOKENS = [1, 8, 32, 128, 512, 2048, 8192]
 QUICK_TOKENS = [1, 32, 512, 4096]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-#: inputs and weights are rotated through enough copies to exceed this (the L2 cache and then some)
-L2_FLUSH_BYTES = 256 * 2**20
 #: decode cases (T up to this) are also timed from CUDA graphs, as engines run them
 GRAPH_MAX_T = 128
 
