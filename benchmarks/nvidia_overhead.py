@@ -12,8 +12,10 @@ For each model and T, on the same prepared weights and inputs:
 
 Host time per eager call (``host_us``, T <= 8) from back-to-back calls, and ``host_noop``:
 the host time of the plugin's call and of the direct call's argument handling with
-FlashInfer's function replaced by a no-op (what this package itself costs); ``--profile``
-adds a cProfile of the plugin's call there. Eager medians from CUDA events, the labels timed in alternating order over ``--rounds``
+FlashInfer's function replaced by a no-op (what this package itself costs), and
+``host_captured``: the real call made with the arguments recorded from a plugin call (and
+which of them differ from the direct call's); ``--profile`` adds a cProfile of the plugin's
+and of the direct call there. Eager medians from CUDA events, the labels timed in alternating order over ``--rounds``
 rounds (ABC, CBA, ...; the best round's median is kept, so clock and cache drift over
 a case fall on every label alike); decode cases (T <= 128) also from CUDA-graph replay.
 fp8_block has one tactic (FlashInfer's DeepGEMM path): no autotuned or untuned call.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -52,12 +55,14 @@ QUANTS = {
 }
 
 
+#: The timed calls (bench_case), in the order of the summary line.
+LABELS = ("plugin", "direct", "autotuned", "untuned", "plugin_module", "direct_module")
 #: Up to this many tokens the host time per eager call is also measured (``host_us``).
 HOST_TOKENS = 8
 
 
 def _profile(call, n: int = 300, top: int = 25) -> str:
-    """cProfile of ``n`` eager plugin calls: the ``top`` entries by own time, as text."""
+    """cProfile of ``n`` eager calls: the ``top`` entries by own time, as text."""
     import cProfile
     import io
     import pstats
@@ -103,6 +108,86 @@ def _host_noop(plugin, kws, spec, inputs, prepared, n: int = 2000) -> dict:
     return result
 
 
+def _captured(plugin, kws, n: int = 1000) -> dict:
+    """The real call with the keyword arguments the plugin passed (recorded from one plugin call):
+    which of them differ from the direct call's (``differs``, by identity for tensors), and the
+    host us per call of ``plugin``, ``direct`` and ``captured`` (the direct call made with the
+    plugin's arguments): tells the plugin's own cost from a difference in what FlashInfer is given."""
+    from moe_plugin_nvidia import cutlass
+
+    real = cutlass._flashinfer
+    fn = real()[0]
+    seen: list[dict] = []
+
+    def record(**kw):
+        seen.append(kw)
+        return fn(**kw)
+
+    cutlass._flashinfer = lambda: (record, None)
+    try:
+        plugin(0)
+    finally:
+        cutlass._flashinfer = real
+    got = seen[0]
+    want = kws[0]
+
+    def same(a, b):
+        return a is b if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a == b
+
+    differs = sorted(
+        k for k in set(got) | set(want) if k not in got or k not in want or not same(got[k], want[k])
+    )
+    calls = {"plugin": plugin, "direct": lambda i: fn(**kws[0]), "captured": lambda i: fn(**got)}
+    result: dict = {"differs": {k: [repr(got.get(k))[:80], repr(want.get(k))[:80]] for k in differs}}
+    for label, call in list(calls.items()) * 2:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            call(0)
+        us = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+        result[label] = min(us, result.get(label, us))
+    return result
+
+
+def _module_labels(spec, plan, weights, kws, inputs, out, prepared, case) -> list:
+    """``plugin_module`` (the plugin with ``MOE_NVIDIA_MODULE_CALL=1``, on its own prepared copy of
+    the weights) and ``direct_module`` (FlashInfer's compiled-module entry called by hand with the
+    direct call's arguments), where this FlashInfer's entry is taken (``cutlass.module_entry``)."""
+    from moe_plugin_nvidia import cutlass
+
+    if os.environ.get("MOE_NVIDIA_MODULE_CALL") is not None:
+        return []  # the plugin label already is the module call
+    try:
+        entry = cutlass.module_entry(torch.device("cuda", torch.cuda.current_device()), kws[0])
+        if entry is None:
+            case["module_call"] = "not taken by this FlashInfer"
+            return []
+        prepared_m = plan.prepare(weights)
+        x, w, ids = inputs[0]
+        want = moe_apply(plan, x, prepared, w, ids).float()
+        os.environ["MOE_NVIDIA_MODULE_CALL"] = "1"
+        try:  # the first call builds the layer call with the module entry
+            got = moe_apply(plan, x, prepared_m, w, ids).float()
+        finally:
+            del os.environ["MOE_NVIDIA_MODULE_CALL"]
+        case["module_call"] = prepared_m.cache[cutlass.KERNEL][1][4] is not None
+        # against the public call (FlashInfer's fused finalize sums with atomics: not bitwise)
+        case["module_rel_diff"] = float((got - want).norm() / want.norm().clamp_min(1e-30))
+    except Exception as exc:  # report, do not lose the case
+        case["module_call"] = f"{type(exc).__name__}: {exc}"[:300]
+        return []
+
+    def plugin_module(i):
+        x, w, ids = inputs[i]
+        moe_apply(plan, x, prepared_m, w, ids, out=out)
+
+    def direct_module(i):
+        entry(**dict(kws[i], input=cutlass.kernel_input(spec, inputs[i][0], prepared)))
+
+    return [("plugin_module", plugin_module), ("direct_module", direct_module)]
+
+
 def bench_case(
     model: str,
     T: int,
@@ -121,7 +206,8 @@ def bench_case(
     preset = get_preset(model)
     spec = preset.moe_spec(torch.float16 if quant == "fp16" else torch.bfloat16, QUANTS[quant])
     plan = moe_plan(spec, "cuda", backend=KERNEL)
-    prepared = plan.prepare(random_expert_weights(spec, device="cuda", seed=1))
+    weights = random_expert_weights(spec, device="cuda", seed=1)
+    prepared = plan.prepare(weights)
     copies = 2
     inputs = []
     for i in range(copies):
@@ -195,6 +281,7 @@ def bench_case(
     # Before FlashInfer's own autotuner runs in this process (its in-memory cache would leak into
     # the calls that pass profile_ids=None).
     labels = [("plugin", plugin), ("direct", direct)] + ([] if single else [("untuned", untuned)])
+    labels += _module_labels(spec, plan, weights, kws, inputs, out, prepared, case)
     for r in range(max(1, rounds)):
         for label, fn in labels if r % 2 == 0 else labels[::-1]:
             timed(label, fn, True)
@@ -213,9 +300,17 @@ def bench_case(
         timed("autotuned", autotuned, False)  # the autotune context is Python-side state: no graphs
     if T <= HOST_TOKENS:
         case["host_noop"] = _host_noop(plugin, kws, spec, inputs, prepared)
+        try:
+            case["host_captured"] = _captured(plugin, kws)
+        except Exception as exc:  # report, do not lose the case
+            case["host_captured"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     if profile and T <= HOST_TOKENS:
         case["profile"] = _profile(rotating(plugin, copies))
+        case["profile_direct"] = _profile(rotating(direct, copies))
     p, d = case["plugin"]["us"], case["direct"]["us"]
+    if "plugin_module" in case:  # the module call against the public direct call and the plugin's public call
+        case["module_over_direct_us"] = case["plugin_module"]["us"] - d
+        case["module_over_plugin_us"] = case["plugin_module"]["us"] - p
     case["overhead_us"] = p - d
     case["overhead_pct"] = 100.0 * (p - d) / d
     case["overhead_ok"] = (p - d) <= max(0.03 * d, 5.0)
@@ -240,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=2, help="rounds of plugin/direct/untuned in alternating order"
     )
     ap.add_argument(
-        "--profile", action="store_true", help=f"cProfile of the plugin call at T <= {HOST_TOKENS}"
+        "--profile",
+        action="store_true",
+        help=f"cProfile of the plugin and the direct call at T <= {HOST_TOKENS}",
     )
     ap.add_argument("--out", default="nvidia-overhead.json")
     args = ap.parse_args(argv)
@@ -272,7 +369,14 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # report, do not stop the run
             case = {"model": model, "quant": quant, "T": T, "error": f"{type(exc).__name__}: {exc}"[:500]}
         report["cases"].append(case)
-        keys = ("overhead_us", "overhead_pct", "plugin_over_autotuned", "plugin_over_floor", "error")
+        keys = (
+            "overhead_us",
+            "overhead_pct",
+            "plugin_over_autotuned",
+            "plugin_over_floor",
+            "module_over_direct_us",
+            "error",
+        )
         print(
             json.dumps(
                 {
@@ -280,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                     "quant": quant,
                     "T": T,
                     **{k: case.get(k) for k in keys},
-                    **{k: case[k]["us"] for k in ("plugin", "direct", "autotuned", "untuned") if k in case},
+                    **{k: case[k]["us"] for k in LABELS if k in case},
                 }
             ),
             flush=True,

@@ -456,3 +456,110 @@ def test_deepgemm_falls_back_to_the_precompiled_gemm_without_nvcc(monkeypatch, t
     nvcc.chmod(0o755)
     cutlass.deepgemm_jit_check()  # an nvcc on PATH: DeepGEMM stays on
     assert "TRTLLM_DG_ENABLED" not in cutlass.os.environ
+
+
+def _module_signature() -> inspect.Signature:
+    """The signature of the compiled module's ``cutlass_fused_moe`` entry, read from FlashInfer's
+    source (the function is defined inside ``get_cutlass_fused_moe_module``, which loads the
+    CUDA module: not here)."""
+    import ast
+
+    import flashinfer.fused_moe.core as core
+
+    tree = ast.parse(inspect.getsource(core))
+    loader = next(
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.FunctionDef) and n.name == "get_cutlass_fused_moe_module"
+    )
+    fn = next(n for n in ast.walk(loader) if isinstance(n, ast.FunctionDef) and n.name == "cutlass_fused_moe")
+    names = [a.arg for a in fn.args.args]
+    defaults = [eval(compile(ast.Expression(d), "<default>", "eval"), vars(core)) for d in fn.args.defaults]
+    first_default = len(names) - len(defaults)
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return inspect.Signature(
+        [
+            inspect.Parameter(
+                n, kind, default=defaults[i - first_default] if i >= first_default else inspect._empty
+            )
+            for i, n in enumerate(names)
+        ]
+    )
+
+
+@needs_flashinfer
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"activation": "gelu", "dtype": torch.float16},
+        {"quant": FP8_PT},
+        {"ep_size": 4, "ep_rank": 1, "has_bias": True},
+        BLOCK,
+        {**MX, "hidden_size": 128, "activation": "swiglu_oai", "has_bias": True},
+    ],
+)
+def test_module_call_passes_what_flashinfers_wrapper_passes(monkeypatch, kw):
+    """The plugin's keywords, given to the module entry (MOE_NVIDIA_MODULE_CALL=1), bind to exactly
+    the arguments FlashInfer's public wrapper gives it for the same call."""
+    import flashinfer.fused_moe.core as core
+    from flashinfer.fused_moe import ActivationType, cutlass_fused_moe
+
+    sig = _module_signature()
+    calls = []
+
+    def entry(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append(dict(bound.arguments))
+        return [args[0] if args else kwargs["output"]]
+
+    entry.__signature__ = sig
+
+    class Module:
+        cutlass_fused_moe = staticmethod(entry)
+
+    monkeypatch.setattr(core, "get_compute_capability", lambda device: (9, 0))
+    monkeypatch.setattr(core, "get_cutlass_fused_moe_module", lambda arch: Module())
+    monkeypatch.setattr(core, "is_cuda_version_at_least", lambda v: True, raising=False)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    spec = _spec(**kw)
+    p, x, tw, ids, out = _call(spec)
+    xin = x.float().to(torch.float8_e4m3fn) if spec.quant.name == "fp8" else x
+    kwargs = flashinfer_kwargs(spec, xin, p, tw, ids, out, ActivationType(p.meta["activation"]), [1, 2])
+    cutlass_fused_moe(**kwargs)
+    fn = cutlass.module_entry(torch.device("cuda", 0), kwargs)
+    assert fn is entry
+    fn(**kwargs)
+    wrapper, plugin = calls
+    assert set(wrapper) == set(plugin)
+    for k, v in wrapper.items():
+        assert plugin[k] is v if isinstance(v, torch.Tensor) or v is None else plugin[k] == v, k
+    import flashinfer
+
+    monkeypatch.setattr(flashinfer, "__version__", "0.7.3")  # a wrapper not read: the public call
+    assert cutlass.module_entry(torch.device("cuda", 0), kwargs) is None
+    monkeypatch.setattr(flashinfer, "__version__", "0.7.2")
+    assert cutlass.module_entry(torch.device("cuda", 0), [*kwargs, "no_such_argument"]) is None
+
+
+def test_apply_calls_the_module_entry_when_resolved(monkeypatch):
+    public, module = [], []
+    monkeypatch.setattr(cutlass, "_flashinfer", lambda: (lambda **kw: public.append(kw), None))
+    monkeypatch.setattr(cutlass, "_ACT", {v: v for v in cutlass.ACTIVATION_TYPES.values()})
+    spec = _spec()
+    p, x, tw, ids, out = _call(spec, T=3)
+    p.meta["_tactics"] = None
+    cutlass.apply(spec, x, p, tw, ids, out)  # CPU tensors (and the variable unset): the public call
+    assert len(public) == 1 and not module
+    monkeypatch.setattr(cutlass, "_module_call", lambda layer: (lambda **kw: module.append(kw), None))
+    p.cache.clear()
+    cutlass.apply(spec, x, p, tw, ids, out)
+    assert len(public) == 1 and len(module) == 1
+    assert set(module[0]) == set(public[0])
+    monkeypatch.setattr(cutlass, "_module_call", lambda layer: (lambda **kw: module.append(kw), 5))
+    p.cache.clear()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cutlass.apply(spec, x, p, tw, ids, out)  # another current device than the layer's: the public call
+    assert len(public) == 2 and len(module) == 1

@@ -237,3 +237,18 @@ def test_fp8_block_precompiled_gemm_without_deepgemm(monkeypatch, T):
         pytest.skip("prebuilt fused_moe_90 has no fp8_block")
     monkeypatch.setenv("TRTLLM_DG_ENABLED", "0")
     _run(MoESpec(**{**ODD, **CASES["fp8_block"]}), T, seed=11)
+
+
+@pytest.mark.parametrize("T", [1, 33])
+@pytest.mark.parametrize("case", ["silu", "fp8", "mxfp4-swiglu_oai-bias"])
+def test_module_call_matches_reference(monkeypatch, case, T):
+    """MOE_NVIDIA_MODULE_CALL=1: the compiled module's entry, called without FlashInfer's wrapper."""
+    from moe_plugin_nvidia import cutlass
+
+    spec = MoESpec(**{**ODD, **CASES[case]})
+    if not _built(spec.quant.name):
+        pytest.skip(f"prebuilt fused_moe_90 has no {spec.quant.name}")
+    monkeypatch.setenv("MOE_NVIDIA_MODULE_CALL", "1")
+    _, prepared, *_ = _run(spec, T, seed=11 + T)
+    module = prepared.cache[cutlass.KERNEL][1][4]
+    assert module is not None and module[0] is not cutlass._flashinfer()[0]

@@ -49,6 +49,7 @@ which is how FlashInfer maps global ids (``ep_rank * E_local`` first).
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import shutil
 import warnings
@@ -59,6 +60,7 @@ import torch
 
 from moe_core import DeviceInfo, ExpertWeights, KernelEntry, MoESpec, PreparedWeights
 from moe_core import quant as mq
+from moe_core.env import getenv
 from moe_core.errors import UnsupportedError
 
 from . import mxfp4, tuning
@@ -405,6 +407,47 @@ def _flashinfer() -> tuple[Callable[..., Any], Any]:
     return cutlass_fused_moe, ActivationType
 
 
+#: FlashInfer versions whose ``cutlass_fused_moe`` wrapper was read and found to do nothing on a
+#: planned call that the plugin has not done already (argument checks, a missing ``output``,
+#: ``enable_pdl=None``, the trace hook, entering ``input.device``): there, with
+#: ``MOE_NVIDIA_MODULE_CALL=1``, the plugin calls the compiled module's entry behind it directly.
+MODULE_CALL_VERSIONS = frozenset({"0.7.2"})
+
+
+def module_entry(device: torch.device, keys: Any) -> Callable[..., Any] | None:
+    """The compiled module's ``cutlass_fused_moe`` that FlashInfer's public function calls for
+    ``device``'s arch (``flashinfer.fused_moe.core.get_cutlass_fused_moe_module``), or ``None``
+    where this FlashInfer is not in :data:`MODULE_CALL_VERSIONS` or the entry does not take
+    every keyword in ``keys``."""
+    import flashinfer
+    from flashinfer.fused_moe import core
+
+    if getattr(flashinfer, "__version__", None) not in MODULE_CALL_VERSIONS:
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    fn = core.get_cutlass_fused_moe_module(f"{major * 10 + minor}").cutlass_fused_moe
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    return fn if set(keys) <= set(params) else None
+
+
+_CALL_KEYS = ("input", "token_selected_experts", "token_final_scales", "output", "profile_ids")
+
+
+def _module_call(layer: dict[str, Any]) -> tuple[Callable[..., Any], int | None] | None:
+    """With ``MOE_NVIDIA_MODULE_CALL=1``, for a layer on a CUDA device: ``(module entry, device
+    index to compare with the current device on each call, or None with one device)``."""
+    device = layer["fc1_expert_weights"].device
+    if getenv("MOE_NVIDIA_MODULE_CALL") != "1" or device.type != "cuda":
+        return None
+    entry = module_entry(device, [*layer, *_CALL_KEYS])
+    if entry is None:
+        return None
+    return entry, (device.index or 0) if torch.cuda.device_count() > 1 else None
+
+
 def _resolve_tactics(spec: MoESpec, prepared: PreparedWeights) -> tuning.Resolved | None:
     """The layer's tuned buckets from the tune cache, resolved once per prepared layer (kept in
     ``prepared.meta["_tactics"]``); warns once when the layer is untuned."""
@@ -441,23 +484,26 @@ _INPUT_SCALE = "nvidia.cutlass.input_scale"
 
 def _layer_call(
     spec: MoESpec, prepared: PreparedWeights
-) -> tuple[dict[str, Any], list[int], Callable | None, Callable | None]:
-    """``(layer_kwargs, default tactics, tactics picker or None, input transform or None)``, built on
+) -> tuple[dict[str, Any], list[int], Callable | None, Callable | None, tuple | None]:
+    """``(layer_kwargs, default tactics, tactics picker or None, input transform or None, module
+    call or None)``, built on
     the first call and kept in ``prepared.cache`` with the ``version`` of the tensors they came from
     (rebuilt when one is replaced, and on every call where the tensors are a plain dict). The
     picker maps ``T`` to the tune cache's tactics of its bucket (:func:`.tuning.pick`); the
-    transform is :func:`kernel_input` where the input is not passed as it is (fp8, mxfp4)."""
+    transform is :func:`kernel_input` where the input is not passed as it is (fp8, mxfp4); the
+    module call is :func:`_module_call`'s."""
     t = prepared.tensors
     hit = prepared.cache.get(KERNEL)
     version = getattr(t, "version", None)  # (moe_core.planner.TensorDict: changes with the items)
     if hit is not None and hit[0] == version and version is not None:
         return hit[1]
+    _flashinfer()  # (fills _ACT)
     kw = layer_kwargs(spec, prepared, _ACT[prepared.meta["activation"]])
     resolved = None if spec.quant.name == "fp8_block" else _resolve_tactics(spec, prepared)
     pick = None if resolved is None else tuning.picker(resolved)
     transform = kernel_input if spec.quant.name in ("fp8", "mxfp4") else None
     # fp8_block: its one tactic (FIXED_TACTICS), never tuned
-    call = (kw, DEFAULT_TACTICS, pick, transform)
+    call = (kw, DEFAULT_TACTICS, pick, transform, _module_call(kw))
     prepared.cache[KERNEL] = (version, call)
     return call
 
@@ -476,10 +522,15 @@ def apply(
     """Run FlashInfer's cutlass fused MoE into ``out [T, H]`` (no host synchronisation).
 
     Tactics: the tune cache's for the bucket of ``T``, else :data:`DEFAULT_TACTICS`. mxfp4 with
-    ``H % 128 != 0`` runs on a padded input into a padded buffer, copied into ``out``.
+    ``H % 128 != 0`` runs on a padded input into a padded buffer, copied into ``out``. With
+    ``MOE_NVIDIA_MODULE_CALL=1`` (FlashInfer in :data:`MODULE_CALL_VERSIONS`), on the layer's own
+    device, the compiled module's entry is called without FlashInfer's Python wrapper.
     """
-    fn, _ = _flashinfer()
-    layer, tactics, pick, transform = _layer_call(spec, prepared)
+    layer, tactics, pick, transform, module = _layer_call(spec, prepared)
+    if module is not None and (module[1] is None or module[1] == torch.cuda.current_device()):
+        fn = module[0]
+    else:
+        fn = _flashinfer()[0]
     x = hidden_states if transform is None else transform(spec, hidden_states, prepared)
     dst = (
         out if x is hidden_states or x.shape[1] == spec.hidden_size else out.new_empty(x.shape[0], x.shape[1])
