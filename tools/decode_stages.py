@@ -14,6 +14,8 @@ median replay / copies, as ``tools/quant_paths.py``):
   call routes to (w13 / w2 and their scales, the canonical tensors: the same byte count as the
   prepared ones), the fastest of a few grid shapes, and ``read2x``: both reads as two launches,
   what a two-GEMM step costs with no arithmetic, dependency or tail of its own;
+- ``read1``: the same bytes in one launch (each routed expert's tensors copied into one
+  contiguous slab first), what a step fused into a single launch could reach at most;
 - ``empty2``: two empty launches (the graph's fixed cost per step);
 - ``floor``: BENCHMARKS.md's floor (``preset_floor_us`` on the copy bandwidth measured here).
 
@@ -39,8 +41,15 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quant_paths import DEV, case, graph_us, layers
 
-#: (int32 words per program, words per load); the read kernels' grid shapes searched
-READ_SHAPES = ((4096, 1024), (16384, 1024), (65536, 2048), (262144, 2048))
+#: (int32 words per program, words per load, warps); the read kernels' grid shapes searched
+READ_SHAPES = (
+    (4096, 1024, 4),
+    (16384, 1024, 4),
+    (65536, 2048, 4),
+    (262144, 2048, 4),
+    (16384, 2048, 8),
+    (65536, 4096, 8),
+)
 STAGES = ("pre1", "gemm1", "pre2", "gemm2")
 
 
@@ -59,9 +68,9 @@ def _read_words(w_ptr, ids_ptr, out_ptr, words, CHUNK: tl.constexpr, BLOCK: tl.c
     tl.store(out_ptr + (slot * tl.num_programs(1) + chunk) * BLOCK + tl.arange(0, BLOCK), acc)
 
 
-def read_call(tensors: list[torch.Tensor], ids: torch.Tensor, shape: tuple[int, int]):
+def read_call(tensors: list[torch.Tensor], ids: torch.Tensor, shape: tuple[int, int, int]):
     """A call reading expert ``ids``' slabs of each ``[E, ...]`` tensor (one launch each)."""
-    chunk, block = shape
+    chunk, block, warps = shape
     launches = []
     for t in tensors:
         flat = t.contiguous().view(t.shape[0], -1)
@@ -77,7 +86,7 @@ def read_call(tensors: list[torch.Tensor], ids: torch.Tensor, shape: tuple[int, 
 
     def call():
         for words, grid, out, n in launches:
-            _read_words[grid](words, ids, out, n, CHUNK=chunk, BLOCK=block, num_warps=4)
+            _read_words[grid](words, ids, out, n, CHUNK=chunk, BLOCK=block, num_warps=warps)
 
     return call
 
@@ -85,6 +94,12 @@ def read_call(tensors: list[torch.Tensor], ids: torch.Tensor, shape: tuple[int, 
 @triton.jit
 def _empty(x_ptr):
     pass
+
+
+def slab(tensors: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """Experts ``ids``' parts of every ``[E, ...]`` tensor, as one ``[len(ids), n]`` byte slab per expert."""
+    rows = [t[ids.long()].reshape(ids.numel(), -1).contiguous().view(torch.uint8) for t in tensors]
+    return torch.cat(rows, dim=1)
 
 
 def weight_tensors(w) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -155,6 +170,8 @@ def measure(preset, spec, T: int, drawn: list, prepared: list, ceilings: dict) -
         row[stage] = round(graph_us([functools.partial(run_launch, *ls[j]) for ls in per_copy]), 1)
     ids = torch.unique(topk_ids).to(torch.int32)
     best: dict[str, float] = {}
+    slabs = [slab([*weight_tensors(w)[0], *weight_tensors(w)[1]], ids) for w in drawn]
+    rows = torch.arange(ids.numel(), dtype=torch.int32, device=ids.device)
     for shape in READ_SHAPES:
         for key, pick in (("read13", 0), ("read2", 1), ("read2x", None)):
             calls = []
@@ -162,6 +179,10 @@ def measure(preset, spec, T: int, drawn: list, prepared: list, ceilings: dict) -
                 first, second = weight_tensors(w)
                 calls.append(read_call(first + second if pick is None else (first, second)[pick], ids, shape))
             best[key] = min(best.get(key, float("inf")), graph_us(calls))
+        best["read1"] = min(
+            best.get("read1", float("inf")), graph_us([read_call([s], rows, shape) for s in slabs])
+        )
+    del slabs
     row.update({k: round(v, 1) for k, v in best.items()})
     row["floor"] = round(preset_floor_us(preset, spec, T, ceilings), 1)
     return row
@@ -195,14 +216,16 @@ def _run_all(launches: list, run_launch) -> None:
 def write(out: Path, meta: dict, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_stages.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    cols = ("step", *STAGES, "read13", "read2", "read2x", "empty2", "floor")
+    cols = ("step", *STAGES, "read13", "read2", "read2x", "read1", "empty2", "floor")
     lines = [
         f"# decode step by launch, {meta['device']} (torch {meta['torch']}, triton {meta['triton']})",
         "",
         "us, L2-cold CUDA graphs; read*: read-only kernels over the same expert bytes (module docstring)",
         "",
-        "| model | quant | T | rule | " + " | ".join(cols) + " | step/read2x | read2x/floor | ok |",
-        "|---|---|---|---|" + "---|" * (len(cols) + 3),
+        "| model | quant | T | rule | "
+        + " | ".join(cols)
+        + " | step/read2x | read2x/floor | read1/floor | ok |",
+        "|---|---|---|---|" + "---|" * (len(cols) + 4),
     ]
     for r in rows:
         if "error" in r:
@@ -211,10 +234,11 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
         cells = [str(r.get(c, "")) for c in cols]
         ratio = f"{r['step'] / r['read2x']:.2f}" if r.get("read2x") else ""
         reach = f"{r['read2x'] / r['floor']:.2f}" if r.get("floor") else ""
+        one = f"{r['read1'] / r['floor']:.2f}" if r.get("floor") and r.get("read1") else ""
         lines.append(
             f"| {r['model']} | {r['quant']} | {r['T']} | {r['rule']} | "
             + " | ".join(cells)
-            + f" | {ratio} | {reach} | {r['ok']} |"
+            + f" | {ratio} | {reach} | {one} | {r['ok']} |"
         )
     (out / "decode_stages.md").write_text("\n".join(lines) + "\n")
 
