@@ -84,6 +84,9 @@ def _print_entry(bucket: str, entry: dict) -> None:
         f"gemm2 {t['gemm2_us']:.1f} combine {t['combine_us']:.1f} total {t['total_us']:.1f} us"
         f"  ({timed} timed, {failed} failed, over {entry.get('routings', 1)} routings)"
     )
+    spent = entry.get("search_s")
+    if spent:
+        line += f"  [first runs {spent['first_runs']:.0f} s, timing {spent['timing']:.0f} s]"
     decode = entry.get("decode")
     if decode:
         line += f"  decode {decode['timing']['total_us']:.1f} us (use: {decode['use']})"

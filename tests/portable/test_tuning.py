@@ -147,6 +147,8 @@ def test_tuned_quantized_entry_is_what_apply_runs(name, tmp_path, monkeypatch):
     weights = random_expert_weights(spec, device=DEVICE, seed=1)
     entry = tuning.tune_layer(spec, DEVICE, tokens=(1,), weights=weights, space="small")["1"]
     assert entry["searched"] == [4 + 2, 0]  # sorted: 2 + 2 candidates; decode: 1 + 1; none failed
+    spent = entry["search_s"]  # the first runs (interpreted here) and the timing, both counted
+    assert set(spent) == {"first_runs", "timing"} and spent["first_runs"] > 0 and spent["timing"] > 0
     assert (entry["timing"]["quant_us"] > 0) == (spec.quant.activation != "none")
     cfg = configs.MoEConfig.from_json(entry)
     assert all(experts._block_k(spec, g) == g.block_k for g in (cfg.gemm1, cfg.gemm2))

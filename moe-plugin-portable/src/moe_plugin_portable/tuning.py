@@ -39,7 +39,8 @@ issue the fewest instructions over those that stream memory best (H100, deepseek
 19.7 us in such a tuner against 35.5 us L2-cold, ``benchmarks/results/h100-2026-12-07.md``).
 
 Each entry also records ``"searched": [timed, failed]``: the candidates timed
-and those that did not compile or run, and ``"routings"``: how many routings each was timed on.
+and those that did not compile or run, ``"routings"``: how many routings each was timed on, and
+``"search_s"``: the wall seconds of the candidates' first runs (their compiles) and of their timing.
 """
 
 from __future__ import annotations
@@ -278,20 +279,31 @@ def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
 
 
 class _Search:
-    """Coordinate descent over config rounds, counting the candidates timed and those that failed."""
+    """Coordinate descent over config rounds, counting the candidates timed and those that failed,
+    and the wall seconds of their first runs (``first_s``: the compiles) and of their timing."""
 
-    def __init__(self, timer: Callable[[Callable[[], None]], float]) -> None:
+    def __init__(
+        self, timer: Callable[[Callable[[], None]], float], sync: Callable[[], None] = lambda: None
+    ) -> None:
         self.timer = timer
+        self.sync = sync
         self.timed = 0
         self.failed = 0
+        self.first_s = 0.0
+        self.timing_s = 0.0
 
     def time(self, cfg: GemmConfig, make: Make) -> float | None:
         """``cfg``'s time, or ``None`` when it does not compile or run on this GPU (out of shared
         memory / registers: not a candidate). The first run compiles, outside the timing."""
+        t0 = time.perf_counter()
         try:
             run = make(cfg)
             run()
+            self.sync()
+            t1 = time.perf_counter()
+            self.first_s += t1 - t0
             us = self.timer(run)
+            self.timing_s += time.perf_counter() - t1
         except Exception:
             self.failed += 1
             return None
@@ -557,7 +569,9 @@ def tune_layer(
             progress(f"{configs.layer_key(spec)} T={T}", step, len(tokens))
         n = routings or (cold_routings(spec, T) if device.type == "cuda" else 1)
         inputs = [_inputs(spec, T, device, r) for r in range(n)]
-        search = _Search(lambda fn, n=n: timer(fn) / n)
+        search = _Search(
+            lambda fn, n=n: timer(fn) / n, torch.cuda.synchronize if device.type == "cuda" else lambda: None
+        )
         timings = [
             _time_block_m(spec, tensors, T, inputs, block_m, device, search, space)
             for block_m in _block_ms(spec, T)
@@ -570,6 +584,7 @@ def tune_layer(
             entry["decode"] = {"use": use, **decode.to_json(), "timing": decode_parts}
         entry["searched"] = [search.timed, search.failed]
         entry["routings"] = n
+        entry["search_s"] = {"first_runs": round(search.first_s, 1), "timing": round(search.timing_s, 1)}
         result[configs.t_bucket(T)] = entry
     if progress:
         progress(configs.layer_key(spec), len(tokens), len(tokens))
