@@ -1,7 +1,7 @@
 """On the lent GPU: tune the portable fused MoE for presets and write this GPU's config table.
 
     python tools/tune_device.py --out DIR [--models a,b] [--dtype bf16] [--quant fp8,fp8_block,mxfp4]
-        [--space quick] [--tokens 1,8,...]
+        [--space quick] [--tokens 1,8,...] [--precompile N]
 
 Same search as ``moe tune`` (``moe_plugin_portable.tuning``), one layer (model x
 quant scheme) after another; the table ``DIR/<device name>.json`` is rewritten
@@ -10,7 +10,9 @@ after each layer so a run cut short keeps what it finished. ``--quant`` takes
 as ``moe bench --quant``) and the portable plugin's named variants
 (``fp8_tensor``, ``mxfp4_w4a8``: ``experts.QUANT_VARIANTS``); default: the
 unquantized layer in ``--dtype``. A layer the kernel does not run on this GPU
-is skipped with the kernel's reason. Copy the result into
+is skipped with the kernel's reason. ``--precompile N``: each round's candidates are compiled
+ahead in ``N`` worker processes (``tune_layer(precompile=N)``); each tuned bucket prints the wall
+seconds of the candidates' first runs, their timing and the precompiles. Copy the result into
 ``moe-plugin-portable/src/moe_plugin_portable/configs/`` to ship it.
 """
 
@@ -44,6 +46,12 @@ def main() -> None:
     parser.add_argument("--quant", default=None, help="comma list of quant schemes (default: --dtype)")
     parser.add_argument("--space", default="quick", choices=("full", "quick"))
     parser.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)))
+    parser.add_argument(
+        "--precompile",
+        type=int,
+        default=0,
+        help="worker processes compiling each round's candidates ahead (0: none)",
+    )
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -60,7 +68,7 @@ def main() -> None:
                 print(f"{label}: skipped, {reason}", flush=True)
                 continue
             start = time.perf_counter()
-            found = tune_layer(spec, "cuda", tokens, space=args.space)
+            found = tune_layer(spec, "cuda", tokens, space=args.space, precompile=args.precompile)
             path = write_table(name, {layer_key(spec): found}, args.out, metadata.version("triton"))
             searched = sum(entry["searched"][0] + entry["searched"][1] for entry in found.values())
             print(
@@ -86,7 +94,10 @@ def _print_entry(bucket: str, entry: dict) -> None:
     )
     spent = entry.get("search_s")
     if spent:
-        line += f"  [first runs {spent['first_runs']:.0f} s, timing {spent['timing']:.0f} s]"
+        line += (
+            f"  [first runs {spent['first_runs']:.0f} s, timing {spent['timing']:.0f} s, "
+            f"precompile {spent.get('precompile', 0):.0f} s]"
+        )
     decode = entry.get("decode")
     if decode:
         line += f"  decode {decode['timing']['total_us']:.1f} us (use: {decode['use']})"

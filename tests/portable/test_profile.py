@@ -360,3 +360,35 @@ def test_sm90_heuristic_mma_tiles_compile_without_spills():
     profiles = profile.compile_profile("sm90", launch_set)
     bad = [p for p in profiles if not p.ok]
     assert not bad, profile.format_table(bad)
+
+
+@needs_amd_backend  # (the set of Triton backends this tree's CI has: also NVIDIA's)
+def test_warm_cache_compiles_each_kernel_once_into_tritons_cache(tmp_path, monkeypatch):
+    """The tuner's precompile: a decode step's launches (two candidates sharing GEMM 2's kernel)
+    compiled for sm_90 in a worker pool land in Triton's on-disk cache, one entry per distinct
+    kernel; a launch that cannot compile is counted, not raised."""
+    import torch
+
+    from moe_core import MoESpec
+    from moe_core.testing import random_expert_weights
+    from moe_plugin_portable import configs, experts
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    spec = MoESpec(num_experts=8, top_k=2, hidden_size=64, intermediate_size=48)
+    prepared = experts._prepare(spec, random_expert_weights(spec, seed=0), None)
+    x = torch.randn(1, spec.hidden_size).to(spec.dtype)
+    w, ids = torch.rand(1, 2), torch.tensor([[1, 5]], dtype=torch.int32)
+    base = configs.decode_heuristic(spec, 1, 8, False)
+    launches = []
+    for bn in (base.gemm1.block_n, base.gemm1.block_n * 2):
+        cfg = configs.DecodeConfig(dataclasses.replace(base.gemm1, block_n=bn), base.gemm2)
+        launches += experts.decode_launches(spec, x, prepared, w, ids, torch.empty_like(x), cfg)
+    assert len(launches) == 4
+    with profile.CompilePool(2) as pool:
+        report = profile.warm_cache(iter(launches), ("cuda", 90, 32), pool)
+        assert report["kernels"] == 3 and report["failed"] == 0
+        cubins = list((tmp_path / "triton").rglob("*.cubin"))
+        assert len(cubins) == 3
+        kernel, grid, args, kw = launches[0]
+        bad = (kernel, grid, args, {**kw, "num_warps": 3})  # not a power of two: does not compile
+        assert profile.warm_cache([bad], ("cuda", 90, 32), pool)["failed"] == 1

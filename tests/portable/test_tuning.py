@@ -95,6 +95,48 @@ def test_search_times_each_config_once():
     assert search.failed == 0
 
 
+def test_search_precompiles_each_large_round_before_timing_it():
+    """With a warmer, a round of WARM_MIN_CANDIDATES or more gets its candidates' launches compiled
+    first (all of them, each once, before the first is timed); a failing warmer or a candidate
+    whose launches cannot be built changes nothing about the search's result."""
+    spec = get_preset("deepseek-v3-tp8").moe_spec(torch.bfloat16, "fp8_block")
+    rounds = tuning.gemm_space(16, 2, "quick", spec)
+    fill = lambda r, b: tuning._candidates(r, b, 16, 2, spec.quant)
+    events: list = []
+
+    def make(cfg: GemmConfig):
+        events.append(("time", cfg))
+        return lambda: None
+
+    def launches(cfg: GemmConfig):
+        if cfg.num_stages == 5:
+            raise ValueError("not a launch")
+        return [("launch", cfg)]
+
+    def warm(found):
+        events.append(("warm", [cfg for _, cfg in found]))
+        return {}
+
+    plain = tuning._Search(lambda fn: 1.0)
+    want, _ = plain.best(rounds, lambda cfg: lambda: None, fill)
+    search = tuning._Search(lambda fn: 1.0, warm=warm)
+    best, _ = search.best(rounds, make, fill, launches)
+    assert best == want
+    warmed = [e[1] for e in events if e[0] == "warm"]
+    assert warmed and all(len(w) >= 1 for w in warmed)
+    first_round = [e[1] for e in events[1 : 1 + len(warmed[0])]]
+    assert events[0][0] == "warm" and first_round == warmed[0]  # warmed, then timed in order
+    assert not any(c.num_stages == 5 for w in warmed for c in w)
+    assert search.warm_s >= 0.0
+
+    def broken(found):
+        list(found)
+        raise RuntimeError("no workers")
+
+    again = tuning._Search(lambda fn: 1.0, warm=broken)
+    assert again.best(rounds, lambda cfg: lambda: None, fill, launches)[0] == want
+
+
 @needs_triton
 def test_tuning_over_routings_reports_per_routing_times(monkeypatch):
     """Timed over 2 routings, every timed stage runs each routing's launches (twice the launches
@@ -148,7 +190,8 @@ def test_tuned_quantized_entry_is_what_apply_runs(name, tmp_path, monkeypatch):
     entry = tuning.tune_layer(spec, DEVICE, tokens=(1,), weights=weights, space="small")["1"]
     assert entry["searched"] == [4 + 2, 0]  # sorted: 2 + 2 candidates; decode: 1 + 1; none failed
     spent = entry["search_s"]  # the first runs (interpreted here) and the timing, both counted
-    assert set(spent) == {"first_runs", "timing"} and spent["first_runs"] > 0 and spent["timing"] > 0
+    assert set(spent) == {"first_runs", "timing", "precompile"} and spent["precompile"] == 0  # (CPU: none)
+    assert spent["first_runs"] > 0 and spent["timing"] > 0
     assert (entry["timing"]["quant_us"] > 0) == (spec.quant.activation != "none")
     cfg = configs.MoEConfig.from_json(entry)
     assert all(experts._block_k(spec, g) == g.block_k for g in (cfg.gemm1, cfg.gemm2))

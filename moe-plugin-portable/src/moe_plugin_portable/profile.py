@@ -96,6 +96,7 @@ __all__ = [
     "DEFAULT_QUANTS",
     "DEFAULT_TOKENS",
     "TARGETS",
+    "CompilePool",
     "LaunchConfig",
     "Profile",
     "Target",
@@ -106,6 +107,7 @@ __all__ = [
     "loop_instructions_sass",
     "main",
     "merge_launches",
+    "warm_cache",
 ]
 
 DEFAULT_TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
@@ -862,7 +864,12 @@ def _compile_job(job: dict[str, Any]) -> dict[str, Any]:
     from triton.compiler.compiler import ASTSource, make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    target = Target(**job["target"])
+    warm = "gpu" in job  # warm_cache's job: compile into Triton's cache as a launch would, no report
+    if warm:
+        backend, arch, warp_size = job["gpu"]
+        target = Target(f"{backend}:{arch}", backend, arch, warp_size, 0, 0, 0)
+    else:
+        target = Target(**job["target"])
     fn = getattr(importlib.import_module(job["module"]), job["kernel"])
     if not isinstance(fn, JITFunction):
         raise RuntimeError(f"{job['kernel']} is {type(fn).__name__}: is TRITON_INTERPRET set in the worker?")
@@ -887,6 +894,9 @@ def _compile_job(job: dict[str, Any]) -> dict[str, Any]:
         source = ASTSource
     src = source(fn, signature, constexprs, attrs)
     start = time.perf_counter()
+    if warm:
+        triton.compile(src, target=gpu, options=options.__dict__)
+        return {"compile_s": round(time.perf_counter() - start, 3)}
     log = io.StringIO()
     with knobs.compilation.scope(), knobs.nvidia.scope():
         if target.backend == "cuda":  # ptxas -v's report: printed by Triton, only when it runs ptxas
@@ -940,58 +950,132 @@ def _worker() -> int:
     return 0
 
 
-def _run_workers(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
-    """Compile ``jobs`` in ``workers`` subprocesses (without ``TRITON_INTERPRET``), biggest first."""
-    results: list[dict[str, Any] | None] = [None] * len(jobs)
-    todo: queue.Queue[int] = queue.Queue()
-    for i in sorted(range(len(jobs)), key=lambda i: -jobs[i]["cost"]):
-        todo.put(i)
-    env = _compile_env()
-    failures: list[str] = []
+class CompilePool:
+    """Worker subprocesses (``python -m moe_plugin_portable.profile --worker``, without
+    ``TRITON_INTERPRET``) that compile jobs; kept between :meth:`run` calls, started on the first.
+    Use as a context manager (or :meth:`close` it)."""
 
-    def drive() -> None:
-        with tempfile.TemporaryFile("w+") as errlog:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "moe_plugin_portable.profile", "--worker"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=errlog,
-                env=env,
-                text=True,
-            )
-            assert proc.stdin is not None and proc.stdout is not None
-            try:
-                while True:
-                    try:
-                        i = todo.get_nowait()
-                    except queue.Empty:
-                        break
+    def __init__(self, workers: int) -> None:
+        self.workers = max(1, workers)
+        self._procs: list[tuple[subprocess.Popen, Any]] = []
+
+    def __enter__(self) -> CompilePool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _start(self) -> tuple[subprocess.Popen, Any]:
+        errlog = tempfile.TemporaryFile("w+")  # noqa: SIM115 (the worker's stderr, closed by close())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moe_plugin_portable.profile", "--worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errlog,
+            env=_compile_env(),
+            text=True,
+        )
+        return proc, errlog
+
+    def run(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Compile ``jobs``, biggest first (``cost``), one per worker at a time; a worker that dies
+        is replaced, its job reported with the worker's last output and run once more alone."""
+        results: list[dict[str, Any] | None] = [None] * len(jobs)
+        todo: queue.Queue[int] = queue.Queue()
+        for i in sorted(range(len(jobs)), key=lambda i: -jobs[i].get("cost", 1.0)):
+            todo.put(i)
+        while len(self._procs) < min(self.workers, len(jobs)):
+            self._procs.append(self._start())
+        failures: list[int] = []
+
+        def drive(slot: int) -> None:
+            while True:
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                proc, errlog = self._procs[slot]
+                line = ""
+                if proc.poll() is None:
                     proc.stdin.write(json.dumps(jobs[i]) + "\n")
                     proc.stdin.flush()
                     line = proc.stdout.readline()
-                    if not line:
-                        errlog.seek(0)
-                        results[i] = {"error": f"worker died ({proc.poll()}):\n{errlog.read()[-4000:]}"}
-                        failures.append(jobs[i]["kernel"])
-                        return
-                    results[i] = json.loads(line)
-            finally:
-                proc.stdin.close()
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                if not line:
+                    errlog.seek(0)
+                    results[i] = {"error": f"worker died ({proc.poll()}):\n{errlog.read()[-4000:]}"}
+                    failures.append(i)
+                    errlog.close()
+                    self._procs[slot] = self._start()
+                    continue
+                results[i] = json.loads(line)
 
-    threads = [threading.Thread(target=drive, daemon=True) for _ in range(max(1, min(workers, len(jobs))))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if failures:  # a crashed worker leaves jobs behind: run them (and report what still fails)
-        left = [i for i, r in enumerate(results) if r is None]
-        for i, r in zip(left, _run_workers([jobs[i] for i in left], 1) if left else []):
-            results[i] = r
-    return [r if r is not None else {"error": "not compiled"} for r in results]
+        threads = [
+            threading.Thread(target=drive, args=(k,), daemon=True)
+            for k in range(min(len(self._procs), len(jobs)))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in failures:  # once more, alone: a job that crashes its worker again stays an error
+            (retry,) = CompilePool(1).run_closing([jobs[i]])
+            if "error" not in retry:
+                results[i] = retry
+        return [r if r is not None else {"error": "not compiled"} for r in results]
+
+    def run_closing(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        try:
+            return self.run(jobs)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for proc, errlog in self._procs:
+            try:
+                proc.stdin.close()
+                proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                proc.kill()
+            errlog.close()
+        self._procs = []
+
+
+def _run_workers(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
+    """Compile ``jobs`` in ``workers`` fresh subprocesses (:class:`CompilePool`)."""
+    return CompilePool(workers).run_closing(jobs)
+
+
+def warm_cache(
+    launches: Iterable[tuple[Any, Any, tuple[Any, ...], dict[str, Any]]],
+    gpu: tuple[str, str | int, int],
+    pool: CompilePool,
+) -> dict[str, float]:
+    """Compile ``launches`` (``(kernel, grid, args, kwargs)`` as the plugin runs them, on real
+    tensors) for the GPU ``(backend, arch, warp size)`` in ``pool``'s workers, into Triton's
+    on-disk cache: their first launch in this process then loads the compiled kernel instead of
+    compiling it (the workers bind and specialise the arguments as ``JITFunction.run`` does).
+    Launches that compile to the same kernel go once. Returns ``{"kernels": n, "failed": m,
+    "wall_s": s}``; a launch that does not compile is left to fail where it is launched."""
+    configs: dict[str, LaunchConfig] = {}
+    for launch in launches:
+        cfg = _launch_config(launch, "")
+        configs.setdefault(cfg.key, cfg)
+    jobs = [
+        {
+            "gpu": list(gpu),
+            "module": c.module,
+            "kernel": c.kernel,
+            "constexprs": list(c.constexprs),
+            "options": list(c.options),
+            "args": list(c.args),
+            "cost": _cost(c),
+        }
+        for c in configs.values()
+    ]
+    start = time.perf_counter()
+    results = pool.run(jobs) if jobs else []
+    failed = sum("error" in r for r in results)
+    return {"kernels": len(jobs), "failed": failed, "wall_s": round(time.perf_counter() - start, 2)}
 
 
 def _cost(cfg: LaunchConfig) -> float:

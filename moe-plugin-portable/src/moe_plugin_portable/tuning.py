@@ -45,6 +45,8 @@ and those that did not compile or run, ``"routings"``: how many routings each wa
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import json
 import os
@@ -94,6 +96,10 @@ _BF16 = QuantScheme("bf16")
 Progress = Callable[[str, int, int], None]
 #: a candidate's launches, prepared: ``make(cfg)`` runs what precedes the timed part and returns it
 Make = Callable[[GemmConfig], Callable[[], None]]
+#: a candidate's launches, built but not run (what ``make`` would time), for :func:`profile.warm_cache`
+Launches = Callable[[GemmConfig], list[Launch]]
+#: rounds with fewer candidates are not compiled ahead (a worker's job costs more than it saves)
+WARM_MIN_CANDIDATES = 4
 #: a round's candidates given the best config so far (templates filled in, unfit ones left out)
 Fill = Callable[[list[GemmConfig], "GemmConfig | None"], Iterable[GemmConfig]]
 
@@ -283,10 +289,15 @@ class _Search:
     and the wall seconds of their first runs (``first_s``: the compiles) and of their timing."""
 
     def __init__(
-        self, timer: Callable[[Callable[[], None]], float], sync: Callable[[], None] = lambda: None
+        self,
+        timer: Callable[[Callable[[], None]], float],
+        sync: Callable[[], None] = lambda: None,
+        warm: Callable[[Iterable[Launch]], dict] | None = None,
     ) -> None:
         self.timer = timer
         self.sync = sync
+        self.warm = warm
+        self.warm_s = 0.0
         self.timed = 0
         self.failed = 0
         self.first_s = 0.0
@@ -310,14 +321,19 @@ class _Search:
         self.timed += 1
         return us
 
-    def best(self, rounds: list[list[GemmConfig]], make: Make, fill: Fill) -> tuple[GemmConfig, float]:
-        """The fastest config over the rounds (tile, then pipeline), each candidate timed once."""
+    def best(
+        self, rounds: list[list[GemmConfig]], make: Make, fill: Fill, launches: Launches | None = None
+    ) -> tuple[GemmConfig, float]:
+        """The fastest config over the rounds (tile, then pipeline), each candidate timed once.
+        With ``warm`` and ``launches`` (a candidate's launches, not run), a round's candidates are
+        compiled together first (:func:`profile.warm_cache`), then timed one by one."""
         best, best_us = None, float("inf")
         seen: set[GemmConfig] = set()
         for round_ in rounds:
-            for cfg in fill(round_, best):
-                if cfg in seen:
-                    continue
+            todo = [cfg for cfg in dict.fromkeys(fill(round_, best)) if cfg not in seen]
+            if self.warm is not None and launches is not None and len(todo) >= WARM_MIN_CANDIDATES:
+                self._warm(todo, launches)
+            for cfg in todo:
                 seen.add(cfg)
                 us = self.time(cfg, make)
                 if us is not None and us < best_us:
@@ -325,6 +341,23 @@ class _Search:
         if best is None:
             raise RuntimeError("no config compiled and ran for this shape")
         return best, best_us
+
+    def _warm(self, cfgs: list[GemmConfig], launches: Launches) -> None:
+        """Compile ``cfgs``' launches ahead (built one candidate at a time, so that only one
+        candidate's buffers are alive at once)."""
+
+        def each() -> Iterable[Launch]:
+            for cfg in cfgs:
+                try:
+                    found = launches(cfg)
+                except Exception:  # not a candidate's launch (it fails where it is timed)
+                    continue
+                yield from found
+
+        start = time.perf_counter()
+        with contextlib.suppress(Exception):  # else a cold cache: the first runs compile, as without warming
+            self.warm(each())
+        self.warm_s += time.perf_counter() - start
 
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -385,6 +418,14 @@ def _time_block_m(
         pre, stage1, gemm2, post = zip(*per)
         return [_flat(pre), _flat(stage1), list(gemm2), _flat(post)]
 
+    def first(g1: GemmConfig, g2: GemmConfig) -> tuple[list[Launch], ...]:
+        """:func:`_stages` of the first routing alone (the same kernels as every routing's)."""
+        (x, w, ids), out, b = routings[0], outs[0], blocks[0]
+        pre, stage1, gemm2, post = _stages(
+            fused_moe_launches(spec, x, tensors, w, ids, out, MoEConfig(block_m, g1, g2), b)
+        )
+        return pre, stage1, [gemm2], post
+
     def make1(c: GemmConfig) -> Callable[[], None]:
         pre, stage1, _, _ = staged(c, c)
         _run_all(pre)
@@ -394,7 +435,7 @@ def _time_block_m(
         return lambda round_, best: _candidates(round_, best, block_m, nb, spec.quant)
 
     nb1 = 2 if spec.is_gated else 1
-    g1, t1 = search.best(gemm_space(block_m, nb1, space, spec), make1, fill(nb1))
+    g1, t1 = search.best(gemm_space(block_m, nb1, space, spec), make1, fill(nb1), lambda c: first(c, c)[1])
     final: list[list[Launch]] = []
 
     def make2(c: GemmConfig) -> Callable[[], None]:
@@ -403,7 +444,7 @@ def _time_block_m(
         final[:] = [pre, post]
         return lambda: _run_all(gemm2)
 
-    g2, t2 = search.best(gemm_space(block_m, 1, space, spec), make2, fill(1))
+    g2, t2 = search.best(gemm_space(block_m, 1, space, spec), make2, fill(1), lambda c: first(g1, c)[2])
     pre, post = final
     t_quant = timer(lambda: _run_all(pre)) if pre else 0.0
     t_comb = timer(lambda: _run_all(post)) if post else 0.0
@@ -506,12 +547,12 @@ def _time_decode(
     else:
         base = configs.decode_heuristic(spec, T, 8, False)
 
-    def stages(g1: GemmConfig, g2: GemmConfig) -> tuple[list[Launch], list[Launch]]:
+    def stages(g1: GemmConfig, g2: GemmConfig, count: int | None = None) -> tuple[list[Launch], list[Launch]]:
         """The launches of GEMM 1 (after its input's pre-pass, if any) and of GEMM 2 (ditto), for
-        every routing in turn."""
+        every routing in turn (the first ``count``)."""
         stage1: list[Launch] = []
         stage2: list[Launch] = []
-        for (x, w, ids), out in zip(routings, outs):
+        for (x, w, ids), out in list(zip(routings, outs))[:count]:
             launches = decode_launches(spec, x, tensors, w, ids, out, DecodeConfig(g1, g2))
             names = [launch[0].__name__ for launch in launches]
             i1 = next(
@@ -530,14 +571,18 @@ def _time_decode(
 
     # MOE_PORTABLE_DECODE_MMA=0: the tensor-core kernels untried (a fault there would end the process)
     mma = _mma_capable(device) and os.environ.get("MOE_PORTABLE_DECODE_MMA", "") != "0"
-    g1, t1 = search.best(decode_space(base.gemm1, space, spec, mma), make1, _filled)
+    g1, t1 = search.best(
+        decode_space(base.gemm1, space, spec, mma), make1, _filled, lambda c: stages(c, base.gemm2, 1)[0]
+    )
 
     def make2(c: GemmConfig) -> Callable[[], None]:
         stage1, stage2 = stages(g1, c)
         _run_all(stage1)  # GEMM 2 reads its intermediate
         return lambda: _run_all(stage2)
 
-    g2, t2 = search.best(decode_space(base.gemm2, space, spec, mma), make2, _filled)
+    g2, t2 = search.best(
+        decode_space(base.gemm2, space, spec, mma), make2, _filled, lambda c: stages(g1, c, 1)[1]
+    )
     return DecodeConfig(g1, g2), {"gemm1_us": t1, "gemm2_us": t2, "total_us": t1 + t2}
 
 
@@ -550,6 +595,7 @@ def tune_layer(
     progress: Progress | None = None,
     space: str = "full",
     routings: int | None = None,
+    precompile: int = 0,
 ) -> dict[str, dict]:
     """Best :class:`MoEConfig` per token bucket for ``spec``: ``{bucket: config json}`` (plus timings).
 
@@ -557,8 +603,41 @@ def tune_layer(
     high-precision canonical weights of a quantized ``spec``: they are quantized first.
     ``routings``: how many routings each candidate is timed over (default:
     ``moe_core.bench.cold_routings`` on a GPU, 1 on the CPU); times are per routing.
+    ``precompile``: on a GPU, compile each round's candidates ahead in that many worker
+    processes (:func:`profile.warm_cache`, rounds of :data:`WARM_MIN_CANDIDATES` or more), then
+    time them one by one; 0: each compiles at its first run.
     """
     device = torch.device(device)
+    with contextlib.ExitStack() as stack:
+        warm = _warmer(device, precompile, stack)
+        return _tune_layer(spec, device, tokens, weights, progress, space, routings, warm)
+
+
+def _warmer(device: torch.device, workers: int, stack: contextlib.ExitStack) -> Callable | None:
+    """:func:`profile.warm_cache` for ``device``'s GPU in a pool of ``workers`` (closed with ``stack``)."""
+    if workers <= 0 or device.type != "cuda":
+        return None
+    from triton.runtime import driver
+
+    from . import profile
+
+    target = driver.active.get_current_target()
+    pool = stack.enter_context(profile.CompilePool(workers))
+    return functools.partial(
+        profile.warm_cache, gpu=(target.backend, target.arch, target.warp_size), pool=pool
+    )
+
+
+def _tune_layer(
+    spec: MoESpec,
+    device: torch.device,
+    tokens: Iterable[int],
+    weights: ExpertWeights | None,
+    progress: Progress | None,
+    space: str,
+    routings: int | None,
+    warm: Callable | None,
+) -> dict[str, dict]:
     timer = _timer(device)
     weights = weights or random_expert_weights(spec, device=device, seed=0)
     tensors = _prepare(spec, weights, None)
@@ -570,7 +649,9 @@ def tune_layer(
         n = routings or (cold_routings(spec, T) if device.type == "cuda" else 1)
         inputs = [_inputs(spec, T, device, r) for r in range(n)]
         search = _Search(
-            lambda fn, n=n: timer(fn) / n, torch.cuda.synchronize if device.type == "cuda" else lambda: None
+            lambda fn, n=n: timer(fn) / n,
+            torch.cuda.synchronize if device.type == "cuda" else lambda: None,
+            warm,
         )
         timings = [
             _time_block_m(spec, tensors, T, inputs, block_m, device, search, space)
@@ -584,7 +665,11 @@ def tune_layer(
             entry["decode"] = {"use": use, **decode.to_json(), "timing": decode_parts}
         entry["searched"] = [search.timed, search.failed]
         entry["routings"] = n
-        entry["search_s"] = {"first_runs": round(search.first_s, 1), "timing": round(search.timing_s, 1)}
+        entry["search_s"] = {
+            "first_runs": round(search.first_s, 1),
+            "timing": round(search.timing_s, 1),
+            "precompile": round(search.warm_s, 1),
+        }
         result[configs.t_bucket(T)] = entry
     if progress:
         progress(configs.layer_key(spec), len(tokens), len(tokens))
