@@ -1,7 +1,7 @@
 """On the lent GPU: tune the portable fused MoE for presets and write this GPU's config table.
 
     python tools/tune_device.py --out DIR [--models a,b] [--dtype bf16] [--quant fp8,fp8_block,mxfp4]
-        [--space quick] [--tokens 1,8,...] [--precompile N]
+        [--space quick] [--tokens 1,8,...] [--precompile N] [--triton-cache DIR]
 
 Same search as ``moe tune`` (``moe_plugin_portable.tuning``), one layer (model x
 quant scheme) after another; the table ``DIR/<device name>.json`` is rewritten
@@ -19,6 +19,7 @@ seconds of the candidates' first runs, their timing and the precompiles. Copy th
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from importlib import metadata
 
@@ -53,6 +54,8 @@ def main() -> None:
         help="worker processes compiling each round's candidates ahead (0: none)",
     )
     args = parser.parse_args()
+    if args.triton_cache:  # read by Triton at each compile, inherited by the precompile workers
+        os.environ["TRITON_CACHE_DIR"] = args.triton_cache
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     tokens = [int(t) for t in args.tokens.split(",")]
     schemes = [scheme(q.strip()) for q in (args.quant or args.dtype).split(",") if q.strip()]
