@@ -62,3 +62,55 @@ def test_committed_results_summarise(bench_path):
     cases = [c for c in report["cases"] if "error" not in c]
     assert cases and all(c["passed"] for c in cases)
     assert f"correctness: {len(cases)}/{len(cases)}" in text
+
+
+TOOLS = BENCH.parent / "tools"
+
+
+@pytest.fixture
+def tools_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(TOOLS))
+    yield
+    for name in ("fused_decode", "decode_stages", "quant_paths"):
+        sys.modules.pop(name, None)
+
+
+def test_fused_decode_probe_matches_the_reference(tools_path, monkeypatch):
+    """tools/fused_decode.py (interpreted): bf16 and mxfp4 W4A16, silu and swiglu_oai with biases,
+    T = 1 and 3, within the spec's tolerance of the float64 reference (its own check raises)."""
+    if not _interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 (CPU)")
+    fused_decode = importlib.import_module("fused_decode")
+    results = fused_decode.check("cpu")
+    assert len(results) == 16 and all(err < 1e-2 for _, err in results)
+
+
+def test_decode_stages_smoke_run_writes_its_table(tools_path, tmp_path, monkeypatch):
+    """tools/decode_stages.py on a tiny preset (one pass per stage on the CPU): every column,
+    the fused probe's among them, and the step within tolerance."""
+    if not _interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 (CPU)")
+    decode_stages = importlib.import_module("decode_stages")
+    argv = [
+        "decode_stages",
+        "--models",
+        "tiny-qwen3-moe",
+        "--quant",
+        "bf16",
+        "--tokens",
+        "1",
+        "--copies",
+        "1",
+    ]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path)])
+    decode_stages.main()
+    (row,) = json.loads((tmp_path / "decode_stages.json").read_text())["rows"]
+    assert row["ok"] and row["fused_rel_err"] < 1e-2
+    assert all(row[k] > 0 for k in ("step", "gemm1", "gemm2", "read13", "read2", "read2x", "read1", "fused"))
+    assert "| fused |" in (tmp_path / "decode_stages.md").read_text()
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -16,6 +16,8 @@ median replay / copies, as ``tools/quant_paths.py``):
   what a two-GEMM step costs with no arithmetic, dependency or tail of its own;
 - ``read1``: the same bytes in one launch (each routed expert's tensors copied into one
   contiguous slab first), what a step fused into a single launch could reach at most;
+- ``fused``: ``tools/fused_decode.py``'s step (one weight-streaming launch, then a fixed-order
+  sum of its partials), bf16/fp16 and mxfp4 W4A16 layers, the fastest shape within tolerance;
 - ``empty2``: two empty launches (the graph's fixed cost per step);
 - ``floor``: BENCHMARKS.md's floor (``preset_floor_us`` on the copy bandwidth measured here).
 
@@ -184,8 +186,36 @@ def measure(preset, spec, T: int, drawn: list, prepared: list, ceilings: dict) -
         )
     del slabs
     row.update({k: round(v, 1) for k, v in best.items()})
+    row.update(_fused(spec, drawn, x, topk_w, topk_ids, want))
     row["floor"] = round(preset_floor_us(preset, spec, T, ceilings), 1)
     return row
+
+
+def _fused(spec, drawn: list, x, topk_w, topk_ids, want) -> dict:
+    """``fused`` (tools/fused_decode.py: the step in one weight-streaming launch and a fixed-order
+    sum of its partials), the fastest of its shapes that is within the spec's tolerance, with
+    that shape and its error; nothing where the probe does not take the layer."""
+    from fused_decode import SHAPES, fused_call
+
+    from moe_core.testing import relative_error, tolerance
+
+    found: dict = {}
+    for shape in SHAPES:
+        try:
+            outs = [torch.full_like(x, float("nan")) for _ in drawn]
+            calls = [fused_call(spec, w, x, topk_w, topk_ids, o, shape) for w, o in zip(drawn, outs)]
+            calls[0]()
+            err = float(relative_error(outs[0], want))
+            if err > tolerance(spec):
+                found.setdefault("fused_rejected", []).append(f"{shape}: rel err {err:.1e}")
+                continue
+            us = graph_us(calls)
+        except ValueError as exc:  # a layer or shape the probe does not take
+            found.setdefault("fused_skipped", str(exc)[:120])
+            continue
+        if us < found.get("fused", float("inf")):
+            found.update(fused=round(us, 1), fused_shape=list(shape), fused_rel_err=err)
+    return found
 
 
 def _stage_names(launches: list) -> list[str]:
@@ -216,7 +246,7 @@ def _run_all(launches: list, run_launch) -> None:
 def write(out: Path, meta: dict, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_stages.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    cols = ("step", *STAGES, "read13", "read2", "read2x", "read1", "empty2", "floor")
+    cols = ("step", *STAGES, "read13", "read2", "read2x", "read1", "fused", "empty2", "floor")
     lines = [
         f"# decode step by launch, {meta['device']} (torch {meta['torch']}, triton {meta['triton']})",
         "",
