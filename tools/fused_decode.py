@@ -23,35 +23,21 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_plugin_portable._details._fused_moe import _e2m1_f16
+
 #: (BI, BK, BH, num_warps) searched by :func:`best_call`
-SHAPES = ((16, 256, 64, 4), (32, 256, 64, 4), (64, 256, 64, 4), (32, 512, 128, 8), (64, 512, 128, 8))
-
-
-@triton.jit
-def _e2m1(codes):
-    """e2m1 codes (low 4 bits) -> float32 values."""
-    m = codes & 7
-    v = tl.where(
-        m < 4,
-        m.to(tl.float32) * 0.5,
-        tl.where(m == 4, 2.0, tl.where(m == 5, 3.0, tl.where(m == 6, 4.0, 6.0))),
-    )
-    return tl.where((codes & 8) != 0, -v, v)
+SHAPES = ((16, 256, 64, 4), (32, 128, 64, 4), (32, 256, 64, 4), (64, 128, 64, 8), (64, 256, 128, 8))
 
 
 @triton.jit
 def _mx_rows_dot(w_ptr, s_ptr, rows, rmask, kb, kbmask, row_bytes, row_scales, xe, xo):
     """sum over the bytes ``kb`` of rows ``rows``: (low nibble * xe + high nibble * xo) * scale."""
-    b = tl.load(
-        w_ptr + rows[:, None] * row_bytes + kb[None, :], mask=rmask[:, None] & kbmask[None, :], other=0
-    )
-    sc = tl.load(
-        s_ptr + rows[:, None] * row_scales + kb[None, :] // 16,
-        mask=rmask[:, None] & kbmask[None, :],
-        other=127,
-    )
-    scale = tl.exp2(sc.to(tl.float32) - 127.0)
-    return tl.sum((_e2m1(b) * xe[None, :] + _e2m1(b >> 4) * xo[None, :]) * scale, axis=1)
+    mask = rmask[:, None] & kbmask[None, :]
+    b = tl.load(w_ptr + rows[:, None] * row_bytes + kb[None, :], mask=mask, other=0).to(tl.int32)
+    sc = tl.load(s_ptr + rows[:, None] * row_scales + kb[None, :] // 16, mask=mask, other=0).to(tl.int32)
+    # the plugin's exact e2m1 decode (times 2**-14, folded back into the e8m0 scale's exponent)
+    scale = ((sc + 14) << 23).to(tl.float32, bitcast=True)
+    return tl.sum((_e2m1_f16(b) * xe[None, :] + _e2m1_f16(b >> 4) * xo[None, :]) * scale, axis=1)
 
 
 @triton.jit
