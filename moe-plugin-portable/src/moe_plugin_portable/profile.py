@@ -996,14 +996,19 @@ class CompilePool:
                     return
                 proc, errlog = self._procs[slot]
                 line = ""
-                if proc.poll() is None:
-                    proc.stdin.write(json.dumps(jobs[i]) + "\n")
-                    proc.stdin.flush()
-                    line = proc.stdout.readline()
+                try:
+                    if proc.poll() is None:
+                        proc.stdin.write(json.dumps(jobs[i]) + "\n")
+                        proc.stdin.flush()
+                        line = proc.stdout.readline()
+                except OSError:  # (a pipe to a worker that just died)
+                    line = ""
                 if not line:
                     errlog.seek(0)
                     results[i] = {"error": f"worker died ({proc.poll()}):\n{errlog.read()[-4000:]}"}
                     failures.append(i)
+                    proc.kill()
+                    proc.wait()
                     errlog.close()
                     self._procs[slot] = self._start()
                     continue
