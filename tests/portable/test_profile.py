@@ -366,7 +366,7 @@ def test_sm90_heuristic_mma_tiles_compile_without_spills():
 def test_warm_cache_compiles_each_kernel_once_into_tritons_cache(tmp_path, monkeypatch):
     """The tuner's precompile: a decode step's launches (two candidates sharing GEMM 2's kernel)
     compiled for sm_90 in a worker pool land in Triton's on-disk cache, one entry per distinct
-    kernel; a launch that cannot compile is counted, not raised."""
+    kernel; a launch that cannot compile is counted, not raised; a worker that dies is replaced."""
     import torch
 
     from moe_core import MoESpec
@@ -384,7 +384,19 @@ def test_warm_cache_compiles_each_kernel_once_into_tritons_cache(tmp_path, monke
         cfg = configs.DecodeConfig(dataclasses.replace(base.gemm1, block_n=bn), base.gemm2)
         launches += experts.decode_launches(spec, x, prepared, w, ids, torch.empty_like(x), cfg)
     assert len(launches) == 4
+    (tmp_path / "crash_on_import.py").write_text("import os\nos._exit(3)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    crash = {
+        "gpu": ["cuda", 90, 32],
+        "module": "crash_on_import",
+        "kernel": "k",
+        "constexprs": [],
+        "options": [],
+        "args": [],
+    }
     with profile.CompilePool(2) as pool:
+        (died,) = pool.run([crash])  # a worker that dies is reported, reaped and replaced
+        assert "worker died (3)" in died["error"]
         report = profile.warm_cache(iter(launches), ("cuda", 90, 32), pool)
         assert report["kernels"] == 3 and report["failed"] == 0
         cubins = list((tmp_path / "triton").rglob("*.cubin"))

@@ -977,9 +977,10 @@ class CompilePool:
         )
         return proc, errlog
 
-    def run(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def run(self, jobs: list[dict[str, Any]], retry: bool = True) -> list[dict[str, Any]]:
         """Compile ``jobs``, biggest first (``cost``), one per worker at a time; a worker that dies
-        is replaced, its job reported with the worker's last output and run once more alone."""
+        is replaced, its job reported with the worker's last output and (``retry``) run once more
+        alone."""
         results: list[dict[str, Any] | None] = [None] * len(jobs)
         todo: queue.Queue[int] = queue.Queue()
         for i in sorted(range(len(jobs)), key=lambda i: -jobs[i].get("cost", 1.0)):
@@ -1022,15 +1023,16 @@ class CompilePool:
             t.start()
         for t in threads:
             t.join()
-        for i in failures:  # once more, alone: a job that crashes its worker again stays an error
-            (retry,) = CompilePool(1).run_closing([jobs[i]])
-            if "error" not in retry:
-                results[i] = retry
+        for i in failures if retry else ():  # once more, alone: crashing its worker again, an error
+            (again,) = CompilePool(1).run_closing([jobs[i]], retry=False)
+            if "error" not in again:
+                results[i] = again
         return [r if r is not None else {"error": "not compiled"} for r in results]
 
-    def run_closing(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def run_closing(self, jobs: list[dict[str, Any]], retry: bool = True) -> list[dict[str, Any]]:
+        """:meth:`run`, then :meth:`close`."""
         try:
-            return self.run(jobs)
+            return self.run(jobs, retry)
         finally:
             self.close()
 
