@@ -1004,12 +1004,15 @@ class CompilePool:
                         line = proc.stdout.readline()
                 except OSError:  # (a pipe to a worker that just died)
                     line = ""
-                if not line:
+                if not line:  # its output closed: it has exited or is exiting (reaped here, else killed)
+                    try:
+                        proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
                     errlog.seek(0)
-                    results[i] = {"error": f"worker died ({proc.poll()}):\n{errlog.read()[-4000:]}"}
+                    results[i] = {"error": f"worker died ({proc.returncode}):\n{errlog.read()[-4000:]}"}
                     failures.append(i)
-                    proc.kill()
-                    proc.wait()
                     errlog.close()
                     self._procs[slot] = self._start()
                     continue
