@@ -93,15 +93,7 @@ def _host_noop(plugin, kws, spec, inputs, prepared, n: int = 2000) -> dict:
     real = cutlass._flashinfer
     cutlass._flashinfer = lambda: (noop, None)
     try:
-        result = {}
-        for label, fn in (("plugin", plugin), ("direct", direct)) * 2:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for k in range(n):
-                fn(k & 1)
-            us = (time.perf_counter() - t0) / n * 1e6
-            torch.cuda.synchronize()
-            result[label] = min(us, result.get(label, us))
+        result = _host_us({"plugin": plugin, "direct": direct}, n, copies=2)
     finally:
         cutlass._flashinfer = real
     result["added"] = result["plugin"] - result["direct"]
@@ -139,11 +131,18 @@ def _captured(plugin, kws, n: int = 1000) -> dict:
     )
     calls = {"plugin": plugin, "direct": lambda i: fn(**kws[0]), "captured": lambda i: fn(**got)}
     result: dict = {"differs": {k: [repr(got.get(k))[:80], repr(want.get(k))[:80]] for k in differs}}
+    return {**result, **_host_us(calls, n, copies=1)}
+
+
+def _host_us(calls: dict, n: int, copies: int) -> dict[str, float]:
+    """Host us per call of each ``calls[label](i)``: ``n`` back-to-back calls on inputs
+    ``i = k % copies``, one sync at the end; the labels twice in turn, the best of the two kept."""
+    result: dict[str, float] = {}
     for label, call in list(calls.items()) * 2:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(n):
-            call(0)
+        for k in range(n):
+            call(k % copies)
         us = (time.perf_counter() - t0) / n * 1e6
         torch.cuda.synchronize()
         result[label] = min(us, result.get(label, us))

@@ -408,23 +408,15 @@ def _time_block_m(
     blocks = [sort_tokens(spec, ids, tensors, block_m) for _, _, ids in routings]
     t_sort = timer(lambda: [sort_tokens(spec, ids, tensors, block_m) for _, _, ids in routings])
 
-    def staged(g1: GemmConfig, g2: GemmConfig) -> list[list[Launch]]:
-        """Per stage (:func:`_stages`), its launches for every routing in turn."""
+    def staged(g1: GemmConfig, g2: GemmConfig, count: int | None = None) -> list[list[Launch]]:
+        """Per stage (:func:`_stages`), its launches for every routing in turn (the first ``count``)."""
         cfg = MoEConfig(block_m, g1, g2)
         per = [
             _stages(fused_moe_launches(spec, x, tensors, w, ids, out, cfg, b))
-            for (x, w, ids), out, b in zip(routings, outs, blocks)
+            for (x, w, ids), out, b in list(zip(routings, outs, blocks))[:count]
         ]
         pre, stage1, gemm2, post = zip(*per)
         return [_flat(pre), _flat(stage1), list(gemm2), _flat(post)]
-
-    def first(g1: GemmConfig, g2: GemmConfig) -> tuple[list[Launch], ...]:
-        """:func:`_stages` of the first routing alone (the same kernels as every routing's)."""
-        (x, w, ids), out, b = routings[0], outs[0], blocks[0]
-        pre, stage1, gemm2, post = _stages(
-            fused_moe_launches(spec, x, tensors, w, ids, out, MoEConfig(block_m, g1, g2), b)
-        )
-        return pre, stage1, [gemm2], post
 
     def make1(c: GemmConfig) -> Callable[[], None]:
         pre, stage1, _, _ = staged(c, c)
@@ -435,7 +427,9 @@ def _time_block_m(
         return lambda round_, best: _candidates(round_, best, block_m, nb, spec.quant)
 
     nb1 = 2 if spec.is_gated else 1
-    g1, t1 = search.best(gemm_space(block_m, nb1, space, spec), make1, fill(nb1), lambda c: first(c, c)[1])
+    g1, t1 = search.best(
+        gemm_space(block_m, nb1, space, spec), make1, fill(nb1), lambda c: staged(c, c, 1)[1]
+    )
     final: list[list[Launch]] = []
 
     def make2(c: GemmConfig) -> Callable[[], None]:
@@ -444,7 +438,7 @@ def _time_block_m(
         final[:] = [pre, post]
         return lambda: _run_all(gemm2)
 
-    g2, t2 = search.best(gemm_space(block_m, 1, space, spec), make2, fill(1), lambda c: first(g1, c)[2])
+    g2, t2 = search.best(gemm_space(block_m, 1, space, spec), make2, fill(1), lambda c: staged(g1, c, 1)[2])
     pre, post = final
     t_quant = timer(lambda: _run_all(pre)) if pre else 0.0
     t_comb = timer(lambda: _run_all(post)) if post else 0.0
