@@ -50,9 +50,10 @@ def main() -> None:
     parser.add_argument(
         "--precompile",
         type=int,
-        default=0,
-        help="worker processes compiling each round's candidates ahead (0: none)",
+        default=None,
+        help="worker processes compiling each round's candidates ahead (0: none; default: tuning.default_precompile)",
     )
+    parser.add_argument("--triton-cache", default=None, help="Triton's on-disk cache folder for this run")
     args = parser.parse_args()
     if args.triton_cache:  # read by Triton at each compile, inherited by the precompile workers
         os.environ["TRITON_CACHE_DIR"] = args.triton_cache

@@ -202,6 +202,30 @@ def test_bench_rejects_unknown_names(tmp_path, capsys):
     assert main(["bench", "--models", "gpt-5", "--out", str(tmp_path)]) == 2
     assert "unknown model preset" in capsys.readouterr().err
     assert main(["bench", "--models", "tiny-mixtral", "--quant", "int3", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "--models", "tiny-mixtral", "--quant", "fp8/x:int3", "--out", str(tmp_path)]) == 2
+    assert "bad field 'x:int3'" in capsys.readouterr().err
+
+
+def test_bench_takes_a_full_quant_scheme(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_LOAD_PLUGINS", "")
+    scheme = "fp8/w:per_tensor/a:fp8_per_tensor"
+    argv = [
+        "bench",
+        "--models",
+        "tiny-qwen3-moe",
+        "--tokens",
+        "3",
+        "--iters",
+        "2",
+        "--quant",
+        f"fp8,{scheme}",
+    ]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    cases = json.loads((tmp_path / "bench.json").read_text())["cases"]
+    assert [c["quant"] for c in cases] == ["fp8", scheme]
+    assert "per_tensor" not in cases[0]["spec"] and "per_tensor" in cases[1]["spec"]
+    assert all(r["passed"] for c in cases for r in c["kernels"].values())
+    assert scheme in (tmp_path / "bench.md").read_text()
 
 
 def test_bench_imports_no_vendor_library():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
+import types
 
 import pytest
 import torch
@@ -500,7 +501,7 @@ def _module_signature() -> inspect.Signature:
     ],
 )
 def test_module_call_passes_what_flashinfers_wrapper_passes(monkeypatch, kw):
-    """The plugin's keywords, given to the module entry (MOE_NVIDIA_MODULE_CALL=1), bind to exactly
+    """The plugin's keywords, given to the module entry (the default call), bind to exactly
     the arguments FlashInfer's public wrapper gives it for the same call."""
     import flashinfer.fused_moe.core as core
     from flashinfer.fused_moe import ActivationType, cutlass_fused_moe
@@ -544,6 +545,24 @@ def test_module_call_passes_what_flashinfers_wrapper_passes(monkeypatch, kw):
     assert cutlass.module_entry(torch.device("cuda", 0), [*kwargs, "no_such_argument"]) is None
 
 
+def test_module_call_is_the_default_and_opted_out_by_env(monkeypatch):
+    entry = object()
+    monkeypatch.setattr(cutlass, "module_entry", lambda device, keys: entry)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    layer = {"fc1_expert_weights": types.SimpleNamespace(device=torch.device("cuda", 0))}
+    monkeypatch.delenv("MOE_NVIDIA_MODULE_CALL", raising=False)
+    assert cutlass._module_call(layer) == (entry, None)
+    monkeypatch.setenv("MOE_NVIDIA_MODULE_CALL", "1")
+    assert cutlass._module_call(layer) == (entry, None)
+    monkeypatch.setenv("MOE_NVIDIA_MODULE_CALL", "0")
+    assert cutlass._module_call(layer) is None
+    monkeypatch.delenv("MOE_NVIDIA_MODULE_CALL")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert cutlass._module_call(layer) == (entry, 0)  # with several devices: compared on each call
+    layer = {"fc1_expert_weights": torch.empty(1)}
+    assert cutlass._module_call(layer) is None  # a CPU layer: the public call
+
+
 def test_apply_calls_the_module_entry_when_resolved(monkeypatch):
     public, module = [], []
     monkeypatch.setattr(cutlass, "_flashinfer", lambda: (lambda **kw: public.append(kw), None))
@@ -551,7 +570,7 @@ def test_apply_calls_the_module_entry_when_resolved(monkeypatch):
     spec = _spec()
     p, x, tw, ids, out = _call(spec, T=3)
     p.meta["_tactics"] = None
-    cutlass.apply(spec, x, p, tw, ids, out)  # CPU tensors (and the variable unset): the public call
+    cutlass.apply(spec, x, p, tw, ids, out)  # CPU tensors: the public call
     assert len(public) == 1 and not module
     monkeypatch.setattr(cutlass, "_module_call", lambda layer: (lambda **kw: module.append(kw), None))
     p.cache.clear()

@@ -95,6 +95,17 @@ def test_search_times_each_config_once():
     assert search.failed == 0
 
 
+def test_default_precompile_is_one_worker_per_core_but_one_on_nvidia_only(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.version, "hip", None)
+    for cores, want in ((None, 0), (1, 0), (2, 0), (3, 2), (16, 15), (64, 16)):
+        monkeypatch.setattr(tuning.os, "cpu_count", lambda c=cores: c)
+        assert tuning.default_precompile(cuda) == want, cores
+        assert tuning.default_precompile(torch.device("cpu")) == 0
+    monkeypatch.setattr(torch.version, "hip", "7.0")
+    assert tuning.default_precompile(cuda) == 0  # not measured on AMD GPUs: compiles at first runs
+
+
 def test_search_precompiles_each_large_round_before_timing_it():
     """With a warmer, a round of WARM_MIN_CANDIDATES or more gets its candidates' launches compiled
     first (all of them, each once, before the first is timed); a failing warmer or a candidate

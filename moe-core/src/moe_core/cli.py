@@ -251,7 +251,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from .bench import report as bench_report
     from .bench.suite import QUICK_TOKENS, TOKENS, BenchConfig, default_models, quick_models, run_bench
-    from .spec import QUANT_SCHEMES
+    from .spec import QUANT_SCHEMES, QuantScheme
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     models = _names(args.models) or default_models(device)
@@ -267,8 +267,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         dtypes.append(_DTYPES[name])
     quants: list[str | None] = []
     for name in _names(args.quant) or ["none"]:
-        if name != "none" and name not in QUANT_SCHEMES:
+        if name != "none" and name.split("/")[0] not in QUANT_SCHEMES:
             raise MoEInputError(f"unknown quant scheme {name!r}; expected none or one of {QUANT_SCHEMES}")
+        if "/" in name:
+            QuantScheme.parse(name)  # a bad field fails here, before anything runs
         value = None if name in ("none", *_DTYPES) else name  # unquantized: weights in the activation dtype
         if value not in quants:
             quants.append(value)
@@ -401,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quant",
         default="none",
-        help="comma list of quant schemes (none = bf16/fp16/fp32: unquantized; fp8, ...)",
+        help="comma list of quant schemes (none = bf16/fp16/fp32: unquantized; fp8, ...; or a full scheme such as fp8/w:per_tensor/a:fp8_per_tensor)",
     )
     p.add_argument("--kernels", default=None, help="comma list of experts kernels by name or dotted prefix")
     p.add_argument("--quick", action="store_true", help="the 3 smallest shapes at T = 1, 32, 512, 4096")

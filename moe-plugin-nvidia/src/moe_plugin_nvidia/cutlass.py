@@ -409,8 +409,8 @@ def _flashinfer() -> tuple[Callable[..., Any], Any]:
 
 #: FlashInfer versions whose ``cutlass_fused_moe`` wrapper was read and found to do nothing on a
 #: planned call that the plugin has not done already (argument checks, a missing ``output``,
-#: ``enable_pdl=None``, the trace hook, entering ``input.device``): there, with
-#: ``MOE_NVIDIA_MODULE_CALL=1``, the plugin calls the compiled module's entry behind it directly.
+#: ``enable_pdl=None``, the trace hook, entering ``input.device``): there the plugin calls the
+#: compiled module's entry behind it directly (``MOE_NVIDIA_MODULE_CALL=0``: the public call always).
 MODULE_CALL_VERSIONS = frozenset({"0.7.2"})
 
 
@@ -437,10 +437,10 @@ _CALL_KEYS = ("input", "token_selected_experts", "token_final_scales", "output",
 
 
 def _module_call(layer: dict[str, Any]) -> tuple[Callable[..., Any], int | None] | None:
-    """With ``MOE_NVIDIA_MODULE_CALL=1``, for a layer on a CUDA device: ``(module entry, device
+    """For a layer on a CUDA device, unless ``MOE_NVIDIA_MODULE_CALL=0``: ``(module entry, device
     index to compare with the current device on each call, or None with one device)``."""
     device = layer["fc1_expert_weights"].device
-    if getenv("MOE_NVIDIA_MODULE_CALL") != "1" or device.type != "cuda":
+    if getenv("MOE_NVIDIA_MODULE_CALL", "1") == "0" or device.type != "cuda":
         return None
     entry = module_entry(device, [*layer, *_CALL_KEYS])
     if entry is None:
@@ -522,9 +522,9 @@ def apply(
     """Run FlashInfer's cutlass fused MoE into ``out [T, H]`` (no host synchronisation).
 
     Tactics: the tune cache's for the bucket of ``T``, else :data:`DEFAULT_TACTICS`. mxfp4 with
-    ``H % 128 != 0`` runs on a padded input into a padded buffer, copied into ``out``. With
-    ``MOE_NVIDIA_MODULE_CALL=1`` (FlashInfer in :data:`MODULE_CALL_VERSIONS`), on the layer's own
-    device, the compiled module's entry is called without FlashInfer's Python wrapper.
+    ``H % 128 != 0`` runs on a padded input into a padded buffer, copied into ``out``. With FlashInfer
+    in :data:`MODULE_CALL_VERSIONS`, on the layer's own device, the compiled module's entry is called
+    without FlashInfer's Python wrapper (``MOE_NVIDIA_MODULE_CALL=0``: the public call).
     """
     layer, tactics, pick, transform, module = _layer_call(spec, prepared)
     if module is not None and (module[1] is None or module[1] == torch.cuda.current_device()):

@@ -589,7 +589,7 @@ def tune_layer(
     progress: Progress | None = None,
     space: str = "full",
     routings: int | None = None,
-    precompile: int = 0,
+    precompile: int | None = None,
 ) -> dict[str, dict]:
     """Best :class:`MoEConfig` per token bucket for ``spec``: ``{bucket: config json}`` (plus timings).
 
@@ -599,12 +599,24 @@ def tune_layer(
     ``moe_core.bench.cold_routings`` on a GPU, 1 on the CPU); times are per routing.
     ``precompile``: on a GPU, compile each round's candidates ahead in that many worker
     processes (:func:`profile.warm_cache`, rounds of :data:`WARM_MIN_CANDIDATES` or more), then
-    time them one by one; 0: each compiles at its first run.
+    time them one by one; 0: each compiles at its first run; ``None``: :func:`default_precompile`.
     """
     device = torch.device(device)
+    if precompile is None:
+        precompile = default_precompile(device)
     with contextlib.ExitStack() as stack:
         warm = _warmer(device, precompile, stack)
         return _tune_layer(spec, device, tokens, weights, progress, space, routings, warm)
+
+
+def default_precompile(device: torch.device) -> int:
+    """Precompile workers :func:`tune_layer` uses by default: on an NVIDIA GPU one per CPU core but
+    one (at most 16), 0 with fewer than 3 cores; 0 elsewhere (measured on NVIDIA only: H100, 16 cores,
+    14 workers: a layer's first runs 118 -> 11 s, its whole search 148 -> 86 s, the same configs)."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return 0
+    cores = os.cpu_count() or 1
+    return min(16, cores - 1) if cores >= 3 else 0
 
 
 def _warmer(device: torch.device, workers: int, stack: contextlib.ExitStack) -> Callable | None:

@@ -80,7 +80,8 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass
 class BenchConfig:
-    """What to run. ``quants`` entries are scheme names, ``None`` meaning unquantized in the dtype;
+    """What to run. ``quants`` entries are scheme names or full schemes (``QuantScheme.parse``), ``None``
+    meaning unquantized in the dtype;
     ``kernels`` narrows the experts kernels by name or dotted prefix (``None``: all)."""
 
     models: list[str]
@@ -240,7 +241,7 @@ def run_case(
     case: dict[str, Any] = {
         "model": model,
         "dtype": str(dtype).removeprefix("torch."),
-        "quant": spec.quant.name,
+        "quant": spec.quant.name if quant is None or "/" not in quant else str(spec.quant),
         "T": tokens,
         "spec": spec.describe(),
         "tolerance": tolerance(spec),
@@ -400,7 +401,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """Run every case of ``config``; returns the report. ``on_case(report, case)`` after each case."""
     for quant in config.quants:
-        if quant is not None and quant not in QUANT_SCHEMES:
+        if quant is not None and quant.split("/")[0] not in QUANT_SCHEMES:
             raise ValueError(f"unknown quant scheme {quant!r}; expected one of {QUANT_SCHEMES}")
     for model in config.models:
         get_preset(model)  # unknown names fail before anything runs
