@@ -218,16 +218,28 @@ def test_tune_cache_is_used(tmp_path, monkeypatch):
     name = torch.cuda.get_device_name()
     tuning.merge_table(tmp_path / tuning.table_name(name), name, "x", {tuning.layer_key(spec): entry})
     assert tuning.lookup(spec, name, 4) == entry["buckets"]["4"]
-    seen = {}
+    seen = []
+
+    def spying(fn):
+        def spy(**kw):
+            seen.append(kw["profile_ids"])
+            return fn(**kw)
+
+        return spy
+
     fn, act = cutlass._flashinfer()
+    module_call = cutlass._module_call
 
-    def spy(**kw):
-        seen["profile_ids"] = kw["profile_ids"]
-        return fn(**kw)
+    def spied_module_call(layer):
+        found = module_call(layer)
+        return None if found is None else (spying(found[0]), found[1])
 
-    monkeypatch.setattr(cutlass, "_flashinfer", lambda: (spy, act))
-    _run(spec, 4, seed=3)
-    assert seen["profile_ids"] == entry["buckets"]["4"]
+    monkeypatch.setattr(cutlass, "_flashinfer", lambda: (spying(fn), act))
+    monkeypatch.setattr(cutlass, "_module_call", spied_module_call)
+    for value in ("1", "0"):  # the module entry (the default), then FlashInfer's public call
+        monkeypatch.setenv("MOE_NVIDIA_MODULE_CALL", value)
+        _run(spec, 4, seed=3)
+    assert seen == [entry["buckets"]["4"]] * 2
 
 
 @pytest.mark.parametrize("T", [1, 300])
