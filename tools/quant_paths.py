@@ -10,6 +10,8 @@ Per layer (model x scheme) and ``T``, for each variant (environment settings of 
   ``decode-mma``: on the Gluon tensor-core kernels (``MOE_PORTABLE_DECODE_MMA=1``,
   fp8 activations pre-quantized) with the table's or the heuristic's tiles where they fit them
   (else the Triton kernels: the row's ``config`` says which);
+  ``decode-chain``: both decode GEMMs in one launch (``MOE_PORTABLE_DECODE_CHAIN=1``) on the
+  table's or the heuristic's tiles;
 - ``sorted-dot_scaled`` / ``sorted-dequant`` (mxfp4): ``MOE_PORTABLE_MXFP4`` forced;
   ``sorted-no_ptx``: dequantized by the portable Triton code (``MOE_PORTABLE_MX_PTX=0``);
 
@@ -40,6 +42,7 @@ VARIANTS = {
     "decode-prequant": {"MOE_PORTABLE_DECODE": "1", "MOE_PORTABLE_PREQUANT": "1"},
     "decode-inkernel": {"MOE_PORTABLE_DECODE": "1", "MOE_PORTABLE_PREQUANT": "0"},
     "decode-mma": {"MOE_PORTABLE_DECODE": "1", "MOE_PORTABLE_DECODE_MMA": "1"},
+    "decode-chain": {"MOE_PORTABLE_DECODE": "1", "MOE_PORTABLE_DECODE_CHAIN": "1"},
     "sorted-dot_scaled": {"MOE_PORTABLE_DECODE": "0", "MOE_PORTABLE_MXFP4": "dot_scaled"},
     "sorted-dequant": {"MOE_PORTABLE_DECODE": "0", "MOE_PORTABLE_MXFP4": "dequant"},
     "sorted-no_ptx": {
@@ -56,6 +59,7 @@ KNOBS = (
     "MOE_PORTABLE_MX_PTX",
     "MOE_PORTABLE_PREQUANT",
     "MOE_PORTABLE_DECODE_MMA",
+    "MOE_PORTABLE_DECODE_CHAIN",
 )
 
 

@@ -104,7 +104,11 @@ def _print_entry(bucket: str, entry: dict) -> None:
         )
     decode = entry.get("decode")
     if decode:
-        line += f"  decode {decode['timing']['total_us']:.1f} us (use: {decode['use']})"
+        timing = decode["timing"]
+        line += f"  decode {timing['total_us']:.1f} us (use: {decode['use']})"
+        if "step_us" in timing:  # the two launches as one step, and the chained launch where it ran
+            chained = f", chained {timing['chain_us']:.1f}" if "chain_us" in timing else ""
+            line += f" [two launches {timing['step_us']:.1f}{chained}{', chain taken' if decode.get('chain') else ''}]"
     print(line, flush=True)
 
 

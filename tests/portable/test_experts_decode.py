@@ -403,6 +403,99 @@ def test_decode_split_matches_reference(case, split1, split2):
     assert not experts._split_counters(torch.device(DEVICE), 0).any()
 
 
+#: (GEMM 1 split, GEMM 2 split) of the chained launch: plain, both split, GEMM 2's slots and K split
+CHAIN_SPLITS = [(1, 1), (5, 2), (2, 9)]
+
+
+def _chained(spec, prepared, cfg, x, topk_w, ids):
+    """The decode step's output with ``cfg`` in two launches and in one chained launch, and the latter's launches."""
+    outs = []
+    for chain in (False, True):
+        cfg_c = dataclasses.replace(cfg, chain=chain)
+        out = torch.full((x.shape[0], spec.hidden_size), float("nan"), dtype=spec.dtype, device=DEVICE)
+        outs.append(experts.fused_moe(spec, x, prepared.tensors, topk_w, ids, out, config=cfg_c))
+    launches = experts.decode_launches(
+        spec, x, prepared.tensors, topk_w, ids, torch.empty_like(x), dataclasses.replace(cfg, chain=True)
+    )
+    return outs, [launch[0].__name__ for launch in launches]
+
+
+@needs_triton
+@pytest.mark.parametrize(("split1", "split2"), CHAIN_SPLITS)
+@pytest.mark.parametrize(
+    ("case", "T"), [("swiglu_oai-alpha-limit-bias", 3), ("expert_map", 2), ("ep", 1), ("k1", 3)]
+)
+def test_decode_chain_is_bit_equal_to_two_launches(case, T, split1, split2):
+    """Both decode GEMMs in one launch (``chain``): the two launches' arithmetic in the same order
+    (bit-equal), dropped slots skipped, every counter (split, ticket, ready) 0 again after."""
+    spec = MoESpec(**{**BASE, **CASES[case][0]})
+    weights = random_expert_weights(spec, device=DEVICE, seed=split1 + 3 * split2)
+    prepared = moe_plan(spec, DEVICE).prepare(weights)
+    gen = torch.Generator(device=DEVICE).manual_seed(T + split2)
+    x = (torch.randn(T, spec.hidden_size, generator=gen, device=DEVICE) * 1.5).to(spec.dtype)
+    topk_w = torch.rand(T, spec.top_k, generator=gen, device=DEVICE) + 0.05
+    ids = torch.rand(T, spec.num_experts, generator=gen, device=DEVICE).argsort(dim=1)[:, : spec.top_k].int()
+    cfg = configs.DecodeConfig(
+        configs.GemmConfig(8, 16, 4, 1, 1, split=split1), configs.GemmConfig(16, 16, 2, 1, 1, split=split2)
+    )
+    (two, one), names = _chained(spec, prepared, cfg, x, topk_w, ids)
+    assert names == ["moe_decode_chain"]
+    want = fused_experts_reference(spec, x, weights, topk_w, ids, compute_dtype=torch.float64)
+    assert relative_error(one, want) <= tolerance(spec)
+    assert torch.equal(one, two)
+    assert not experts._split_counters(torch.device(DEVICE), 0).any()
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("name", "changes"), QUANT_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(QUANT_CASES)]
+)
+def test_decode_chain_quantized_is_bit_equal(name, changes):
+    """Every scheme chained (in-kernel activation quantization, the intermediate's per-row scale
+    read after its entry is ready): bit-equal to the two launches; a pre-quantized GEMM keeps
+    the separate launches."""
+    spec = tq._spec(name, **changes)
+    _, weights = tq._weights(spec, seed=8)
+    prepared = moe_plan(spec, DEVICE).prepare(weights)
+    x, topk_w, ids = tq._inputs(spec, 2, seed=8)
+    base = configs.decode_heuristic(spec, 2, 8, False)
+    plain = configs.DecodeConfig(
+        dataclasses.replace(base.gemm1, prequant=False), dataclasses.replace(base.gemm2, prequant=False)
+    )
+    (two, one), names = _chained(spec, prepared, plain, x, topk_w, ids)
+    assert names == ["moe_decode_chain"]
+    assert torch.equal(one, two)
+    assert not experts._split_counters(torch.device(DEVICE), 0).any()
+    if spec.quant.activation != "none":
+        pre = dataclasses.replace(plain, gemm2=dataclasses.replace(plain.gemm2, prequant=True))
+        assert _chained(spec, prepared, pre, x, topk_w, ids)[1][-1] == "moe_decode_gemm2"
+
+
+def test_decode_chain_config_env_and_json(monkeypatch):
+    cfg = configs.DecodeConfig(configs.GemmConfig(8, 16, 4, 1, 1), configs.GemmConfig(16, 16, 2, 1, 1))
+    assert "chain" not in cfg.to_json() and configs.DecodeConfig.from_json(cfg.to_json()) == cfg
+    for prefetch in (True, False):
+        chained = dataclasses.replace(cfg, chain=True, prefetch=prefetch)
+        assert configs.DecodeConfig.from_json(json.loads(json.dumps(chained.to_json()))) == chained
+    spec = MoESpec(**BASE, quant="fp8")
+    prepared = moe_plan(spec, DEVICE).prepare(random_expert_weights(spec, device=DEVICE, seed=1))
+    x, topk_w, ids = tq._inputs(spec, 2, seed=1)
+    for cfg_prefetch, target in ((True, True), (False, True), (True, False)):
+        chained = dataclasses.replace(cfg, chain=True, prefetch=cfg_prefetch)
+        (launch,) = experts.decode_launches(
+            spec, x, prepared.tensors, topk_w, ids, torch.empty_like(x), chained, prefetch=target
+        )
+        assert launch[3]["PREFETCH"] == (cfg_prefetch and target)
+    monkeypatch.setenv("MOE_PORTABLE_DECODE", "1")
+    assert not configs.lookup_decode(spec, 1, torch.device("cpu")).chain
+    monkeypatch.setenv("MOE_PORTABLE_DECODE_MMA", "1")
+    monkeypatch.setenv("MOE_PORTABLE_DECODE_CHAIN", "1")
+    got = configs.lookup_decode(spec, 1, torch.device("cpu"))
+    assert got.chain and not (got.gemm1.mma or got.gemm2.mma or got.gemm1.prequant or got.gemm2.prequant)
+    monkeypatch.setenv("MOE_PORTABLE_DECODE_CHAIN", "0")
+    assert not configs.lookup_decode(spec, 1, torch.device("cpu")).chain
+
+
 def test_gemm2_split_and_decode_split():
     assert configs.gemm2_split(1, 8) == (1, 1)
     assert configs.gemm2_split(5, 8) == (5, 1)
@@ -1003,7 +1096,13 @@ def test_tuner_tunes_the_decode_path(tmp_path):
     assert isinstance(decode["use"], bool) and decode["timing"]["total_us"] > 0
     cfg = configs.DecodeConfig.from_json(decode)
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 8
-    assert cfg == configs.decode_heuristic(spec, 1, sms, False)
+    assert dataclasses.replace(cfg, chain=False) == configs.decode_heuristic(spec, 1, sms, False)
+    assert decode["timing"]["step_us"] > 0  # the two launches, timed as one step
+    timing = decode["timing"]  # (wall-clock timing on the CPU: either may win)
+    assert (timing["chain_us"] < timing["step_us"]) == cfg.chain
+    assert timing["total_us"] == (
+        timing["chain_us"] if cfg.chain else timing["gemm1_us"] + timing["gemm2_us"]
+    )
     path = tuning.write_table("Fake GPU", {configs.layer_key(spec): found}, tmp_path, "3.x")
     entry = json.loads(path.read_text())["configs"][configs.layer_key(spec)]["1"]
     assert configs.DecodeConfig.from_json(entry["decode"]) == cfg
@@ -1014,6 +1113,41 @@ def test_tuner_tunes_the_decode_path(tmp_path):
     # the tiles at the base split, the wider ones at splits 2, 4, 8; then splits, then pipelines
     assert [len(r) for r in rounds] == [9 + wide, 4, 9]
     assert all(c.split == base.split or c.block_n > base.block_n for c in rounds[0])
+
+
+@needs_triton
+@pytest.mark.parametrize("chain_faster", [True, False])
+def test_tuner_takes_the_chained_launch_where_faster(chain_faster, monkeypatch):
+    """After the two GEMMs' tiles, the tuner times their two launches as one step and the chained
+    launch (of the tuned and of the heuristic's tiles) and keeps the faster; the chain's time is
+    then the step's. ``MOE_PORTABLE_DECODE_CHAIN=0``: not tried."""
+    from moe_plugin_portable import tuning
+
+    spec = MoESpec(**BASE)
+    device = torch.device(DEVICE)
+    tensors = moe_plan(spec, DEVICE).prepare(random_expert_weights(spec, device=DEVICE, seed=2)).tensors
+    names: list[str] = []
+    real = tuning.run_launch
+
+    def recording(kernel, *rest):
+        names.append(kernel.__name__)
+        return real(kernel, *rest)
+
+    def timer(fn):  # the chained launch 1 or 3 us, anything else 2
+        names.clear()
+        fn()
+        return (1.0 if chain_faster else 3.0) if "moe_decode_chain" in names else 2.0
+
+    monkeypatch.setattr(tuning, "run_launch", recording)
+    inputs = [tuning._inputs(spec, 2, device, routing=r) for r in range(2)]
+    cfg, parts = tuning._time_decode(spec, tensors, 2, inputs, device, tuning._Search(timer), "small")
+    assert parts["step_us"] == 2.0 and cfg.chain == chain_faster
+    assert parts["chain_us"] == (1.0 if chain_faster else 3.0)
+    assert parts["total_us"] == (1.0 if chain_faster else 4.0)  # the chain, else GEMM 1 + GEMM 2
+    assert not (cfg.gemm1.mma or cfg.gemm2.mma or cfg.gemm1.prequant or cfg.gemm2.prequant) or not cfg.chain
+    monkeypatch.setenv("MOE_PORTABLE_DECODE_CHAIN", "0")
+    cfg, parts = tuning._time_decode(spec, tensors, 2, inputs, device, tuning._Search(timer), "small")
+    assert not cfg.chain and "step_us" not in parts and "chain_us" not in parts
 
 
 def test_fast_launch_falls_back_when_the_launcher_rejects_its_arguments(monkeypatch):

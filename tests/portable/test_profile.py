@@ -330,6 +330,38 @@ def test_mma_decode_kernels_compile_for_sm90():
 
 
 @needs_amd_backend  # (the set of Triton backends this tree's CI has: also NVIDIA's)
+def test_chained_decode_compiles_for_sm90_without_spills():
+    """The chained decode launch (both GEMMs, tickets, release/acquire counters, L2 prefetch) of
+    the GEMV heuristic's T = 1 tiles compiles for sm_90 without spills for every scheme, on the
+    benchmark shapes (its logic runs in test_experts_decode.py's interpreted tests)."""
+    import dataclasses
+
+    import torch
+
+    from moe_plugin_portable import configs, experts
+
+    groups = []
+    for model in ("deepseek-v3-tp8", "gpt-oss-120b", "qwen3-30b-a3b"):
+        for quant in (None, "fp8", "fp8_block", "mxfp4", "mxfp4_w4a8"):
+            spec = get_preset(model).moe_spec(torch.bfloat16, experts.QUANT_VARIANTS.get(quant))
+            cfg = configs.decode_heuristic(spec, 1, 132, False)
+            plain = {"mma": False, "prequant": False}
+            cfg = configs.DecodeConfig(
+                dataclasses.replace(cfg.gemm1, **plain), dataclasses.replace(cfg.gemm2, **plain), chain=True
+            )
+            launches = profile._expert_launches(
+                spec, 1, heuristic_config(spec, 1, 132, False), (), cfg, nvidia=True
+            )
+            groups.append((f"{model}/{quant}", [x for x in launches if "decode" in x[0].__name__]))
+    launch_set = profile.merge_launches(groups)
+    assert {c.kernel for c in launch_set} == {"moe_decode_chain"}
+    assert all(dict(c.constexprs)["PREFETCH"] for c in launch_set)
+    profiles = profile.compile_profile("sm90", launch_set)
+    bad = [p for p in profiles if not p.ok]
+    assert not bad, profile.format_table(bad)
+
+
+@needs_amd_backend  # (the set of Triton backends this tree's CI has: also NVIDIA's)
 def test_sm90_heuristic_mma_tiles_compile_without_spills():
     """The tiles the decode heuristic gives the tensor-core kernels on sm_90 (no tuned entry:
     bf16/fp16 at T = 1, fp8_block and mxfp4 at T <= 8) compile for sm_90 without spills, on the

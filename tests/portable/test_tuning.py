@@ -4,6 +4,7 @@ table entry per scheme that the runtime looks up and that computes the right res
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,11 @@ QUANT_SPECS = {
     "mxfp4_w4a8": MoESpec(**_TINY, quant=QuantScheme("mxfp4", activation="fp8_per_tensor")),
 }
 H200 = DeviceInfo.parse("sm_90")
+
+
+def _plain(cfg: configs.DecodeConfig) -> tuple[GemmConfig, GemmConfig]:
+    """``cfg``'s tiles as the chained launch runs them (GEMV kernels, nothing pre-quantized)."""
+    return tuple(replace(g, mma=False, prequant=False) for g in (cfg.gemm1, cfg.gemm2))
 
 
 def _all_configs(rounds: list[list[GemmConfig]]) -> list[GemmConfig]:
@@ -199,7 +205,12 @@ def test_tuned_quantized_entry_is_what_apply_runs(name, tmp_path, monkeypatch):
     spec = QUANT_SPECS[name]
     weights = random_expert_weights(spec, device=DEVICE, seed=1)
     entry = tuning.tune_layer(spec, DEVICE, tokens=(1,), weights=weights, space="small")["1"]
-    assert entry["searched"] == [4 + 2, 0]  # sorted: 2 + 2 candidates; decode: 1 + 1; none failed
+    decode = configs.DecodeConfig.from_json(entry["decode"])
+    chained = 2 * len({_plain(decode), _plain(configs.decode_heuristic(spec, 1, 8, False))})
+    # sorted: 2 + 2 candidates; decode: 1 + 1, the two as one step, the chained tiles with and
+    # without prefetch (tuned and heuristic tiles, which may be the same); none failed
+    assert entry["searched"] == [4 + 2 + 1 + chained, 0]
+    assert {"step_us", "chain_us"} <= set(entry["decode"]["timing"])
     spent = entry["search_s"]  # the first runs (interpreted here) and the timing, both counted
     assert set(spent) == {"first_runs", "timing", "precompile"} and spent["precompile"] == 0  # (CPU: none)
     assert spent["first_runs"] > 0 and spent["timing"] > 0
@@ -207,7 +218,6 @@ def test_tuned_quantized_entry_is_what_apply_runs(name, tmp_path, monkeypatch):
     cfg = configs.MoEConfig.from_json(entry)
     assert all(experts._block_k(spec, g) == g.block_k for g in (cfg.gemm1, cfg.gemm2))
     assert cfg != configs.heuristic_config(spec, 1, 8, False)  # (small space: stages 2)
-    decode = configs.DecodeConfig.from_json(entry["decode"])
     key = configs.layer_key(spec)
     assert spec.quant.name in key
     tuning.write_table("Fake GPU", {key: {"1": entry}}, tmp_path, "3.x")

@@ -157,18 +157,29 @@ class DecodeConfig:
 
     ``gemm1``: programs ``(T * k, cdiv(I, block_n), split)``, K in ``split`` chunks; ``gemm2``:
     ``(T, cdiv(H, block_n), split)``, the ``k`` slots times K steps in ``split`` parts
-    (:func:`gemm2_split`); ``group_m`` unused.
+    (:func:`gemm2_split`); ``group_m`` unused. ``chain``: both in one launch, GEMM 2's programs
+    waiting for their entries' GEMM 1 tiles (``experts.decode_launches``), and with ``prefetch``
+    (on NVIDIA) first prefetching their weights toward L2.
     """
 
     gemm1: GemmConfig
     gemm2: GemmConfig
+    chain: bool = False
+    prefetch: bool = True
 
     def to_json(self) -> dict[str, Any]:
-        return {"gemm1": self.gemm1.to_json(), "gemm2": self.gemm2.to_json()}
+        data: dict[str, Any] = {"gemm1": self.gemm1.to_json(), "gemm2": self.gemm2.to_json()}
+        if self.chain:
+            data["chain"] = True
+            data["prefetch"] = self.prefetch
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DecodeConfig:
-        return cls(GemmConfig(**data["gemm1"]), GemmConfig(**data["gemm2"]))
+        chain = bool(data.get("chain", False))
+        return cls(
+            GemmConfig(**data["gemm1"]), GemmConfig(**data["gemm2"]), chain, bool(data.get("prefetch", True))
+        )
 
 
 def gemm2_split(split: int, top_k: int) -> tuple[int, int]:
@@ -267,7 +278,8 @@ def lookup_decode(
     the rule alone. Tiles from the entry,
     else :func:`decode_heuristic`; ``MOE_PORTABLE_PREQUANT=0``/``1`` sets both GEMMs'
     ``prequant``, ``MOE_PORTABLE_DECODE_MMA=0``/``1`` their ``mma`` (``1``: tiles fitted by
-    :func:`mma_tile`, fp8 activations pre-quantized).
+    :func:`mma_tile`, fp8 activations pre-quantized), ``MOE_PORTABLE_DECODE_CHAIN=0``/``1`` the
+    config's ``chain`` (``1``: on the GEMV kernels, nothing pre-quantized).
     """
     force = os.environ.get("MOE_PORTABLE_DECODE", "")
     if force == "0":
@@ -297,14 +309,24 @@ def lookup_decode(
         cfg = decode_heuristic(spec, num_tokens, num_sms, is_amd, sm90=not is_amd and major == 9)
     pre = os.environ.get("MOE_PORTABLE_PREQUANT", "")
     if pre in ("0", "1"):  # A/B runs: every decode GEMM's input pre-quantized, or none
-        cfg = DecodeConfig(replace(cfg.gemm1, prequant=pre == "1"), replace(cfg.gemm2, prequant=pre == "1"))
+        cfg = replace(
+            cfg, gemm1=replace(cfg.gemm1, prequant=pre == "1"), gemm2=replace(cfg.gemm2, prequant=pre == "1")
+        )
     mma = os.environ.get("MOE_PORTABLE_DECODE_MMA", "")
     if mma == "1":  # (fp8 activations: pre-quantized, as those kernels take them)
-        cfg = DecodeConfig(mma_tile(cfg.gemm1), mma_tile(cfg.gemm2))
+        cfg = replace(cfg, gemm1=mma_tile(cfg.gemm1), gemm2=mma_tile(cfg.gemm2))
         if spec.quant.activation != "none":
-            cfg = DecodeConfig(replace(cfg.gemm1, prequant=True), replace(cfg.gemm2, prequant=True))
+            cfg = replace(
+                cfg, gemm1=replace(cfg.gemm1, prequant=True), gemm2=replace(cfg.gemm2, prequant=True)
+            )
     elif mma == "0":
-        cfg = DecodeConfig(replace(cfg.gemm1, mma=False), replace(cfg.gemm2, mma=False))
+        cfg = replace(cfg, gemm1=replace(cfg.gemm1, mma=False), gemm2=replace(cfg.gemm2, mma=False))
+    chain = os.environ.get("MOE_PORTABLE_DECODE_CHAIN", "")
+    if chain == "1":  # one launch: on the GEMV kernels, neither input pre-quantized
+        plain = {"mma": False, "prequant": False}
+        cfg = DecodeConfig(replace(cfg.gemm1, **plain), replace(cfg.gemm2, **plain), chain=True)
+    elif chain == "0":
+        cfg = replace(cfg, chain=False)
     return cfg
 
 

@@ -658,6 +658,7 @@ def decode_launches(
     *,
     warp_size: int | None = None,
     mma: bool | None = None,
+    prefetch: bool | None = None,
 ) -> list[Launch]:
     """The decode path's launches into ``out [T, H]`` (allocates the intermediate, runs nothing):
     GEMM 1 and GEMM 2, each after its input's quantization pre-pass where its config says
@@ -665,6 +666,10 @@ def decode_launches(
     the device's; 64 on AMD), which decides how pre-quantized codes are read (:func:`_a_pre`).
     ``mma``: whether the target runs the tensor-core kernels (default: :func:`_mma_capable`),
     which then take the GEMMs whose config says ``mma`` and fits them (:func:`_mma_fits`).
+    ``cfg.chain``: both GEMMs in one launch (``moe_decode_chain``) where neither is pre-quantized
+    nor on the tensor-core kernels (else the two launches), its GEMM 2 programs prefetching their
+    weights toward L2 with ``cfg.prefetch`` where the target can (``prefetch``, default: NVIDIA,
+    compiled).
 
     ``topk_weights``/``topk_ids`` contiguous ``[T, k]``. Every scheme of :data:`QUANT_SCHEMES`:
     activations are quantized inside the GEMMs (per token over the whole row, static, or per
@@ -704,9 +709,11 @@ def decode_launches(
     )
     part2 = torch.empty(split2, T, H, dtype=torch.float32, device=device) if split2 > 1 else inter
     off2 = -(-T * k * tiles1 // 32) * 32 if split1 > 1 else 0  # 128-byte aligned
-    counts = inter  # never read unless split: no stream lookup on the unsplit path
-    if split1 > 1 or split2 > 1:
-        counts = _split_counters(device, off2 + (T * tiles2 if split2 > 1 else 0))
+    counts = inter  # never read unless split (or chained): no stream lookup on the plain path
+    n_split = off2 + (T * tiles2 if split2 > 1 else 0)
+    chain_at = -(-n_split // 32) * 32  # the chained launch's ticket and ready counters
+    if split1 > 1 or split2 > 1 or cfg.chain:
+        counts = _split_counters(device, chain_at + 32 + T * k if cfg.chain else n_split)
     gemm1 = (
         kernel1,
         (T * k, tiles1, split1),
@@ -767,7 +774,52 @@ def decode_launches(
         ),
         kw2,
     )
+    if cfg.chain and pre1 is None and pre2 is None and _is_gemv(kernel1, kernel2):
+        sync, ready = counts[chain_at : chain_at + 2], counts[chain_at + 32 : chain_at + 32 + T * k]
+        return [_chain_launch(gemm1, gemm2, T, sync, ready, device, prefetch if cfg.prefetch else False)]
     return [launch for launch in (pre1, gemm1, pre2, gemm2) if launch is not None]
+
+
+def _is_gemv(*kernels: Any) -> bool:
+    """Whether every kernel is one of the Triton decode GEMVs (not the tensor-core ones)."""
+    return all(kernel.__name__ in ("moe_decode_gemm1", "moe_decode_gemm2") for kernel in kernels)
+
+
+#: GEMM 2's constexprs in ``moe_decode_chain``'s names (the rest are GEMM 1's, shared or not)
+_CHAIN_KW2 = {"BLOCK_N": "BLOCK_N2", "BLOCK_K": "BLOCK_K2", "ROW_BLOCK": "ROW_BLOCK2", "A_PRE": "A_PRE2"}
+_CHAIN_OWN2 = ("APPLY_WEIGHT", "SLOT_GROUPS", "K_SPLITS")
+#: positions of GEMM 2's arguments that ``moe_decode_chain`` takes from GEMM 1's (the intermediate,
+#: the routing, the expert count, ``K = I``, the intermediate's row stride)
+_CHAIN_SHARED2 = frozenset({0, 4, 5, 6, 11, 12, 14})
+
+
+def _chain_launch(
+    gemm1: Launch,
+    gemm2: Launch,
+    T: int,
+    sync: torch.Tensor,
+    ready: torch.Tensor,
+    device: torch.device,
+    prefetch: bool | None,
+) -> Launch:
+    """The two decode GEMV launches as one ``moe_decode_chain`` launch: GEMM 1's programs, then
+    GEMM 2's, in a 1-D grid, with its ticket counters ``sync [2]`` and ``ready [T * k]`` (0 between
+    launches); the larger of the two configs' warps and stages."""
+    (_, grid1, args1, kw1), (_, grid2, args2, kw2) = gemm1, gemm2
+    if prefetch is None:
+        prefetch = device.type == "cuda" and torch.version.hip is None and not interpreting()
+    kw = {key: value for key, value in kw1.items() if key not in ("num_warps", "num_stages")}
+    kw.update({_CHAIN_KW2[key]: kw2[key] for key in _CHAIN_KW2})
+    kw.update({key: kw2[key] for key in _CHAIN_OWN2})
+    kw.update(
+        PREFETCH=bool(prefetch),
+        num_warps=max(kw1["num_warps"], kw2["num_warps"]),
+        num_stages=max(kw1["num_stages"], kw2["num_stages"]),
+    )
+    programs = grid1[0] * grid1[1] * grid1[2] + grid2[0] * grid2[1] * grid2[2]
+    own2 = [a for i, a in enumerate(args2) if i not in _CHAIN_SHARED2]
+    args = (*args1, *own2, sync, ready, T, grid1[1], grid2[1])
+    return _kernels().moe_decode_chain, (programs, 1, 1), args, kw
 
 
 def _prequant(
@@ -921,6 +973,7 @@ def _env_key(device: torch.device) -> tuple[str | None, ...]:
         get("MOE_PORTABLE_CONFIG_DIR"),
         get("MOE_PORTABLE_PREQUANT"),
         get("MOE_PORTABLE_DECODE_MMA"),
+        get("MOE_PORTABLE_DECODE_CHAIN"),
         "capturing" if capturing else "eager",
     )
 

@@ -523,8 +523,9 @@ def _expert_launches(
     spec: MoESpec, T: int, cfg: Any, ops: Sequence[str], decode: Any = None, nvidia: bool = False
 ) -> list[Any]:
     """The sorting launches (``ops``) and the fused MoE's, as ``moe_apply`` makes them, on meta tensors;
-    with ``decode`` (a ``DecodeConfig``) also the decode path's two launches. ``nvidia``: the
-    choices made from a CUDA device (meta tensors have none) as on one: ``MX_PTX``."""
+    with ``decode`` (a ``DecodeConfig``) also the decode path's launches. ``nvidia``: the
+    choices made from a CUDA device (meta tensors have none) as on one: ``MX_PTX``, the chained
+    decode launch's L2 prefetch."""
     from . import experts, sorting
 
     weights = _meta_weights(spec)
@@ -550,7 +551,16 @@ def _expert_launches(
                 kwargs["MX_PTX"] = experts._mx_ptx(spec, x.device, False, nvidia=True)
     if decode is not None:
         launches += experts.decode_launches(
-            spec, x, tensors, topk_weights, topk_ids, out, decode, warp_size=32 if nvidia else 64, mma=nvidia
+            spec,
+            x,
+            tensors,
+            topk_weights,
+            topk_ids,
+            out,
+            decode,
+            warp_size=32 if nvidia else 64,
+            mma=nvidia,
+            prefetch=nvidia,
         )
     if "moe_sorting" in ops:
         mask = None if emap is None else _meta(spec.num_experts, dtype=torch.bool)

@@ -535,11 +535,8 @@ def _time_decode(
     """The decode path's best tiles at ``T`` over ``routings`` (GEMM 1, then GEMM 2 on its output)
     and their times."""
     outs = [torch.empty(T, spec.hidden_size, dtype=spec.dtype, device=device) for _ in routings]
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        base = configs.decode_heuristic(spec, T, props.multi_processor_count, bool(torch.version.hip))
-    else:
-        base = configs.decode_heuristic(spec, T, 8, False)
+    base_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    base = configs.decode_heuristic(spec, T, base_sms, device.type == "cuda" and bool(torch.version.hip))
 
     def stages(g1: GemmConfig, g2: GemmConfig, count: int | None = None) -> tuple[list[Launch], list[Launch]]:
         """The launches of GEMM 1 (after its input's pre-pass, if any) and of GEMM 2 (ditto), for
@@ -577,7 +574,43 @@ def _time_decode(
     g2, t2 = search.best(
         decode_space(base.gemm2, space, spec, mma), make2, _filled, lambda c: stages(g1, c, 1)[1]
     )
-    return DecodeConfig(g1, g2), {"gemm1_us": t1, "gemm2_us": t2, "total_us": t1 + t2}
+    best, parts = DecodeConfig(g1, g2), {"gemm1_us": t1, "gemm2_us": t2, "total_us": t1 + t2}
+    amd = device.type == "cuda" and torch.version.hip is not None
+    if amd or os.environ.get("MOE_PORTABLE_DECODE_CHAIN") == "0":  # the chained launch: NVIDIA only, for now
+        return best, parts
+
+    def whole(cfg: DecodeConfig) -> Callable[[], None]:
+        """The step of ``cfg`` for every routing in turn (a chained ``cfg`` that does not chain: an error)."""
+        launches = [
+            launch
+            for (x, w, ids), out in zip(routings, outs)
+            for launch in decode_launches(spec, x, tensors, w, ids, out, cfg)
+        ]
+        if cfg.chain and len(launches) != len(routings):
+            raise ValueError(f"{cfg} does not chain")
+        return lambda: _run_all(launches)
+
+    # both GEMMs in one launch, with and without the L2 prefetch: the tuned tiles and the heuristic's
+    # (``base``), on the GEMV kernels and nothing pre-quantized; taken where faster than the tuned
+    # two launches timed as one step
+    step_us = search.time(best, whole)
+    plain = {"mma": False, "prequant": False}
+    chained: tuple[DecodeConfig, float] | None = None
+    tiles = dict.fromkeys(
+        (replace(a, **plain), replace(b, **plain)) for a, b in ((g1, g2), (base.gemm1, base.gemm2))
+    )
+    for (g1c, g2c), prefetch in itertools.product(tiles, (True, False)):
+        cfg = DecodeConfig(g1c, g2c, chain=True, prefetch=prefetch)
+        us = search.time(cfg, whole)
+        if us is not None and (chained is None or us < chained[1]):
+            chained = cfg, us
+    if step_us is not None:
+        parts["step_us"] = step_us
+    if chained is not None:
+        parts["chain_us"] = chained[1]
+        if step_us is not None and chained[1] < step_us:
+            best, parts["total_us"] = chained
+    return best, parts
 
 
 def tune_layer(

@@ -961,6 +961,145 @@ def _decode_expert(topk_ids_ptr, expert_map_ptr, entry, num_experts, HAS_MAP: tl
 
 
 @triton.jit
+def _decode_gemm1_tile(
+    entry,
+    tile,
+    chunk,
+    tiles,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    inter_ptr,
+    topk_ids_ptr,
+    expert_map_ptr,
+    topk_weights_ptr,
+    ws_ptr,
+    as_ptr,
+    part_ptr,
+    count_ptr,
+    num_experts,
+    K,
+    INTER,
+    stride_xm,
+    stride_we,
+    stride_wn,
+    stride_be,
+    stride_im,
+    stride_wse,
+    stride_wsn,
+    stride_ps,
+    stride_asm,
+    alpha,
+    limit,
+    ready_ptr,
+    TOP_K: tl.constexpr,
+    GATED: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_MAP: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr,
+    A_QUANT: tl.constexpr,
+    B_QUANT: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ROW_BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr,
+    A_PRE: tl.constexpr,
+    CHAIN: tl.constexpr,
+):
+    """:func:`moe_decode_gemm1`'s program ``(entry, tile, chunk)`` (``tiles`` along N); ``CHAIN``: a
+    release increment of ``ready[entry]`` once the tile's intermediate is stored."""
+    expert = _decode_expert(topk_ids_ptr, expert_map_ptr, entry, num_experts, HAS_MAP)
+    if expert >= 0:
+        token = (entry // TOP_K).to(tl.int64)
+        x_row = x_ptr + token * stride_xm
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < INTER
+        route = 1.0
+        if WEIGHT_ON_INPUT and not A_PRE:  # (before the activation's quantization: the reference's order)
+            route = tl.load(topk_weights_ptr + entry).to(tl.float32)
+        as_row = as_ptr + token * stride_asm
+        a_scale = 1.0
+        if A_QUANT == 1:
+            if A_PRE:
+                a_scale = tl.load(as_row)
+            else:
+                a_scale = _fp8_scale(_decode_row_amax(x_row, K, route, ROW_BLOCK))
+        elif A_QUANT == 2:
+            a_scale = tl.load(as_ptr)
+        w_rows = w_ptr + expert * stride_we + offs_n.to(tl.int64) * stride_wn
+        u_rows = w_rows + INTER * stride_wn
+        if B_QUANT == 3:  # fp8 blocks: the scale row of each weight row's block
+            s_rows = ws_ptr + expert * stride_wse + (offs_n // GROUP_N) * stride_wsn
+            su_rows = ws_ptr + expert * stride_wse + ((INTER + offs_n) // GROUP_N) * stride_wsn
+        elif B_QUANT == 4:  # mxfp4: e8m0 rows [K/32]
+            s_rows = ws_ptr + expert * stride_wse + offs_n.to(tl.int64) * stride_wsn
+            su_rows = s_rows + INTER * stride_wsn
+        else:
+            s_rows = ws_ptr
+            su_rows = ws_ptr
+        k_lo, k_hi = 0, K
+        if SPLIT > 1:
+            k_lo, k_hi = _split_range(K, chunk, SPLIT, BLOCK_K)
+        gate, up = _decode_gemv(
+            x_row,
+            w_rows,
+            s_rows,
+            u_rows,
+            su_rows,
+            n_mask,
+            K,
+            k_lo,
+            k_hi,
+            route,
+            a_scale,
+            as_row,
+            GATED,
+            A_QUANT,
+            B_QUANT,
+            BLOCK_N,
+            BLOCK_K,
+            A_PRE,
+        )
+        last = True
+        if SPLIT > 1:
+            p_row = part_ptr + entry.to(tl.int64) * (2 * INTER) + offs_n
+            tl.store(p_row + chunk * stride_ps, gate, mask=n_mask)
+            if GATED:
+                tl.store(p_row + chunk * stride_ps + INTER, up, mask=n_mask)
+            last = _split_arrive(count_ptr + entry * tiles + tile, SPLIT)
+            if last:
+                gate = _split_sum(p_row, stride_ps, n_mask, SPLIT)
+                if GATED:
+                    up = _split_sum(p_row + INTER, stride_ps, n_mask, SPLIT)
+                else:
+                    up = gate
+        if last:
+            if A_QUANT == 1 or A_QUANT == 2:
+                gate = gate * a_scale
+                up = up * a_scale
+            if B_QUANT == 1:
+                gate = gate * tl.load(ws_ptr + expert * stride_wse + offs_n, mask=n_mask, other=0.0)
+                up = up * tl.load(ws_ptr + expert * stride_wse + INTER + offs_n, mask=n_mask, other=0.0)
+            elif B_QUANT == 2:
+                w_s = tl.load(ws_ptr + expert * stride_wse)
+                gate = gate * w_s
+                up = up * w_s
+            if HAS_BIAS:
+                gate += tl.load(b_ptr + expert * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                if GATED:
+                    up += tl.load(b_ptr + expert * stride_be + INTER + offs_n, mask=n_mask, other=0.0).to(
+                        tl.float32
+                    )
+            h = _activation(gate, up, ACTIVATION, alpha, limit)
+            tl.store(inter_ptr + entry.to(tl.int64) * stride_im + offs_n, h, mask=n_mask)
+            if CHAIN:  # every thread stored its part of the tile before the release
+                tl.debug_barrier()
+                tl.atomic_add(ready_ptr + entry, 1, sem="release", scope="gpu")
+
+
+@triton.jit
 def moe_decode_gemm1(
     x_ptr,
     w_ptr,
@@ -1009,96 +1148,61 @@ def moe_decode_gemm1(
     router weight on the input applied), ``as_ptr`` their scales (rows of stride ``stride_asm``: one per token, or its groups);
     ``SPLIT > 1``: K in ``SPLIT`` chunks, partials ``part [SPLIT, T * TOP_K, 2 * INTER]``
     (split stride ``stride_ps``; row stride ``2 * INTER``), counters ``[T * TOP_K, tiles]``."""
-    entry = tl.program_id(0)
-    expert = _decode_expert(topk_ids_ptr, expert_map_ptr, entry, num_experts, HAS_MAP)
-    if expert < 0:
-        return
-    token = (entry // TOP_K).to(tl.int64)
-    x_row = x_ptr + token * stride_xm
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < INTER
-    route = 1.0
-    if WEIGHT_ON_INPUT and not A_PRE:  # (before the activation's quantization: the reference's order)
-        route = tl.load(topk_weights_ptr + entry).to(tl.float32)
-    as_row = as_ptr + token * stride_asm
-    a_scale = 1.0
-    if A_QUANT == 1:
-        if A_PRE:
-            a_scale = tl.load(as_row)
-        else:
-            a_scale = _fp8_scale(_decode_row_amax(x_row, K, route, ROW_BLOCK))
-    elif A_QUANT == 2:
-        a_scale = tl.load(as_ptr)
-    w_rows = w_ptr + expert * stride_we + offs_n.to(tl.int64) * stride_wn
-    u_rows = w_rows + INTER * stride_wn
-    if B_QUANT == 3:  # fp8 blocks: the scale row of each weight row's block
-        s_rows = ws_ptr + expert * stride_wse + (offs_n // GROUP_N) * stride_wsn
-        su_rows = ws_ptr + expert * stride_wse + ((INTER + offs_n) // GROUP_N) * stride_wsn
-    elif B_QUANT == 4:  # mxfp4: e8m0 rows [K/32]
-        s_rows = ws_ptr + expert * stride_wse + offs_n.to(tl.int64) * stride_wsn
-        su_rows = s_rows + INTER * stride_wsn
-    else:
-        s_rows = ws_ptr
-        su_rows = ws_ptr
-    k_lo, k_hi = 0, K
-    if SPLIT > 1:
-        k_lo, k_hi = _split_range(K, tl.program_id(2), SPLIT, BLOCK_K)
-    gate, up = _decode_gemv(
-        x_row,
-        w_rows,
-        s_rows,
-        u_rows,
-        su_rows,
-        n_mask,
+    _decode_gemm1_tile(
+        tl.program_id(0),
+        tl.program_id(1),
+        tl.program_id(2),
+        tl.num_programs(1),
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        inter_ptr,
+        topk_ids_ptr,
+        expert_map_ptr,
+        topk_weights_ptr,
+        ws_ptr,
+        as_ptr,
+        part_ptr,
+        count_ptr,
+        num_experts,
         K,
-        k_lo,
-        k_hi,
-        route,
-        a_scale,
-        as_row,
+        INTER,
+        stride_xm,
+        stride_we,
+        stride_wn,
+        stride_be,
+        stride_im,
+        stride_wse,
+        stride_wsn,
+        stride_ps,
+        stride_asm,
+        alpha,
+        limit,
+        count_ptr,
+        TOP_K,
         GATED,
+        ACTIVATION,
+        HAS_BIAS,
+        HAS_MAP,
+        WEIGHT_ON_INPUT,
         A_QUANT,
         B_QUANT,
+        GROUP_N,
         BLOCK_N,
         BLOCK_K,
+        ROW_BLOCK,
+        SPLIT,
         A_PRE,
+        False,
     )
-    last = True
-    if SPLIT > 1:
-        p_row = part_ptr + entry.to(tl.int64) * (2 * INTER) + offs_n
-        tl.store(p_row + tl.program_id(2) * stride_ps, gate, mask=n_mask)
-        if GATED:
-            tl.store(p_row + tl.program_id(2) * stride_ps + INTER, up, mask=n_mask)
-        last = _split_arrive(count_ptr + entry * tl.num_programs(1) + tl.program_id(1), SPLIT)
-        if last:
-            gate = _split_sum(p_row, stride_ps, n_mask, SPLIT)
-            if GATED:
-                up = _split_sum(p_row + INTER, stride_ps, n_mask, SPLIT)
-            else:
-                up = gate
-    if last:
-        if A_QUANT == 1 or A_QUANT == 2:
-            gate = gate * a_scale
-            up = up * a_scale
-        if B_QUANT == 1:
-            gate = gate * tl.load(ws_ptr + expert * stride_wse + offs_n, mask=n_mask, other=0.0)
-            up = up * tl.load(ws_ptr + expert * stride_wse + INTER + offs_n, mask=n_mask, other=0.0)
-        elif B_QUANT == 2:
-            w_s = tl.load(ws_ptr + expert * stride_wse)
-            gate = gate * w_s
-            up = up * w_s
-        if HAS_BIAS:
-            gate += tl.load(b_ptr + expert * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            if GATED:
-                up += tl.load(b_ptr + expert * stride_be + INTER + offs_n, mask=n_mask, other=0.0).to(
-                    tl.float32
-                )
-        h = _activation(gate, up, ACTIVATION, alpha, limit)
-        tl.store(inter_ptr + entry.to(tl.int64) * stride_im + offs_n, h, mask=n_mask)
 
 
 @triton.jit
-def moe_decode_gemm2(
+def _decode_gemm2_tile(
+    token,
+    tile,
+    part,
+    tiles,
     inter_ptr,
     w_ptr,
     b_ptr,
@@ -1122,6 +1226,8 @@ def moe_decode_gemm2(
     stride_wsn,
     stride_ps,
     stride_asm,
+    ready_ptr,
+    ready_target,
     TOP_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_MAP: tl.constexpr,
@@ -1134,30 +1240,40 @@ def moe_decode_gemm2(
     ROW_BLOCK: tl.constexpr,
     SLOT_GROUPS: tl.constexpr,
     K_SPLITS: tl.constexpr,
-    A_PRE: tl.constexpr = 0,
+    A_PRE: tl.constexpr,
+    CHAIN: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    """``out[t, n] = sum_j w[t, j] * (inter[t * TOP_K + j] @ w2[e_j].T + b2[e_j])`` over the kept
-    slots ``j`` (deterministic order), grid ``(T, cdiv(N, BLOCK_N), SLOT_GROUPS * K_SPLITS)``; a
-    token with no kept slot gets zeros. ``as_ptr``: the static scale of the intermediate
-    (``A_QUANT`` 2). Program ``s`` takes the slots of group ``s // K_SPLITS`` (``cdiv(TOP_K,
-    SLOT_GROUPS)`` consecutive ones) over K chunk ``s % K_SPLITS``; more than one program per tile:
-    partials ``part [SLOT_GROUPS * K_SPLITS, T, N]`` (split stride ``stride_ps``), counters
-    ``[T, tiles]``. ``A_PRE`` (1, 2: :func:`_decode_gemv`'s): ``inter`` holds the fp8 codes of
-    ``moe_quant_fp8``, ``as_ptr`` their scales (rows of stride ``stride_asm``: one per entry, or
-    its groups)."""
+    """:func:`moe_decode_gemm2`'s program ``(token, tile, part)`` (``tiles`` along N); ``CHAIN``: each
+    slot first waits for ``ready[entry]`` to reach ``ready_target`` (GEMM 1's tiles of the entry);
+    ``PREFETCH`` (NVIDIA): the slots' weight rows are prefetched toward L2 before any wait."""
     SPLIT: tl.constexpr = SLOT_GROUPS * K_SPLITS
     PER_GROUP: tl.constexpr = (TOP_K + SLOT_GROUPS - 1) // SLOT_GROUPS
-    token = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    token = token.to(tl.int64)
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     j0 = 0
     chunk = 0
     k_lo, k_hi = 0, K
     if SPLIT > 1:
-        j0 = (tl.program_id(2) // K_SPLITS) * PER_GROUP
-        chunk = tl.program_id(2) % K_SPLITS
+        j0 = (part // K_SPLITS) * PER_GROUP
+        chunk = part % K_SPLITS
         if K_SPLITS > 1:
             k_lo, k_hi = _split_range(K, chunk, K_SPLITS, BLOCK_K)
+    if PREFETCH:  # every slot's weight rows toward L2 first: they stream while GEMM 1 finishes
+        for jj in tl.static_range(PER_GROUP):
+            j = j0 + jj
+            entry = token * TOP_K + j
+            expert = _decode_expert(
+                topk_ids_ptr,
+                expert_map_ptr,
+                tl.minimum(entry, token * TOP_K + TOP_K - 1),
+                num_experts,
+                HAS_MAP,
+            )
+            if (j < TOP_K) & (expert >= 0):
+                rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+                _prefetch_rows(w_ptr + expert * stride_we + rows * stride_wn, k_lo, k_hi, B_QUANT == 4)
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for jj in tl.static_range(PER_GROUP):
         j = j0 + jj
@@ -1166,6 +1282,8 @@ def moe_decode_gemm2(
             topk_ids_ptr, expert_map_ptr, tl.minimum(entry, token * TOP_K + TOP_K - 1), num_experts, HAS_MAP
         )
         if (j < TOP_K) & (expert >= 0):
+            if CHAIN:  # GEMM 1's tiles of this entry stored (acquire)
+                _wait_ready(ready_ptr + entry, ready_target)
             a_row = inter_ptr + entry * stride_im
             as_row = as_ptr + entry * stride_asm
             a_scale = 1.0
@@ -1220,9 +1338,330 @@ def moe_decode_gemm2(
     out_ptrs = out_ptr + token * stride_om + offs_n
     if SPLIT > 1:
         p_row = part_ptr + token * N + offs_n
-        tl.store(p_row + tl.program_id(2) * stride_ps, total, mask=n_mask)
-        if _split_arrive(count_ptr + token * tl.num_programs(1) + tl.program_id(1), SPLIT):
+        tl.store(p_row + part * stride_ps, total, mask=n_mask)
+        if _split_arrive(count_ptr + token * tiles + tile, SPLIT):
             total = _split_sum(p_row, stride_ps, n_mask, SPLIT)
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=n_mask)
     else:
         tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def moe_decode_gemm2(
+    inter_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    topk_ids_ptr,
+    expert_map_ptr,
+    topk_weights_ptr,
+    ws_ptr,
+    as_ptr,
+    part_ptr,
+    count_ptr,
+    num_experts,
+    K,
+    N,
+    stride_im,
+    stride_we,
+    stride_wn,
+    stride_be,
+    stride_om,
+    stride_wse,
+    stride_wsn,
+    stride_ps,
+    stride_asm,
+    TOP_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_MAP: tl.constexpr,
+    APPLY_WEIGHT: tl.constexpr,
+    A_QUANT: tl.constexpr,
+    B_QUANT: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ROW_BLOCK: tl.constexpr,
+    SLOT_GROUPS: tl.constexpr,
+    K_SPLITS: tl.constexpr,
+    A_PRE: tl.constexpr = 0,
+):
+    """``out[t, n] = sum_j w[t, j] * (inter[t * TOP_K + j] @ w2[e_j].T + b2[e_j])`` over the kept
+    slots ``j`` (deterministic order), grid ``(T, cdiv(N, BLOCK_N), SLOT_GROUPS * K_SPLITS)``; a
+    token with no kept slot gets zeros. ``as_ptr``: the static scale of the intermediate
+    (``A_QUANT`` 2). Program ``s`` takes the slots of group ``s // K_SPLITS`` (``cdiv(TOP_K,
+    SLOT_GROUPS)`` consecutive ones) over K chunk ``s % K_SPLITS``; more than one program per tile:
+    partials ``part [SLOT_GROUPS * K_SPLITS, T, N]`` (split stride ``stride_ps``), counters
+    ``[T, tiles]``. ``A_PRE`` (1, 2: :func:`_decode_gemv`'s): ``inter`` holds the fp8 codes of
+    ``moe_quant_fp8``, ``as_ptr`` their scales (rows of stride ``stride_asm``: one per entry, or
+    its groups)."""
+    _decode_gemm2_tile(
+        tl.program_id(0),
+        tl.program_id(1),
+        tl.program_id(2),
+        tl.num_programs(1),
+        inter_ptr,
+        w_ptr,
+        b_ptr,
+        out_ptr,
+        topk_ids_ptr,
+        expert_map_ptr,
+        topk_weights_ptr,
+        ws_ptr,
+        as_ptr,
+        part_ptr,
+        count_ptr,
+        num_experts,
+        K,
+        N,
+        stride_im,
+        stride_we,
+        stride_wn,
+        stride_be,
+        stride_om,
+        stride_wse,
+        stride_wsn,
+        stride_ps,
+        stride_asm,
+        count_ptr,
+        0,
+        TOP_K,
+        HAS_BIAS,
+        HAS_MAP,
+        APPLY_WEIGHT,
+        A_QUANT,
+        B_QUANT,
+        GROUP_N,
+        BLOCK_N,
+        BLOCK_K,
+        ROW_BLOCK,
+        SLOT_GROUPS,
+        K_SPLITS,
+        A_PRE,
+        False,
+        False,
+    )
+
+
+@triton.jit
+def moe_decode_chain(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    inter_ptr,
+    topk_ids_ptr,
+    expert_map_ptr,
+    topk_weights_ptr,
+    ws_ptr,
+    as_ptr,
+    part_ptr,
+    count_ptr,
+    num_experts,
+    K,
+    INTER,
+    stride_xm,
+    stride_we,
+    stride_wn,
+    stride_be,
+    stride_im,
+    stride_wse,
+    stride_wsn,
+    stride_ps,
+    stride_asm,
+    alpha,
+    limit,
+    w_ptr2,
+    b_ptr2,
+    out_ptr,
+    ws_ptr2,
+    as_ptr2,
+    part_ptr2,
+    count_ptr2,
+    N,
+    stride_we2,
+    stride_wn2,
+    stride_be2,
+    stride_om,
+    stride_wse2,
+    stride_wsn2,
+    stride_ps2,
+    stride_asm2,
+    sync_ptr,
+    ready_ptr,
+    num_tokens,
+    TILES1,
+    TILES2,
+    TOP_K: tl.constexpr,
+    GATED: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_MAP: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr,
+    A_QUANT: tl.constexpr,
+    B_QUANT: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ROW_BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr,
+    A_PRE: tl.constexpr,
+    APPLY_WEIGHT: tl.constexpr,
+    BLOCK_N2: tl.constexpr,
+    BLOCK_K2: tl.constexpr,
+    ROW_BLOCK2: tl.constexpr,
+    SLOT_GROUPS: tl.constexpr,
+    K_SPLITS: tl.constexpr,
+    A_PRE2: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """Both decode GEMMs in one launch of ``P1 + P2`` programs (1-D grid): the arguments of
+    :func:`moe_decode_gemm1`, then those of :func:`moe_decode_gemm2` that differ (suffixed ``2``
+    where the names collide; its intermediate, routing and ``K`` are GEMM 1's), GEMM 1's ``P1 = T * TOP_K * TILES1 * SPLIT`` programs and GEMM 2's ``P2 = T * TILES2 *
+    SPLIT2``. Each program takes a ticket (an atomic counter at ``sync_ptr``): the first ``P1``
+    tickets run GEMM 1's tiles (entry fastest, as that launch's grid), the rest GEMM 2's, whose
+    slots wait for their entry's ``TILES1`` tiles (``ready [T * TOP_K]``). Tickets follow the
+    order programs start in, so a waiting program only waits for programs that are running:
+    no deadlock whatever order the hardware starts them in. The last program to finish (a
+    second counter) resets both counters and ``ready`` to 0. Same arithmetic as the two launches
+    (bit-equal results); neither GEMM pre-quantizes its input (``A_PRE`` 0)."""
+    SPLIT2: tl.constexpr = SLOT_GROUPS * K_SPLITS
+    ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
+    entries = num_tokens * TOP_K
+    P1 = entries * TILES1 * SPLIT
+    if ticket < P1:
+        entry = ticket % entries
+        tile = (ticket // entries) % TILES1
+        chunk = ticket // (entries * TILES1)
+        _decode_gemm1_tile(
+            entry,
+            tile,
+            chunk,
+            TILES1,
+            x_ptr,
+            w_ptr,
+            b_ptr,
+            inter_ptr,
+            topk_ids_ptr,
+            expert_map_ptr,
+            topk_weights_ptr,
+            ws_ptr,
+            as_ptr,
+            part_ptr,
+            count_ptr,
+            num_experts,
+            K,
+            INTER,
+            stride_xm,
+            stride_we,
+            stride_wn,
+            stride_be,
+            stride_im,
+            stride_wse,
+            stride_wsn,
+            stride_ps,
+            stride_asm,
+            alpha,
+            limit,
+            ready_ptr,
+            TOP_K,
+            GATED,
+            ACTIVATION,
+            HAS_BIAS,
+            HAS_MAP,
+            WEIGHT_ON_INPUT,
+            A_QUANT,
+            B_QUANT,
+            GROUP_N,
+            BLOCK_N,
+            BLOCK_K,
+            ROW_BLOCK,
+            SPLIT,
+            A_PRE,
+            True,
+        )
+    else:
+        t2 = ticket - P1
+        token = t2 % num_tokens
+        tile2 = (t2 // num_tokens) % TILES2
+        part = t2 // (num_tokens * TILES2)
+        _decode_gemm2_tile(
+            token,
+            tile2,
+            part,
+            TILES2,
+            inter_ptr,
+            w_ptr2,
+            b_ptr2,
+            out_ptr,
+            topk_ids_ptr,
+            expert_map_ptr,
+            topk_weights_ptr,
+            ws_ptr2,
+            as_ptr2,
+            part_ptr2,
+            count_ptr2,
+            num_experts,
+            INTER,
+            N,
+            stride_im,
+            stride_we2,
+            stride_wn2,
+            stride_be2,
+            stride_om,
+            stride_wse2,
+            stride_wsn2,
+            stride_ps2,
+            stride_asm2,
+            ready_ptr,
+            TILES1,
+            TOP_K,
+            HAS_BIAS,
+            HAS_MAP,
+            APPLY_WEIGHT,
+            A_QUANT,
+            B_QUANT,
+            GROUP_N,
+            BLOCK_N2,
+            BLOCK_K2,
+            ROW_BLOCK2,
+            SLOT_GROUPS,
+            K_SPLITS,
+            A_PRE2,
+            True,
+            PREFETCH,
+        )
+    tl.debug_barrier()
+    done = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu")
+    if done == P1 + num_tokens * TILES2 * SPLIT2 - 1:  # the last program: every other one is done
+        offs = tl.arange(0, 1024)
+        for e0 in range(0, entries, 1024):
+            tl.store(ready_ptr + e0 + offs, 0, mask=e0 + offs < entries)
+        tl.store(sync_ptr + offs, 0, mask=offs < 2)
+
+
+@triton.jit
+def _wait_ready(ptr, target):
+    """Spin until the int32 at ``ptr`` reaches ``target`` (acquire: the stores released before each
+    increment are then visible to this program)."""
+    n = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
+    while n < target:
+        n = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
+def _prefetch_rows(row_ptrs, k_lo, k_hi, MX: tl.constexpr):
+    """Prefetch elements ``[k_lo, k_hi)`` of each weight row (``row_ptrs [BLOCK_N]``, valid rows; ``MX``:
+    packed mxfp4 bytes, two elements per byte) into L2, one PTX ``prefetch.global.L2`` per 128-byte line
+    (NVIDIA only)."""
+    BYTES: tl.constexpr = row_ptrs.dtype.element_ty.primitive_bitwidth // 8
+    lo = k_lo * BYTES
+    hi = k_hi * BYTES
+    if MX:
+        lo = k_lo // 2
+        hi = k_hi // 2
+    rows = row_ptrs.to(tl.pointer_type(tl.int8))
+    offs = tl.arange(0, 8) * 128
+    for b0 in range(lo, hi, 8 * 128):
+        ptrs = rows[:, None] + tl.minimum(b0 + offs, hi - 1)[None, :]
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+        )
