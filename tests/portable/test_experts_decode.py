@@ -1084,10 +1084,12 @@ def test_fast_launch_refuses_unexpected_signatures(monkeypatch):
 
 
 @needs_triton
-def test_tuner_tunes_the_decode_path(tmp_path):
+def test_tuner_tunes_the_decode_path(tmp_path, monkeypatch):
     """At T <= DECODE_MAX_TOKENS the tuner times the decode path too and records whether it beats
     the sorted one, in the entry lookup_decode reads (the small space: the heuristic's tiles)."""
     from moe_plugin_portable import tuning
+
+    monkeypatch.setenv("MOE_PORTABLE_TUNE_CHAIN", "1")
 
     spec = MoESpec(**BASE)
     found = tuning.tune_layer(spec, DEVICE, tokens=(1, 8, 9), space="small")
@@ -1120,7 +1122,8 @@ def test_tuner_tunes_the_decode_path(tmp_path):
 def test_tuner_takes_the_chained_launch_where_faster(chain_faster, monkeypatch):
     """After the two GEMMs' tiles, the tuner times their two launches as one step and the chained
     launch (of the tuned and of the heuristic's tiles) and keeps the faster; the chain's time is
-    then the step's. ``MOE_PORTABLE_DECODE_CHAIN=0``: not tried."""
+    then the step's. Tried only with ``MOE_PORTABLE_TUNE_CHAIN=1`` (opt-in until timed on a GPU),
+    never with ``MOE_PORTABLE_DECODE_CHAIN=0``."""
     from moe_plugin_portable import tuning
 
     spec = MoESpec(**BASE)
@@ -1139,15 +1142,17 @@ def test_tuner_takes_the_chained_launch_where_faster(chain_faster, monkeypatch):
         return (1.0 if chain_faster else 3.0) if "moe_decode_chain" in names else 2.0
 
     monkeypatch.setattr(tuning, "run_launch", recording)
+    monkeypatch.setenv("MOE_PORTABLE_TUNE_CHAIN", "1")
     inputs = [tuning._inputs(spec, 2, device, routing=r) for r in range(2)]
     cfg, parts = tuning._time_decode(spec, tensors, 2, inputs, device, tuning._Search(timer), "small")
     assert parts["step_us"] == 2.0 and cfg.chain == chain_faster
     assert parts["chain_us"] == (1.0 if chain_faster else 3.0)
     assert parts["total_us"] == (1.0 if chain_faster else 4.0)  # the chain, else GEMM 1 + GEMM 2
     assert not (cfg.gemm1.mma or cfg.gemm2.mma or cfg.gemm1.prequant or cfg.gemm2.prequant) or not cfg.chain
-    monkeypatch.setenv("MOE_PORTABLE_DECODE_CHAIN", "0")
-    cfg, parts = tuning._time_decode(spec, tensors, 2, inputs, device, tuning._Search(timer), "small")
-    assert not cfg.chain and "step_us" not in parts and "chain_us" not in parts
+    for env, value in (("MOE_PORTABLE_DECODE_CHAIN", "0"), ("MOE_PORTABLE_TUNE_CHAIN", "0")):
+        monkeypatch.setenv(env, value)
+        cfg, parts = tuning._time_decode(spec, tensors, 2, inputs, device, tuning._Search(timer), "small")
+        assert not cfg.chain and "step_us" not in parts and "chain_us" not in parts
 
 
 def test_fast_launch_falls_back_when_the_launcher_rejects_its_arguments(monkeypatch):

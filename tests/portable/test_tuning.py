@@ -204,6 +204,7 @@ def test_tuned_quantized_entry_is_what_apply_runs(name, tmp_path, monkeypatch):
     call returns the tuned configs, which compute the layer within its tolerance."""
     spec = QUANT_SPECS[name]
     weights = random_expert_weights(spec, device=DEVICE, seed=1)
+    monkeypatch.setenv("MOE_PORTABLE_TUNE_CHAIN", "1")
     entry = tuning.tune_layer(spec, DEVICE, tokens=(1,), weights=weights, space="small")["1"]
     decode = configs.DecodeConfig.from_json(entry["decode"])
     chained = 2 * len({_plain(decode), _plain(configs.decode_heuristic(spec, 1, 8, False))})

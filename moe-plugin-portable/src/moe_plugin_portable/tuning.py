@@ -576,7 +576,12 @@ def _time_decode(
     )
     best, parts = DecodeConfig(g1, g2), {"gemm1_us": t1, "gemm2_us": t2, "total_us": t1 + t2}
     amd = device.type == "cuda" and torch.version.hip is not None
-    if amd or os.environ.get("MOE_PORTABLE_DECODE_CHAIN") == "0":  # the chained launch: NVIDIA only, for now
+    # the chained launch: NVIDIA only, and opt-in (MOE_PORTABLE_TUNE_CHAIN=1) until timed on a GPU
+    tried = (
+        os.environ.get("MOE_PORTABLE_TUNE_CHAIN") == "1"
+        and os.environ.get("MOE_PORTABLE_DECODE_CHAIN") != "0"
+    )
+    if amd or not tried:
         return best, parts
 
     def whole(cfg: DecodeConfig) -> Callable[[], None]:
