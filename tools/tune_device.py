@@ -12,7 +12,9 @@ as ``moe bench --quant``) and the portable plugin's named variants
 unquantized layer in ``--dtype``. A layer the kernel does not run on this GPU
 is skipped with the kernel's reason. ``--precompile N``: each round's candidates are compiled
 ahead in ``N`` worker processes (``tune_layer(precompile=N)``); each tuned bucket prints the wall
-seconds of the candidates' first runs, their timing and the precompiles. Copy the result into
+seconds of the candidates' first runs, their timing and the precompiles; with
+``MOE_PORTABLE_TUNE_CHAIN=1`` the decode buckets also time the chained launch (printed beside the
+two launches' step). Copy the result into
 ``moe-plugin-portable/src/moe_plugin_portable/configs/`` to ship it.
 """
 

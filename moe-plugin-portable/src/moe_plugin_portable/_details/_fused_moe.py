@@ -1515,8 +1515,8 @@ def moe_decode_chain(
 ):
     """Both decode GEMMs in one launch of ``P1 + P2`` programs (1-D grid): the arguments of
     :func:`moe_decode_gemm1`, then those of :func:`moe_decode_gemm2` that differ (suffixed ``2``
-    where the names collide; its intermediate, routing and ``K`` are GEMM 1's), GEMM 1's ``P1 = T * TOP_K * TILES1 * SPLIT`` programs and GEMM 2's ``P2 = T * TILES2 *
-    SPLIT2``. Each program takes a ticket (an atomic counter at ``sync_ptr``): the first ``P1``
+    where the names collide; its intermediate, routing and ``K`` are GEMM 1's), GEMM 1's
+    ``P1 = T * TOP_K * TILES1 * SPLIT`` programs and GEMM 2's ``P2 = T * TILES2 * SPLIT2``. Each program takes a ticket (an atomic counter at ``sync_ptr``): the first ``P1``
     tickets run GEMM 1's tiles (entry fastest, as that launch's grid), the rest GEMM 2's, whose
     slots wait for their entry's ``TILES1`` tiles (``ready [T * TOP_K]``). Tickets follow the
     order programs start in, so a waiting program only waits for programs that are running:
