@@ -334,8 +334,6 @@ def test_chained_decode_compiles_for_sm90_without_spills():
     """The chained decode launch (both GEMMs, tickets, release/acquire counters, L2 prefetch) of
     the GEMV heuristic's T = 1 tiles compiles for sm_90 without spills for every scheme, on the
     benchmark shapes (its logic runs in test_experts_decode.py's interpreted tests)."""
-    import dataclasses
-
     import torch
 
     from moe_plugin_portable import configs, experts
@@ -344,11 +342,7 @@ def test_chained_decode_compiles_for_sm90_without_spills():
     for model in ("deepseek-v3-tp8", "gpt-oss-120b", "qwen3-30b-a3b"):
         for quant in (None, "fp8", "fp8_block", "mxfp4", "mxfp4_w4a8"):
             spec = get_preset(model).moe_spec(torch.bfloat16, experts.QUANT_VARIANTS.get(quant))
-            cfg = configs.decode_heuristic(spec, 1, 132, False)
-            plain = {"mma": False, "prequant": False}
-            cfg = configs.DecodeConfig(
-                dataclasses.replace(cfg.gemm1, **plain), dataclasses.replace(cfg.gemm2, **plain), chain=True
-            )
+            cfg = configs.decode_heuristic(spec, 1, 132, False).chained()
             launches = profile._expert_launches(
                 spec, 1, heuristic_config(spec, 1, 132, False), (), cfg, nvidia=True
             )

@@ -4,7 +4,6 @@ table entry per scheme that the runtime looks up and that computes the right res
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,11 +29,6 @@ QUANT_SPECS = {
     "mxfp4_w4a8": MoESpec(**_TINY, quant=QuantScheme("mxfp4", activation="fp8_per_tensor")),
 }
 H200 = DeviceInfo.parse("sm_90")
-
-
-def _plain(cfg: configs.DecodeConfig) -> tuple[GemmConfig, GemmConfig]:
-    """``cfg``'s tiles as the chained launch runs them (GEMV kernels, nothing pre-quantized)."""
-    return tuple(replace(g, mma=False, prequant=False) for g in (cfg.gemm1, cfg.gemm2))
 
 
 def _all_configs(rounds: list[list[GemmConfig]]) -> list[GemmConfig]:
@@ -207,7 +201,7 @@ def test_tuned_quantized_entry_is_what_apply_runs(name, tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_PORTABLE_TUNE_CHAIN", "1")
     entry = tuning.tune_layer(spec, DEVICE, tokens=(1,), weights=weights, space="small")["1"]
     decode = configs.DecodeConfig.from_json(entry["decode"])
-    chained = 2 * len({_plain(decode), _plain(configs.decode_heuristic(spec, 1, 8, False))})
+    chained = 2 * len({decode.chained(), configs.decode_heuristic(spec, 1, 8, False).chained()})
     # sorted: 2 + 2 candidates; decode: 1 + 1, the two as one step, the chained tiles with and
     # without prefetch (tuned and heuristic tiles, which may be the same); none failed
     assert entry["searched"] == [4 + 2 + 1 + chained, 0]

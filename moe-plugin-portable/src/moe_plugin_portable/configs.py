@@ -174,6 +174,12 @@ class DecodeConfig:
             data["prefetch"] = self.prefetch
         return data
 
+    def chained(self, prefetch: bool = True) -> DecodeConfig:
+        """These tiles as the chained launch runs them: on the GEMV kernels (no ``mma``), neither
+        GEMM's input pre-quantized."""
+        plain = {"mma": False, "prequant": False}
+        return DecodeConfig(replace(self.gemm1, **plain), replace(self.gemm2, **plain), True, prefetch)
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DecodeConfig:
         chain = bool(data.get("chain", False))
@@ -323,8 +329,7 @@ def lookup_decode(
         cfg = replace(cfg, gemm1=replace(cfg.gemm1, mma=False), gemm2=replace(cfg.gemm2, mma=False))
     chain = os.environ.get("MOE_PORTABLE_DECODE_CHAIN", "")
     if chain == "1":  # one launch: on the GEMV kernels, neither input pre-quantized
-        plain = {"mma": False, "prequant": False}
-        cfg = DecodeConfig(replace(cfg.gemm1, **plain), replace(cfg.gemm2, **plain), chain=True)
+        cfg = cfg.chained()
     elif chain == "0":
         cfg = replace(cfg, chain=False)
     return cfg

@@ -535,8 +535,9 @@ def _time_decode(
     """The decode path's best tiles at ``T`` over ``routings`` (GEMM 1, then GEMM 2 on its output)
     and their times."""
     outs = [torch.empty(T, spec.hidden_size, dtype=spec.dtype, device=device) for _ in routings]
+    amd = device.type == "cuda" and torch.version.hip is not None
     base_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    base = configs.decode_heuristic(spec, T, base_sms, device.type == "cuda" and bool(torch.version.hip))
+    base = configs.decode_heuristic(spec, T, base_sms, amd)
 
     def stages(g1: GemmConfig, g2: GemmConfig, count: int | None = None) -> tuple[list[Launch], list[Launch]]:
         """The launches of GEMM 1 (after its input's pre-pass, if any) and of GEMM 2 (ditto), for
@@ -575,7 +576,6 @@ def _time_decode(
         decode_space(base.gemm2, space, spec, mma), make2, _filled, lambda c: stages(g1, c, 1)[1]
     )
     best, parts = DecodeConfig(g1, g2), {"gemm1_us": t1, "gemm2_us": t2, "total_us": t1 + t2}
-    amd = device.type == "cuda" and torch.version.hip is not None
     # the chained launch: NVIDIA only, and opt-in (MOE_PORTABLE_TUNE_CHAIN=1) until timed on a GPU
     tried = (
         os.environ.get("MOE_PORTABLE_TUNE_CHAIN") == "1"
@@ -599,13 +599,8 @@ def _time_decode(
     # (``base``), on the GEMV kernels and nothing pre-quantized; taken where faster than the tuned
     # two launches timed as one step
     step_us = search.time(best, whole)
-    plain = {"mma": False, "prequant": False}
     chained: tuple[DecodeConfig, float] | None = None
-    tiles = dict.fromkeys(
-        (replace(a, **plain), replace(b, **plain)) for a, b in ((g1, g2), (base.gemm1, base.gemm2))
-    )
-    for (g1c, g2c), prefetch in itertools.product(tiles, (True, False)):
-        cfg = DecodeConfig(g1c, g2c, chain=True, prefetch=prefetch)
+    for cfg in dict.fromkeys(tiles.chained(prefetch) for tiles in (best, base) for prefetch in (True, False)):
         us = search.time(cfg, whole)
         if us is not None and (chained is None or us < chained[1]):
             chained = cfg, us
