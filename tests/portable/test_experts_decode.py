@@ -748,6 +748,64 @@ def test_gpu_decode_split_real_shapes(quant, T, split1, split2):
         assert torch.equal(static, run(torch.empty_like(out))), f"replay {i}"
 
 
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("model", "quant"),
+    [
+        ("deepseek-v3-tp8", None),
+        ("deepseek-v3-tp8", "fp8"),
+        ("deepseek-v3-tp8", "fp8_block"),
+        ("qwen3-30b-a3b", "fp8_block"),
+        ("gpt-oss-20b", "fp8"),
+    ],
+)
+@pytest.mark.parametrize("T", [1, 8])
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_gpu_decode_chain_real_shapes(model, quant, T, prefetch):
+    """The chained decode launch on the GPU (programs really concurrent: GEMM 2's tiles spin on
+    GEMM 1's readiness flags) at real shapes, with and without the L2 prefetch: the reference on a
+    poisoned output, bit-equal to the two launches of the same tiles, every counter 0 after, and a
+    CUDA graph replayed 3 times on new inputs equal to the eager call each time (the counters reset)."""
+    from moe_core.presets import get_preset
+    from moe_core.testing import random_routing
+
+    preset = get_preset(model)
+    spec = preset.moe_spec(torch.bfloat16, experts.QUANT_VARIANTS.get(quant, quant))
+    weights = random_expert_weights(spec, device="cuda", seed=T + 2 * prefetch)
+    prepared = moe_plan(spec, "cuda").prepare(weights)
+    x = torch.randn(T, spec.hidden_size, device="cuda").to(spec.dtype)
+    topk_w, topk_ids = random_routing(preset.routing, T, preset.num_experts, device="cuda", seed=T)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cfg = configs.decode_heuristic(spec, T, sms, False).chained(prefetch)
+    names = [
+        launch[0].__name__
+        for launch in experts.decode_launches(
+            spec, x, prepared.tensors, topk_w, topk_ids, torch.empty_like(x), cfg
+        )
+    ]
+    assert names == ["moe_decode_chain"]
+
+    def run(out, config=cfg):
+        return experts.fused_moe(spec, x, prepared.tensors, topk_w, topk_ids, out, config=config)
+
+    out = run(torch.full((T, spec.hidden_size), float("nan"), dtype=spec.dtype, device="cuda"))
+    want = fused_experts_reference(spec, x, weights, topk_w, topk_ids, compute_dtype=torch.float64)
+    assert relative_error(out, want) <= (tq.bound(spec) if quant else tolerance(spec))
+    assert torch.equal(run(torch.empty_like(out), dataclasses.replace(cfg, chain=False)), out)
+    assert not experts._split_counters(torch.device("cuda"), 0).any()
+    static = torch.empty_like(out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(static)
+    for i in range(3):
+        x.copy_(torch.randn_like(x))
+        static.fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(static, run(torch.empty_like(out))), f"replay {i}"
+    assert not experts._split_counters(torch.device("cuda"), 0).any()
+
+
 #: CASES and the quantized cases the tensor-core kernels take, on the GPU at the CPU tests' odd shapes
 MMA_CASES = [
     *[(case, None) for case in sorted(CASES)],
