@@ -707,6 +707,20 @@ GPU_CASES = [
 ]
 
 
+def _assert_replays_match_eager(run, x: torch.Tensor, out: torch.Tensor) -> None:
+    """``run(out)`` captured in a CUDA graph, replayed 3 times on new ``x`` (overwritten) into a
+    poisoned output: equal to the eager ``run`` each time (the launches' counters reset)."""
+    static = torch.empty_like(out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(static)
+    for i in range(3):
+        x.copy_(torch.randn_like(x))
+        static.fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(static, run(torch.empty_like(out))), f"replay {i}"
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("quant", [None, "fp8", "mxfp4", "fp8_block"])
@@ -737,15 +751,7 @@ def test_gpu_decode_split_real_shapes(quant, T, split1, split2):
     want = fused_experts_reference(spec, x, weights, topk_w, topk_ids, compute_dtype=torch.float64)
     assert relative_error(out, want) <= (tq.bound(spec) if quant else tolerance(spec))
     assert torch.equal(run(torch.empty_like(out)), out)
-    static = torch.empty_like(out)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run(static)
-    for i in range(3):
-        x.copy_(torch.randn_like(x))
-        static.fill_(float("nan"))
-        graph.replay()
-        assert torch.equal(static, run(torch.empty_like(out))), f"replay {i}"
+    _assert_replays_match_eager(run, x, out)
 
 
 @gpu
@@ -794,15 +800,7 @@ def test_gpu_decode_chain_real_shapes(model, quant, T, prefetch):
     assert relative_error(out, want) <= (tq.bound(spec) if quant else tolerance(spec))
     assert torch.equal(run(torch.empty_like(out), dataclasses.replace(cfg, chain=False)), out)
     assert not experts._split_counters(torch.device("cuda"), 0).any()
-    static = torch.empty_like(out)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run(static)
-    for i in range(3):
-        x.copy_(torch.randn_like(x))
-        static.fill_(float("nan"))
-        graph.replay()
-        assert torch.equal(static, run(torch.empty_like(out))), f"replay {i}"
+    _assert_replays_match_eager(run, x, out)
     assert not experts._split_counters(torch.device("cuda"), 0).any()
 
 
