@@ -124,6 +124,24 @@ def test_config_table_round_trip(tmp_path, monkeypatch):
     configs._load_table.cache_clear()
 
 
+@pytest.mark.parametrize("path", sorted(configs._PACKAGE_DIR.glob("*.json")), ids=lambda p: p.name)
+def test_shipped_tables_parse(path):
+    """Every entry of a shipped table is a bucket label of ``T_BUCKETS`` and parses (unknown GEMM
+    fields would raise); a decode entry chains only on what the chained launch runs (the GEMV
+    kernels, nothing pre-quantized), else the chain flag would be silently ignored."""
+    table = json.loads(path.read_text())
+    labels = {configs.t_bucket(int(b)) if b != float("inf") else "inf" for b in configs.T_BUCKETS}
+    assert table["configs"] and table["device"]
+    for key, buckets in table["configs"].items():
+        assert set(buckets) <= labels, key
+        for bucket, entry in buckets.items():
+            configs.MoEConfig.from_json(entry)
+            if "decode" in entry and "gemm1" in entry["decode"]:
+                decode = configs.DecodeConfig.from_json(entry["decode"])
+                if decode.chain:
+                    assert decode.chained(decode.prefetch) == decode, (key, bucket)
+
+
 GPU_CASES = [
     ("qwen3-30b-a3b", torch.bfloat16, None),
     ("deepseek-v3-tp8", torch.bfloat16, None),
